@@ -1,0 +1,175 @@
+"""What every transport does, and the typed messages of the control channel.
+
+A weight update is a sequence of buckets (``weightsync.plan``). Metadata (the bucket layout and
+a ``Ticket``) always travels ahead on a control channel: the engine adapter's HTTP request in
+production, a ``PipeChannel`` in tests and benchmarks. A transport moves only bytes.
+
+Sender loop, per bucket::
+
+    bufs = sender.buffers(bucket)           # a free staging area (waits, with a deadline)
+    fill_bucket(bucket, bufs, named)        # weightsync.plan
+    ticket = sender.send(bucket, bufs)      # handed off; may still be in flight
+    control.put(BucketMsg(bucket, ticket))  # receiver: recv(bucket, ticket) ... release(ticket)
+    sender.acknowledge(ticket)              # once the receiver's reply came back, if it needs one
+    ...
+    sender.flush()                          # everything delivered, or TimeoutError
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+import torch
+
+from weightsync.plan import Bucket, Plan, fill_bucket
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a receiver needs, besides the bucket layout, to find one sent bucket's bytes."""
+
+    bucket_index: int
+    slot: int = -1
+    """Staging/ring slot holding the bytes; -1 where the transport has none."""
+    payloads: tuple[str, ...] = ()
+    """Transport-specific handles: one serialized IPC payload per TP rank, a shard path ..."""
+
+
+class Sender(Protocol):
+    def buffers(self, bucket: Bucket) -> dict[torch.dtype, torch.Tensor]:
+        """Flat per-dtype buffers to fill for ``bucket`` (waits until a staging slot is free)."""
+        ...
+
+    def send(self, bucket: Bucket, buffers: dict[torch.dtype, torch.Tensor]) -> Ticket:
+        """Hand the filled buffers off; returns before delivery when the transport is async."""
+        ...
+
+    def acknowledge(self, ticket: Ticket) -> None:
+        """The receiver released this bucket. A no-op for transports that see it themselves."""
+        ...
+
+    def flush(self) -> None:
+        """Wait until every sent bucket is delivered; TimeoutError past the deadline."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Receiver(Protocol):
+    def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
+        """The bucket's per-dtype buffers (see ``unpack_bucket``), valid until ``release``."""
+        ...
+
+    def release(self, ticket: Ticket) -> None:
+        """Done with the bucket's bytes; the sender may reuse its staging slot."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Control-channel messages. Failures travel as FailedMsg with the remote traceback as text.
+@dataclass(frozen=True, slots=True)
+class PlanMsg:
+    plan: Plan
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BucketMsg:
+    bucket: Bucket
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class AckMsg:
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class DoneMsg:
+    num_buckets: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailedMsg:
+    where: str
+    traceback: str
+
+
+Message = PlanMsg | BucketMsg | AckMsg | DoneMsg | FailedMsg
+
+
+class PipeChannel:
+    """A typed control channel over one end of ``multiprocessing.Pipe()``; every get times out."""
+
+    def __init__(self, conn: Connection, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._conn = conn
+        self.timeout_s = timeout_s
+
+    def put(self, msg: Message) -> None:
+        self._conn.send(msg)
+
+    def get(self, timeout_s: float | None = None) -> Message:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"no control message within {timeout:.1f} s")
+        msg = self._conn.recv()
+        if isinstance(msg, FailedMsg):
+            raise RuntimeError(f"peer failed in {msg.where}:\n{msg.traceback}")
+        return msg
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def send_stream(
+    sender: Sender,
+    plan: Plan,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    on_sent: Callable[[Bucket, Ticket], None],
+) -> None:
+    """Drive ``sender`` over a (name, tensor) stream that follows ``plan``'s order.
+
+    ``on_sent`` ships each bucket's metadata to the receiver (and may acknowledge). Tensors are
+    copied into staging buffers as they arrive, so at most two buckets' worth is held.
+    """
+    stream = iter(named_tensors)
+    for bucket in plan.buckets:
+        bufs = sender.buffers(bucket)
+        fill_bucket(bucket, bufs, itertools.islice(stream, bucket.num_tensors))
+        on_sent(bucket, sender.send(bucket, bufs))
+    extra = next(stream, None)
+    if extra is not None:
+        raise ValueError(f"tensor {extra[0]!r} is not in the plan (the stream is longer)")
+    sender.flush()
+
+
+class Deadline:
+    """One deadline shared by the waits of one operation."""
+
+    def __init__(self, timeout_s: float, what: str) -> None:
+        self.end = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.what = what
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> TimeoutError:
+        return TimeoutError(f"{self.what}: not done within {self.timeout_s:.1f} s")
+
+    def poll(self, done: Callable[[], bool]) -> None:
+        """Spin-then-sleep until ``done()``; raise TimeoutError at the deadline."""
+        pause = 1e-5
+        while not done():
+            if time.monotonic() > self.end:
+                raise self.expired()
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
