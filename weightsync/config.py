@@ -40,9 +40,12 @@ class SyncConfig:
     """After the update, compare engine weights against what was sent."""
 
     def __post_init__(self) -> None:
-        _require(self.transport in _TRANSPORTS, "transport", self.transport, f"one of {_TRANSPORTS}")
-        _require(self.pause_mode in _PAUSE_MODES, "pause_mode", self.pause_mode,
-                 f"one of {_PAUSE_MODES}")
+        _require(
+            self.transport in _TRANSPORTS, "transport", self.transport, f"one of {_TRANSPORTS}"
+        )
+        _require(
+            self.pause_mode in _PAUSE_MODES, "pause_mode", self.pause_mode, f"one of {_PAUSE_MODES}"
+        )
         _require(self.bucket_bytes >= MiB, "bucket_bytes", self.bucket_bytes, "at least 1 MiB")
         _require(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "must be > 0")
         _require(self.flush_retries >= 0, "flush_retries", self.flush_retries, "must be >= 0")
