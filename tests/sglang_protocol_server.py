@@ -1,0 +1,498 @@
+"""TEST FIXTURE, NOT A PRODUCT: an HTTP stand-in for an SGLang 0.5.23 server, for CPU tests.
+
+SGLang's server cannot run on CPU, so the SGLang adapter is tested against this process. It is
+assembled from SGLang's own importable receiver pieces: the io_struct request structs (bodies
+validated the way FastAPI does, 422 on a bad body), ``init_custom_process_group`` for the update
+group, ``FlattenedTensorBucket`` to rebuild received buffers and ``MultiprocessingSerializer``
+(SafeUnpickler) for the tensor path. Received weights are applied by HF name to a tiny
+transformers Qwen2. Endpoint semantics follow shared/reference/sglang_api.md §2: session gating,
+pause modes, flush refusals, weight_version in /model_info, and a tensor-path failure "kills the
+scheduler" (every later call answers 503), as the real server's uncaught exceptions do.
+Test-only endpoints live under /_test/ and skip auth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import json
+import multiprocessing as mp
+import queue
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import requests
+import torch
+
+_GROUP_TIMEOUT = timedelta(seconds=60)
+_DISTRIBUTED_FAIL = "Failed to update parameter online: {} The full weights of the ModelRunner are "
+_FLUSH_REFUSED = "Weights were updated, but the cache was not flushed because requests are still "
+
+
+class _PermissiveModule(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _stub_module(f"{self.__name__}.{name}")
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+def _stub_module(name: str) -> _PermissiveModule:
+    if name not in sys.modules:
+        module = _PermissiveModule(name)
+        module.__path__ = []
+        module.__version__ = "0.0.0"  # transformers parses it; below every version it gates on
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+class _TorchvisionStubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] != "torchvision":
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec):
+        return _stub_module(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+def install_torchvision_stub() -> None:
+    """Let ``sglang.srt.managers.io_struct`` import on CPU torch. Tests only, called explicitly.
+
+    io_struct reaches ``torchvision.transforms`` through a multimodal config import chain; the
+    PyPI torchvision is built against CUDA torch and breaks here (feasibility.md §6). Nothing
+    in the weight-update structs touches torchvision, so a permissive stub is enough.
+    """
+    if not any(isinstance(f, _TorchvisionStubFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionStubFinder())
+
+
+def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@dataclass
+class Reply:
+    status: int
+    body: object  # dict -> JSON, str -> text/plain, bytes -> octet-stream
+
+
+def _ok(message: str, **extra) -> Reply:
+    return Reply(200, {"success": True, "message": message, **extra})
+
+
+def _fail(message: str) -> Reply:
+    return Reply(400, {"success": False, "message": message})
+
+
+class FakeSGLangEngine:
+    """Engine state. One lock serialises control calls, like SGLang's single scheduler loop."""
+
+    def __init__(self, seed: int = 0, tp_size: int = 1) -> None:
+        import pydantic
+        from sglang.srt.managers import io_struct
+
+        self.io, self.adapter = io_struct, pydantic.TypeAdapter
+        self.model = tiny_qwen2(seed)
+        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.tp_size = tp_size
+        self.lock = threading.Lock()
+        self.groups: dict[str, object] = {}
+        self.api_key: str | None = None
+        self.legacy = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.initial)
+        self.version, self.paused, self.session, self.dead = "default", None, None, None
+        self.running = self.waiting = self.busy_flushes = 0
+        self.log: list[dict] = []
+
+    def parse(self, struct: str, raw: bytes):
+        return self.adapter(getattr(self.io, struct)).validate_json(raw or b"null")
+
+    # -- generation control --------------------------------------------------------------
+    def pause_generation(self, req) -> Reply:
+        self.paused = req.mode
+        if req.mode == "abort":
+            self.running = 0
+        elif req.mode == "retract":
+            self.running, self.waiting = 0, self.waiting + self.running
+        return Reply(200, {"message": "Generation paused successfully.", "status": "ok"})
+
+    def continue_generation(self, req) -> Reply:
+        self.paused, self.running, self.waiting = None, self.running + self.waiting, 0
+        return Reply(200, {"message": "Generation continued successfully.", "status": "ok"})
+
+    def flush_cache(self, timeout_s: float) -> Reply:
+        idle = self.running == 0 and (self.waiting == 0 or self.paused in ("retract", "in_place"))
+        if self.busy_flushes > 0 or not idle:
+            self.busy_flushes = max(0, self.busy_flushes - 1)
+            message = "Timed out waiting for idle state." if timeout_s > 0 else ""
+            return Reply(400, message or "Flush cache failed.\n")
+        return Reply(200, "Cache flushed.\nPlease check backend logs for more details.\n")
+
+    # -- session -------------------------------------------------------------------------
+    def begin_weight_update(self, req) -> Reply:
+        if self.session is not None:
+            return _fail("a weight-update session is already open; call end_weight_update() first")
+        self.session = {"selector": req.selector, "loaded": False}
+        return _ok("Weight update session started.")
+
+    def end_weight_update(self, req) -> Reply:
+        if self.session is None:
+            return _fail("no weight-update session is open; call begin_weight_update() first")
+        self.session = None
+        return _ok("Weight update session finished.")
+
+    def _gate(self, what: str) -> Reply | None:
+        if self.session is None and not self.legacy:
+            return _fail(f"{what} must run between begin_weight_update() and end_weight_update()")
+        return None
+
+    def _finish_update(self, req, message: str) -> Reply:
+        if self.session is not None:
+            self.session["loaded"] = True
+        if req.weight_version is not None:
+            self.version = req.weight_version
+            message += f" Weight version updated to {req.weight_version}."
+        if req.flush_cache and self.flush_cache(0).status != 200:
+            return _fail(_FLUSH_REFUSED + "running or queued.")
+        return _ok(message)
+
+    def apply(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        # HF names straight onto the transformers state dict; SGLang's load_weights would fuse.
+        params = self.model.state_dict(keep_vars=True)
+        for name, tensor in named:
+            param = params[name]  # KeyError for an unknown name, as SGLang's params_dict[name]
+            assert param.shape == tensor.shape, f"{name}: {tuple(tensor.shape)} != {param.shape}"
+            param.data.copy_(tensor)
+
+    # -- distributed path ----------------------------------------------------------------
+    def init_weights_update_group(self, req) -> Reply:
+        from sglang.srt.utils import init_custom_process_group
+
+        host = f"[{req.master_address}]" if ":" in req.master_address else req.master_address
+        try:
+            self.groups[req.group_name] = init_custom_process_group(
+                backend=req.backend,
+                init_method=f"tcp://{host}:{req.master_port}",
+                world_size=req.world_size,
+                rank=req.rank_offset,
+                group_name=req.group_name,
+                timeout=_GROUP_TIMEOUT,
+            )
+        except Exception as e:  # noqa: BLE001 - reported to the client like SGLang does
+            return _fail(f"Failed to initialize custom process group: {e}.")
+        return _ok("Succeeded to initialize custom process group.")
+
+    def destroy_weights_update_group(self, req) -> Reply:
+        if req.group_name not in self.groups:
+            return _fail("The group to be destroyed does not exist.")
+        torch.distributed.destroy_process_group(self.groups.pop(req.group_name))
+        return _ok("Succeeded to destroy custom process group.")
+
+    def update_weights_from_distributed(self, req) -> Reply:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        if (refused := self._gate("update_weights_from_distributed")) is not None:
+            return refused
+        group = self.groups[req.group_name]
+        try:
+            if req.load_format == "flattened_bucket":
+                bucket = FlattenedTensorBucket.empty(req.names, req.dtypes, req.shapes, "cpu")
+                torch.distributed.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
+                named = bucket.reconstruct_tensors()
+            else:
+                named = [
+                    (n, torch.empty(s, dtype=getattr(torch, d)))
+                    for n, d, s in zip(req.names, req.dtypes, req.shapes, strict=True)
+                ]
+                for _, t in named:
+                    torch.distributed.broadcast(t, src=0, group=group)
+        except Exception as e:  # noqa: BLE001
+            return _fail(f"Failed to receive weights: {e}.")
+        try:
+            self.apply(named)
+        except Exception as e:  # noqa: BLE001
+            return _fail(_DISTRIBUTED_FAIL.format(e) + "partially updated.")
+        return self._finish_update(req, "Succeeded to update parameter online.")
+
+    # -- tensor path ---------------------------------------------------------------------
+    def update_weights_from_tensor(self, req) -> Reply:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import (
+            FlattenedTensorBucket,
+            FlattenedTensorMetadata,
+        )
+
+        if (refused := self._gate("update_weights_from_tensor")) is not None:
+            return refused
+        # Uncaught in SGLang's scheduler: any failure from here on kills the server.
+        try:
+            for rank in range(self.tp_size):
+                obj = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[rank])
+                if req.load_format == "flattened_bucket":
+                    meta = [
+                        FlattenedTensorMetadata(
+                            m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel
+                        )
+                        for m in obj["metadata"]
+                    ]
+                    obj = FlattenedTensorBucket(
+                        flattened_tensor=obj["flattened_tensor"], metadata=meta
+                    ).reconstruct_tensors()
+                if rank == 0:
+                    self.apply(obj)
+        except Exception as e:  # noqa: BLE001
+            self.dead = f"Scheduler hit an exception: {type(e).__name__}: {e}"
+            return Reply(500, {"error": {"message": self.dead}})
+        return self._finish_update(req, "Success")
+
+    # -- version and checks --------------------------------------------------------------
+    def update_weight_version(self, req) -> Reply:
+        if req.abort_all_requests:
+            self.running = self.waiting = 0
+        self.version = req.new_version
+        return _ok(f"Weight version updated to {req.new_version}", new_version=req.new_version)
+
+    def model_info(self) -> Reply:
+        return Reply(
+            200,
+            {
+                "model_path": "tiny-qwen2",
+                "served_model_name": "tiny-qwen2",
+                "weight_version": self.version,
+                "load_format": "auto",
+            },
+        )
+
+    def weights_checker(self, req) -> Reply:
+        if req.action != "checksum":
+            return _fail(f"action {req.action!r} is not implemented by the test fixture")
+        sums = {
+            k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in self.model.state_dict().items()
+        }
+        return _ok("ok", ranks=[{"checksums": sums, "parallelism_info": []}])
+
+    def state_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in self.model.state_dict().items()})
+
+
+# path -> (request struct or None, handler name); all update endpoints take a JSON body.
+_ROUTES = {
+    "/pause_generation": ("PauseGenerationReqInput", "pause_generation"),
+    "/continue_generation": ("ContinueGenerationReqInput", "continue_generation"),
+    "/begin_weight_update": ("BeginWeightUpdateReqInput", "begin_weight_update"),
+    "/end_weight_update": ("EndWeightUpdateReqInput", "end_weight_update"),
+    "/init_weights_update_group": ("InitWeightsUpdateGroupReqInput", "init_weights_update_group"),
+    "/destroy_weights_update_group": (
+        "DestroyWeightsUpdateGroupReqInput",
+        "destroy_weights_update_group",
+    ),
+    "/update_weights_from_distributed": (
+        "UpdateWeightsFromDistributedReqInput",
+        "update_weights_from_distributed",
+    ),
+    "/update_weights_from_tensor": (
+        "UpdateWeightsFromTensorReqInput",
+        "update_weights_from_tensor",
+    ),
+    "/update_weight_version": ("UpdateWeightVersionReqInput", "update_weight_version"),
+    "/weights_checker": ("CheckWeightsReqInput", "weights_checker"),
+}
+_LEGACY_ABSENT = ("/begin_weight_update", "/end_weight_update")
+
+
+def _summarise(raw: bytes) -> object:
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        return "<invalid json>"
+    if isinstance(body, dict) and "serialized_named_tensors" in body:
+        body = {
+            **body,
+            "serialized_named_tensors": [len(p) for p in body["serialized_named_tensors"]],
+        }
+    return body
+
+
+class _Handler(BaseHTTPRequestHandler):
+    engine: FakeSGLangEngine  # set on the subclass built in serve()
+
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        url = urlparse(self.path)
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if url.path.startswith("/_test/"):
+            return self._send(self._test_endpoint(url.path, raw))
+        engine = self.engine
+        with engine.lock:
+            engine.log.append(
+                {
+                    "method": self.command,
+                    "path": url.path,
+                    "query": url.query,
+                    "auth": self.headers.get("Authorization"),
+                    "body": _summarise(raw),
+                }
+            )
+            self._send(self._control(url, raw))
+
+    def _control(self, url, raw: bytes) -> Reply:
+        engine = self.engine
+        if engine.dead:
+            return Reply(503, {"error": {"message": engine.dead}})
+        if engine.api_key and self.headers.get("Authorization") != f"Bearer {engine.api_key}":
+            return Reply(401, {"error": "Unauthorized"})
+        if url.path == "/model_info":
+            return engine.model_info()
+        if url.path == "/flush_cache":
+            return engine.flush_cache(float(parse_qs(url.query).get("timeout", ["0"])[0]))
+        if url.path not in _ROUTES or (engine.legacy and url.path in _LEGACY_ABSENT):
+            return Reply(404, {"detail": "Not Found"})
+        struct, handler = _ROUTES[url.path]
+        try:
+            req = engine.parse(struct, raw)
+        except Exception as e:  # noqa: BLE001 - FastAPI turns validation errors into 422
+            return Reply(422, {"detail": str(e)})
+        return getattr(engine, handler)(req)
+
+    def _test_endpoint(self, path: str, raw: bytes) -> Reply:
+        engine = self.engine
+        with engine.lock:
+            if path == "/_test/state":
+                return Reply(200, engine.state_bytes())
+            if path == "/_test/log":
+                return Reply(200, {"log": engine.log})
+            if path == "/_test/reset":
+                engine.reset()
+            elif path == "/_test/set":
+                for key, value in json.loads(raw).items():
+                    assert key in ("api_key", "legacy", "running", "waiting", "busy_flushes"), key
+                    setattr(engine, key, value)
+            else:
+                return Reply(404, {"detail": "Not Found"})
+            return Reply(
+                200,
+                {
+                    "paused": engine.paused,
+                    "session": engine.session,
+                    "version": engine.version,
+                    "dead": engine.dead,
+                },
+            )
+
+    def _send(self, reply: Reply) -> None:
+        body, ctype = reply.body, "application/json"
+        if isinstance(body, bytes):
+            ctype = "application/octet-stream"
+        elif isinstance(body, str):
+            body, ctype = body.encode(), "text/plain"
+        else:
+            body = json.dumps(body).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(ready: mp.Queue, seed: int = 0, tp_size: int = 1) -> None:
+    """Process entry point: bind 127.0.0.1 on a free port, report it, serve until killed."""
+    install_torchvision_stub()
+    handler = type("Handler", (_Handler,), {"engine": FakeSGLangEngine(seed, tp_size)})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ready.put(server.server_address[1])
+    server.serve_forever()
+
+
+class ProtocolServer:
+    """Test-side handle: starts ``serve`` in a spawned process and reads its test endpoints.
+
+    Spawned by multiprocessing so the child shares this process's authkey: torch shares CPU
+    tensors by file descriptor through multiprocessing's resource sharer, which checks it.
+    """
+
+    def __init__(self, seed: int = 0, tp_size: int = 1, start_timeout_s: float = 120) -> None:
+        ctx = mp.get_context("spawn")
+        ready = ctx.Queue()
+        self.process = ctx.Process(target=serve, args=(ready, seed, tp_size), daemon=True)
+        self.process.start()
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                self.url = f"http://127.0.0.1:{ready.get(timeout=1)}"
+                return
+            except queue.Empty:
+                if not self.process.is_alive() or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("SGLang protocol server did not start") from None
+
+    def _call(self, path: str, body: dict | None = None) -> requests.Response:
+        response = requests.post(self.url + path, json=body or {}, timeout=30)
+        response.raise_for_status()
+        return response
+
+    def reset(self) -> dict:
+        return self._call("/_test/reset").json()
+
+    def set(self, **fields) -> dict:
+        return self._call("/_test/set", fields).json()
+
+    def status(self) -> dict:
+        return self._call("/_test/set", {}).json()
+
+    def log(self) -> list[dict]:
+        return self._call("/_test/log").json()["log"]
+
+    def paths(self) -> list[str]:
+        return [entry["path"] for entry in self.log()]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(self._call("/_test/state").content)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=10)
