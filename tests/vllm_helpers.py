@@ -1,0 +1,81 @@
+"""Shared pieces of the vLLM engine tests: tiny checkpoints, perturbed weights, a reference.
+
+The model is a 2-layer Qwen2 with head_dim 64 (the CPU attention kernel needs >= 64), built from
+a config: no download, no tokenizer (the server runs with --skip-tokenizer-init and is fed
+token ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+PROMPTS = [[1, 5, 9, 33, 77, 101, 3], [200, 17, 42, 8], [64, 64, 2, 150, 9, 11]]
+
+
+def tiny_qwen2_config(vocab: int = 256, hidden: int = 128, layers: int = 2):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "qwen2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Save a bf16 checkpoint into out_dir and return its state dict (HF names)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_qwen2_config(), dtype=torch.bfloat16)
+    # The default init (std 0.02) gives near-uniform logits; a larger scale makes greedy
+    # generations depend visibly on the weights.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out_dir)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.5):
+    """New weights in the same layout: every 2-D tensor gets relative noise."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if t.dim() == 2 and t.is_floating_point():
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+            t = (t.float() * (1 + scale * noise)).to(t.dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
+    """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.load_state_dict(state)
+    model = model.float().eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0]
+    logp = torch.log_softmax(logits, dim=-1)
+    return [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+
+
+def digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {
+        n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
+        for n, t in state.items()
+    }

