@@ -154,7 +154,11 @@ def pack_int4(
     stack), and for asymmetric ``weight_zero_point`` int32 [..., O/8, G].
     """
     w = weight.detach()
-    if native.supports(w):
+    if w.is_cuda and _triton_supports(w, group_size):
+        from weightsync.quant import triton_int4
+
+        packed, scale, zp = triton_int4.quant_pack(w, group_size, symmetric, name)
+    elif native.supports(w):
         packed, scale, zp = _pack_native(
             w, check_weight(w, group_size, symmetric, name), symmetric, name
         )
@@ -169,6 +173,14 @@ def pack_int4(
     if zp is not None:
         out["weight_zero_point"] = pack_nibbles(zp.transpose(-1, -2)).transpose(-1, -2).contiguous()
     return out
+
+
+def _triton_supports(w: torch.Tensor, group_size: int) -> bool:
+    try:
+        from weightsync.quant import triton_int4
+    except ImportError:  # no Triton: the torch reference runs on the GPU instead
+        return False
+    return triton_int4.supports(w, group_size)
 
 
 def _pack_native(w: torch.Tensor, k: int, symmetric: bool, name: str):
