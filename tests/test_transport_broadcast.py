@@ -1,0 +1,106 @@
+"""Broadcast transport across real processes over gloo, group built SGLang's way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_transport_base import (
+    CTX,
+    free_port,
+    make_tensor,
+    mismatches,
+    mixed_metas,
+    run_workers,
+)
+from weightsync.plan import build_plan, check_plan_identical, unpack_bucket
+from weightsync.transport.base import BucketMsg, DoneMsg, PipeChannel, PlanMsg, send_stream
+from weightsync.transport.broadcast import (
+    BroadcastReceiver,
+    BroadcastSender,
+    destroy_weight_group,
+    init_weight_group,
+)
+
+pytestmark = pytest.mark.slow
+SEEDS = (1, 2)  # two updates through the same persistent buffers
+BUCKET_BYTES = 4096
+
+
+def _sender(port: int, conn) -> dict:
+    group = init_weight_group("127.0.0.1", port, 2, 0, "wsync_test", "gloo", timeout_s=60)
+    channel = PipeChannel(conn, timeout_s=60)
+    plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
+    sender = BroadcastSender(group, capacity_bytes=plan.max_bucket_nbytes, timeout_s=60)
+    staging = set()
+    for seed in SEEDS:
+        channel.put(PlanMsg(plan, version=str(seed)))
+        stream = ((m.name, make_tensor(m, seed)) for m in mixed_metas())
+
+        def on_sent(bucket, ticket):
+            staging.add(sender._staging.buffers[ticket.slot].data_ptr())
+            channel.put(BucketMsg(bucket, ticket))
+
+        send_stream(sender, plan, stream, on_sent)
+        channel.put(DoneMsg(len(plan.buckets)))
+    sender.close()
+    destroy_weight_group(group)
+    return {"buckets": len(plan.buckets), "staging_buffers": len(staging)}
+
+
+def _receiver(port: int, conn) -> dict:
+    group = init_weight_group("127.0.0.1", port, 2, 1, "wsync_test", "gloo", timeout_s=60)
+    channel = PipeChannel(conn, timeout_s=60)
+    receiver = BroadcastReceiver(group, timeout_s=60)
+    report = {"bad": [], "received": 0}
+    for _ in SEEDS:
+        plan_msg = channel.get()
+        assert isinstance(plan_msg, PlanMsg)
+        seed, msg = int(plan_msg.version), channel.get()
+        while isinstance(msg, BucketMsg):
+            bufs = receiver.recv(msg.bucket, msg.ticket)
+            following = channel.get()
+            if isinstance(following, BucketMsg):  # post the next receive before "loading"
+                receiver.prefetch(following.bucket, following.ticket)
+            named = unpack_bucket(msg.bucket, bufs)
+            report["bad"] += mismatches(named, mixed_metas(), seed)
+            report["received"] += len(named)
+            receiver.release(msg.ticket)
+            msg = following
+        assert msg == DoneMsg(len(plan_msg.plan.buckets))
+    receiver.close()
+    destroy_weight_group(group)
+    return report
+
+
+def test_broadcast_round_trip_bit_exact_mixed_dtypes():
+    a, b = CTX.Pipe()
+    port = free_port()
+    sent, got = run_workers([(_sender, (port, a)), (_receiver, (port, b))])
+    metas = mixed_metas()
+    assert sent["buckets"] > 3  # several buckets, so both staging slots and prefetch are used
+    assert sent["staging_buffers"] == 2  # persistent: the second update reused them
+    assert got == {"bad": [], "received": len(SEEDS) * len(metas)}
+    assert {m.dtype for m in metas} == {torch.bfloat16, torch.float32, torch.int32, torch.int64}
+
+
+def _check_plans(port: int, rank: int, num_layers: int) -> str:
+    group = init_weight_group("127.0.0.1", port, 2, rank, "wsync_plan_check", "gloo", timeout_s=60)
+    same = build_plan(mixed_metas(2), bucket_bytes=BUCKET_BYTES)
+    check_plan_identical(same, group)  # identical plans pass
+    mine = build_plan(mixed_metas(num_layers), bucket_bytes=BUCKET_BYTES)
+    try:
+        check_plan_identical(mine, group)
+    except ValueError as e:
+        return str(e)
+    finally:
+        destroy_weight_group(group)
+    return "no error"
+
+
+def test_plan_mismatch_raises_on_every_rank_naming_the_rank():
+    port = free_port()
+    errors = run_workers([(_check_plans, (port, 0, 2)), (_check_plans, (port, 1, 3))])
+    for err in errors:
+        assert "bucket plans differ across sending ranks: ranks [1] differ from rank 0" in err
+    assert "rank 1 has" in errors[0] and "buckets, rank 0 has" in errors[0]
