@@ -79,3 +79,63 @@ def digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
         n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
         for n, t in state.items()
     }
+
+
+def unit_of(name: str, fused: bool = True) -> str:
+    """Atomic unit of an HF tensor: with ``fused``, a layer's attention (q/k/v/o) and MLP
+    (gate/up/down) each travel whole; otherwise every tensor is its own unit, so a fused vLLM
+    layer can straddle two buckets."""
+    return name.rsplit(".", 2)[0] if fused and ".layers." in name else name
+
+
+def plan_for(named: dict[str, torch.Tensor], bucket_bytes: int, fused: bool = True):
+    from weightsync.plan import TensorMeta, build_plan
+
+    metas = [TensorMeta(n, t.dtype, tuple(t.shape), unit_of(n, fused)) for n, t in named.items()]
+    return build_plan(metas, bucket_bytes)
+
+
+def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tensor]]:
+    return [(n, named[n]) for b in plan.buckets for n in b.names()]
+
+
+def push(engine, sender, plan, named: dict[str, torch.Tensor], version: str, timeout_s=60.0):
+    """One full update the way the orchestrator drives it; returns the wall seconds."""
+    import time
+
+    from weightsync.transport.base import send_stream
+
+    engine.validate(plan, named.items())
+    t0 = time.perf_counter()
+    engine.pause("abort")
+    engine.flush_cache()
+    engine.begin_update()
+
+    def on_sent(bucket, ticket):
+        engine.update_bucket(bucket, ticket).wait(timeout_s)
+        sender.acknowledge(ticket)
+
+    send_stream(sender, plan, ordered(named, plan), on_sent)
+    engine.end_update(version)
+    engine.set_version(version)
+    engine.resume()
+    return time.perf_counter() - t0
+
+
+def generate(url: str, prompt: list[int], max_tokens: int = 8, api_key: str | None = None):
+    """Greedy token ids and the prompt's per-token logprobs from /inference/v1/generate."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {
+        "token_ids": prompt,
+        "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0, "prompt_logprobs": 0},
+    }
+    r = requests.post(f"{url}/inference/v1/generate", json=body, headers=headers, timeout=60)
+    r.raise_for_status()
+    out = r.json()
+    logprobs = [
+        entry[str(tok)]["logprob"]
+        for tok, entry in zip(prompt[1:], out["prompt_logprobs"][1:], strict=True)
+    ]
+    return out["choices"][0]["token_ids"], logprobs

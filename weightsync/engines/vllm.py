@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import requests
 import torch
 
-from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
+from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
 
@@ -184,7 +184,7 @@ class VllmEngine:
         self._call("POST", "/start_weight_update")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> _Pending:
-        body = {"update_info": asdict(bucket_update_info(bucket, ticket))}
+        body = {"update_info": asdict(update_info(bucket, ticket))}
         future = self._pool.submit(self._call, "POST", "/update_weights", json=body)
         return _Pending(future, f"{self.name} bucket {bucket.index}")
 
@@ -222,19 +222,6 @@ class VllmEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
-
-
-def bucket_update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
-    groups = [
-        {
-            "dtype": dtype_name(g.dtype),
-            "numel": g.numel,
-            "byte_offset": g.byte_offset,
-            "entries": [[s.name, list(s.shape), s.offset, s.numel] for s in g.entries],
-        }
-        for g in bucket.groups
-    ]
-    return UpdateInfo(groups=groups, bucket=bucket.index, slot=ticket.slot)
 
 
 def _check_meta(

@@ -24,6 +24,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import receive
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
+from weightsync.plan import unpack_bucket
 
 
 class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
@@ -33,7 +34,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.source: receive.Source | None = None
+        self.source = None
         self.record_digests = False
         self.digests: dict[str, str] = {}
         self.timings: list[dict[str, float]] = []
@@ -42,10 +43,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
         self.record_digests = init_info.record_digests
-        if init_info.transport == "broadcast":
-            self.source = receive.BroadcastSource(init_info)
-        else:
-            self.source = receive.ShmSource(init_info)
+        self.source = receive.open_source(init_info)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -61,23 +59,24 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def receive_weights(self, update_info: UpdateInfo) -> None:
         if self.source is None:
             raise RuntimeError("weightsync backend: init_weight_transfer_engine was not called")
+        bucket, ticket = update_info.to_bucket()
         t0 = time.perf_counter()
-        named = self.source.receive(update_info)
+        buffers = self.source.recv(bucket, ticket)
         t1 = time.perf_counter()
-        if self.record_digests:
-            for name, t in named:
-                self.digests[name] = sha256(t)
-        self.model.load_weights(named)
-        # A layer whose tensors straddle two buckets keeps the first bucket's tensors
-        # buffered until it is complete; they are views of a buffer the next bucket
-        # overwrites, so give them their own memory.
-        receive.unalias_pending(self.model, self.source.buffers())
+        try:
+            named = unpack_bucket(bucket, buffers)
+            if self.record_digests:
+                self.digests.update((name, sha256(t)) for name, t in named)
+            self.model.load_weights(named)
+            receive.unalias_pending(self.model, list(buffers.values()))
+        finally:
+            self.source.release(ticket)
         self.timings.append(
             {
-                "bucket": update_info.bucket,
+                "bucket": bucket.index,
                 "receive_s": t1 - t0,
                 "load_s": time.perf_counter() - t1,
-                "bytes": sum(t.numel() * t.element_size() for _, t in named),
+                "bytes": bucket.nbytes,
             }
         )
 

@@ -1,23 +1,22 @@
 """Receiver-side pieces of the weightsync backend: where bucket bytes come from, inside vLLM.
 
-Both sources hand out views into buffers they reuse for the next bucket (fresh memory per
-bucket costs page faults that dominate the transfer), so whoever keeps a view past the bucket
-must copy it: see ``unalias_pending``.
+Both sources hand out views into buffers they reuse for later buckets (fresh memory per bucket
+costs page faults that dominate the transfer), so whoever keeps a view past ``release`` must
+copy it: see ``unalias_pending``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
+from weightsync.engines.vllm_plugin.wire import InitInfo
+from weightsync.plan import Bucket, bucket_views
+from weightsync.transport.base import Ticket
 
-Named = list[tuple[str, torch.Tensor]]
 _ST_DTYPES = {
     "BF16": "bfloat16",
     "F16": "float16",
@@ -32,108 +31,43 @@ _ST_DTYPES = {
 }
 
 
-def _views(flat: torch.Tensor, entries: list) -> Named:
-    return [(name, flat[off : off + n].view(shape)) for name, shape, off, n in entries]
+def open_source(info: InitInfo):
+    """A ``weightsync.transport.base.Receiver`` for the transport named in ``info``."""
+    if info.transport == "broadcast":
+        from weightsync.transport.broadcast import BroadcastReceiver, init_weight_group
+
+        group = init_weight_group(
+            info.master_address,
+            info.master_port,
+            info.world_size,
+            info.rank,
+            info.group_name,
+            backend="gloo",
+            timeout_s=info.timeout_s,
+        )
+        return BroadcastReceiver(group, timeout_s=info.timeout_s)
+    return ShmRingReader(info.slot_names, info.slot_bytes)
 
 
-class Source:
-    def receive(self, update: UpdateInfo) -> Named:
-        raise NotImplementedError
-
-    def buffers(self) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def join_group(info: InitInfo) -> dist.ProcessGroup:
-    """Join the trainer's group the way SGLang's ``init_custom_process_group`` builds it:
-    a TCPStore at master_address:port, namespaced by PrefixStore(group_name), so a trainer
-    that serves SGLang engines serves this one with the same code."""
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-    )
-
-    timeout = timedelta(seconds=info.timeout_s)
-    store = dist.TCPStore(
-        info.master_address, info.master_port, info.world_size, is_master=False, timeout=timeout
-    )
-    pg, _ = _new_process_group_helper(
-        info.world_size,
-        info.rank,
-        [],
-        Backend("gloo"),
-        PrefixStore(info.group_name, store),
-        group_name=info.group_name,
-        timeout=timeout,
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(info.world_size)}
-    return pg
-
-
-class BroadcastSource(Source):
-    """Each dtype group of a bucket is one gloo broadcast from rank 0, in group order."""
-
-    def __init__(self, info: InitInfo) -> None:
-        self.group = join_group(info)
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def _buffer(self, dtype: str, numel: int) -> torch.Tensor:
-        buf = self._bufs.get(dtype)
-        if buf is None or buf.numel() < numel:
-            buf = self._bufs[dtype] = torch.empty(numel, dtype=getattr(torch, dtype))
-        return buf[:numel]
-
-    def receive(self, update: UpdateInfo) -> Named:
-        named: Named = []
-        for g in update.groups:
-            flat = self._buffer(g["dtype"], g["numel"])
-            dist.broadcast(flat, src=0, group=self.group)
-            named += _views(flat, g["entries"])
-        return named
-
-    def buffers(self) -> list[torch.Tensor]:
-        return list(self._bufs.values())
-
-    def close(self) -> None:
-        dist.destroy_process_group(self.group)
-        self._bufs.clear()
-
-
-class ShmSource(Source):
+class ShmRingReader:
     """Slots of a persistent ring in /dev/shm, mapped once; the trainer fills a slot, then
     names it in the bucket's update; the HTTP answer tells it the slot is free again."""
 
-    def __init__(self, info: InitInfo) -> None:
+    def __init__(self, slot_names: list[str], slot_bytes: int) -> None:
         self.slots = [
-            torch.from_file(str(_shm_path(n)), shared=True, size=info.slot_bytes, dtype=torch.uint8)
-            for n in info.slot_names
+            torch.from_file(str(_shm_path(n)), shared=True, size=slot_bytes, dtype=torch.uint8)
+            for n in slot_names
         ]
 
-    def receive(self, update: UpdateInfo) -> Named:
-        if not 0 <= update.slot < len(self.slots):
+    def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
+        if not 0 <= ticket.slot < len(self.slots):
             raise ValueError(
-                f"bucket {update.bucket}: slot {update.slot} not in the ring of {len(self.slots)}"
+                f"bucket {bucket.index}: slot {ticket.slot} not in the ring of {len(self.slots)}"
             )
-        base = self.slots[update.slot]
-        named: Named = []
-        for g in update.groups:
-            dtype = getattr(torch, g["dtype"])
-            start, size = g["byte_offset"], g["numel"] * dtype.itemsize
-            if start % dtype.itemsize or start + size > base.numel():
-                raise ValueError(
-                    f"bucket {update.bucket}: {g['dtype']} group at byte "
-                    f"{start} (+{size}) does not fit the {base.numel()}-byte slot"
-                )
-            named += _views(base[start : start + size].view(dtype), g["entries"])
-        return named
+        return bucket_views(bucket, self.slots[ticket.slot])
 
-    def buffers(self) -> list[torch.Tensor]:
-        return self.slots
+    def release(self, ticket: Ticket) -> None:
+        """The HTTP answer is the release; nothing to do here."""
 
     def close(self) -> None:
         self.slots = []
@@ -145,8 +79,8 @@ def _shm_path(name: str) -> Path:
 
 
 def unalias_pending(model: torch.nn.Module, buffers: list[torch.Tensor]) -> None:
-    """Copy tensors that vLLM's layerwise reload still holds for incomplete layers out of
-    our reused buffers."""
+    """Copy tensors that vLLM's layerwise reload still holds for incomplete layers (a layer
+    whose tensors straddle two buckets) out of our reused buffers."""
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
     ptrs = {b.untyped_storage().data_ptr() for b in buffers}

@@ -1,27 +1,21 @@
 """The JSON that travels in vLLM's ``/init_weight_transfer_engine`` and ``/update_weights``.
 
-Pure Python on purpose: the trainer-side adapter builds these, the backend inside vLLM parses
-them, and neither side needs the other's heavy imports. vLLM hands the dicts to
-``init_info_cls(**d)`` / ``update_info_cls(**d)``, so the field names are the wire format.
+vLLM hands the dicts to ``init_info_cls(**d)`` / ``update_info_cls(**d)``, so the field names
+are the wire format. A bucket travels as its ``weightsync.plan`` layout plus the transport's
+``Ticket``; both sides rebuild the same ``Bucket`` from it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import torch
+
+from weightsync.plan import Bucket, DtypeGroup, Slot, dtype_name
+from weightsync.transport.base import Ticket
+
 TRANSPORTS = ("broadcast", "shm")
-DTYPES = (
-    "bfloat16",
-    "float16",
-    "float32",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "int32",
-    "int64",
-    "bool",
-)
 
 
 @dataclass
@@ -32,7 +26,7 @@ class InitInfo:
     timeout_s: float = 300.0
     record_digests: bool = False
     """Keep a sha256 of every tensor handed to the model, for check_weights."""
-    # broadcast: a gloo group built like SGLang's init_custom_process_group.
+    # broadcast: the trainer's weight group (weightsync.transport.broadcast.init_weight_group).
     master_address: str = ""
     master_port: int = 0
     world_size: int = 0
@@ -61,27 +55,41 @@ class InitInfo:
 
 @dataclass
 class UpdateInfo:
-    """One bucket: one flat buffer per dtype, tensors laid out at element offsets.
-
-    ``groups`` items: ``{"dtype", "numel", "byte_offset", "entries": [[name, shape,
-    offset, numel], ...]}``; ``byte_offset`` places the group inside a shm slot and is
-    ignored by broadcast, which sends each group as its own tensor, in order.
-    """
+    """One bucket: ``groups`` items are ``{"dtype", "numel", "byte_offset", "entries":
+    [[name, shape, offset, numel], ...]}`` as in ``weightsync.plan.DtypeGroup``."""
 
     groups: list[dict]
     bucket: int = 0
+    nbytes: int = 0
     slot: int = -1
+    payloads: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def to_bucket(self) -> tuple[Bucket, Ticket]:
+        groups = []
         for g in self.groups:
-            if g.get("dtype") not in DTYPES:
-                raise ValueError(f"bucket {self.bucket}: dtype {g.get('dtype')!r} not in {DTYPES}")
-            for name, shape, offset, numel in g["entries"]:
-                n = 1
-                for s in shape:
-                    n *= int(s)
-                if n != numel or offset < 0 or offset + numel > g["numel"]:
+            dtype = getattr(torch, g["dtype"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"bucket {self.bucket}: unknown dtype {g['dtype']!r}")
+            slots = tuple(Slot(n, tuple(s), int(o), int(k)) for n, s, o, k in g["entries"])
+            for s in slots:
+                if math.prod(s.shape) != s.numel or not 0 <= s.offset <= g["numel"] - s.numel:
                     raise ValueError(
-                        f"bucket {self.bucket}: entry {name!r} shape={shape} "
-                        f"offset={offset} numel={numel} does not fit its group"
+                        f"bucket {self.bucket}: tensor {s.name!r} (shape {list(s.shape)}, "
+                        f"offset {s.offset}) does not fit its {g['numel']}-element group"
                     )
+            groups.append(DtypeGroup(dtype, slots, int(g["numel"]), int(g["byte_offset"])))
+        bucket = Bucket(self.bucket, tuple(groups), self.nbytes)
+        return bucket, Ticket(self.bucket, self.slot, tuple(self.payloads))
+
+
+def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
+    groups = [
+        {
+            "dtype": dtype_name(g.dtype),
+            "numel": g.numel,
+            "byte_offset": g.byte_offset,
+            "entries": [[s.name, list(s.shape), s.offset, s.numel] for s in g.entries],
+        }
+        for g in bucket.groups
+    ]
+    return UpdateInfo(groups, bucket.index, bucket.nbytes, ticket.slot, list(ticket.payloads))
