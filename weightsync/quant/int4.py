@@ -68,16 +68,22 @@ def check_weight(w: torch.Tensor, group_size: int, symmetric: bool, name: str) -
     return k
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    # CUDA torch turns division by a Python scalar into a multiply by its reciprocal, which
+    # is not correctly rounded; dividing by a tensor keeps IEEE division on every device.
+    return x.div_(torch.full_like(x, c))
+
+
 def _grid_rows(w_RGK: torch.Tensor, symmetric: bool, dtype: torch.dtype, name: str):
     """Scale (storage dtype), fp32 view of it, and zero point (fp32) for a block of rows."""
     if symmetric:
         amax_RG = w_RGK.abs().amax(-1)
-        scale_RG = amax_RG.div_(7.0).clamp_(min=SCALE_FLOOR).to(dtype)
+        scale_RG = _div(amax_RG, 7.0).clamp_(min=SCALE_FLOOR).to(dtype)
         zp_RG = None
     else:
         lo_RG = w_RGK.amin(-1).clamp_(max=0.0)
         hi_RG = w_RGK.amax(-1).clamp_(min=0.0)
-        scale_RG = hi_RG.sub_(lo_RG).div_(15.0).clamp_(min=SCALE_FLOOR).to(dtype)
+        scale_RG = _div(hi_RG.sub_(lo_RG), 15.0).clamp_(min=SCALE_FLOOR).to(dtype)
     scale_f_RG = scale_RG.float()
     if not torch.isfinite(scale_f_RG).all():
         raise ValueError(f"{name}: weight has non-finite values (NaN/Inf); refusing to quantize")

@@ -46,12 +46,12 @@ def _quant_pack_kernel(
     nonfinite = tl.max(((x_RK - x_RK) != 0.0).to(tl.int32))
     tl.atomic_max(bad_ptr, nonfinite)
     if SYMMETRIC:
-        s_R = tl.max(tl.abs(x_RK), axis=1) / 7.0
+        s_R = tl.math.div_rn(tl.max(tl.abs(x_RK), axis=1), 7.0)
         qmin, qmax, off = -7.0, 7.0, 8.0
     else:
         lo_R = tl.minimum(tl.min(x_RK, axis=1), 0.0)
         hi_R = tl.maximum(tl.max(x_RK, axis=1), 0.0)
-        s_R = (hi_R - lo_R) / 15.0
+        s_R = tl.math.div_rn(hi_R - lo_R, 15.0)
         qmin, qmax, off = 0.0, 15.0, 0.0
     s_R = tl.maximum(s_R, 1e-5).to(STORE_DTYPE)
     tl.store(scale_ptr + rows * (n_in // K) + gid, s_R, mask=rows < n_rows)
