@@ -165,6 +165,9 @@ class VllmEngine:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"tensor {name!r} has NaN or Inf values")
 
+    def is_paused(self) -> bool:
+        return bool(self._call("GET", "/is_paused")["is_paused"])
+
     def pause(self, mode: str = "abort") -> None:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
