@@ -82,6 +82,13 @@ class PlanMsg:
 
 
 @dataclass(frozen=True, slots=True)
+class SetupMsg:
+    """Transport set-up sent once per session, e.g. a shm ``RingSpec``."""
+
+    spec: object
+
+
+@dataclass(frozen=True, slots=True)
 class BucketMsg:
     bucket: Bucket
     ticket: Ticket
@@ -103,7 +110,7 @@ class FailedMsg:
     traceback: str
 
 
-Message = PlanMsg | BucketMsg | AckMsg | DoneMsg | FailedMsg
+Message = PlanMsg | SetupMsg | BucketMsg | AckMsg | DoneMsg | FailedMsg
 
 
 class PipeChannel:

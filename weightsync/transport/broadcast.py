@@ -127,8 +127,8 @@ class BroadcastSender:
 
     def buffers(self, bucket: Bucket) -> dict[torch.dtype, torch.Tensor]:
         slot = self._next_slot
-        self._next_slot = (slot + 1) % NUM_SLOTS
         self._staging.wait(slot, Deadline(self.timeout_s, f"broadcast of slot {slot}"))
+        self._next_slot = (slot + 1) % NUM_SLOTS
         self._slot_of[bucket.index] = slot
         return bucket_views(bucket, self._staging.get(slot, bucket.nbytes))
 
