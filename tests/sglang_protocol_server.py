@@ -13,16 +13,21 @@ Test-only endpoints live under /_test/ and skip auth.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.machinery
 import json
 import multiprocessing as mp
+import os
 import queue
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,15 +76,33 @@ class _TorchvisionStubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader)
         pass
 
 
-def install_torchvision_stub() -> None:
-    """Let ``sglang.srt.managers.io_struct`` import on CPU torch. Tests only, called explicitly.
+@contextlib.contextmanager
+def torchvision_stub() -> Iterator[None]:
+    """Within the block, ``import torchvision`` yields a permissive stub. Tests only.
 
-    io_struct reaches ``torchvision.transforms`` through a multimodal config import chain; the
-    PyPI torchvision is built against CUDA torch and breaks here (feasibility.md §6). Nothing
-    in the weight-update structs touches torchvision, so a permissive stub is enough.
+    ``sglang.srt.managers.io_struct`` reaches ``torchvision.transforms`` through a multimodal
+    config import chain; the PyPI torchvision is built against CUDA torch and breaks here
+    (feasibility.md §6). Nothing in the weight-update structs touches torchvision. On exit the
+    stub is removed again, so other code in the process still sees no torchvision.
     """
-    if not any(isinstance(f, _TorchvisionStubFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _TorchvisionStubFinder())
+    finder = _TorchvisionStubFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        import_utils = sys.modules.get("transformers.utils.import_utils")
+        for fn in ("is_torchvision_v2_available", "is_torchvision_greater_or_equal"):
+            getattr(getattr(import_utils, fn, None), "cache_clear", lambda: None)()
+
+
+def import_io_struct() -> types.ModuleType:
+    """SGLang's request structs, imported once under the torchvision stub."""
+    with torchvision_stub():
+        from sglang.srt.managers import io_struct
+    return io_struct
 
 
 def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
@@ -96,7 +119,11 @@ def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    for name, param in model.named_parameters():
+        if "norm" in name:  # fp32 norms make every bucket mixed-dtype, as in RL checkpoints
+            param.data = param.data.float()
+    return model
 
 
 @dataclass
@@ -116,24 +143,28 @@ def _fail(message: str) -> Reply:
 class FakeSGLangEngine:
     """Engine state. One lock serialises control calls, like SGLang's single scheduler loop."""
 
-    def __init__(self, seed: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, model_dir: str, seed: int = 0, tp_size: int = 1) -> None:
         import pydantic
-        from sglang.srt.managers import io_struct
+        from safetensors.torch import save_file
 
-        self.io, self.adapter = io_struct, pydantic.TypeAdapter
+        self.io, self.adapter = import_io_struct(), pydantic.TypeAdapter
         self.model = tiny_qwen2(seed)
         self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.tp_size = tp_size
+        # The "checkpoint the server was launched from": /model_info reports its directory.
+        self.model_dir = model_dir
+        save_file(self.initial, os.path.join(model_dir, "model.safetensors"))
+        self.default_tp_size = tp_size
         self.lock = threading.Lock()
         self.groups: dict[str, object] = {}
-        self.api_key: str | None = None
-        self.legacy = False
         self.reset()
 
     def reset(self) -> None:
         self.model.load_state_dict(self.initial)
         self.version, self.paused, self.session, self.dead = "default", None, None, None
         self.running = self.waiting = self.busy_flushes = 0
+        self.api_key: str | None = None
+        self.legacy = False
+        self.tp_size = self.default_tp_size
         self.log: list[dict] = []
 
     def parse(self, struct: str, raw: bytes):
@@ -288,7 +319,7 @@ class FakeSGLangEngine:
         return Reply(
             200,
             {
-                "model_path": "tiny-qwen2",
+                "model_path": self.model_dir,
                 "served_model_name": "tiny-qwen2",
                 "weight_version": self.version,
                 "load_format": "auto",
@@ -299,7 +330,7 @@ class FakeSGLangEngine:
         if req.action != "checksum":
             return _fail(f"action {req.action!r} is not implemented by the test fixture")
         sums = {
-            k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).digest()[:8].hex()
             for k, v in self.model.state_dict().items()
         }
         return _ok("ok", ranks=[{"checksums": sums, "parallelism_info": []}])
@@ -384,6 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
             return Reply(503, {"error": {"message": engine.dead}})
         if engine.api_key and self.headers.get("Authorization") != f"Bearer {engine.api_key}":
             return Reply(401, {"error": "Unauthorized"})
+        if url.path == "/health":
+            return Reply(200, "")
         if url.path == "/model_info":
             return engine.model_info()
         if url.path == "/flush_cache":
@@ -408,7 +441,14 @@ class _Handler(BaseHTTPRequestHandler):
                 engine.reset()
             elif path == "/_test/set":
                 for key, value in json.loads(raw).items():
-                    assert key in ("api_key", "legacy", "running", "waiting", "busy_flushes"), key
+                    assert key in (
+                        "api_key",
+                        "legacy",
+                        "running",
+                        "waiting",
+                        "busy_flushes",
+                        "tp_size",
+                    ), key
                     setattr(engine, key, value)
             else:
                 return Reply(404, {"detail": "Not Found"})
@@ -437,10 +477,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve(ready: mp.Queue, seed: int = 0, tp_size: int = 1) -> None:
+def serve(ready: mp.Queue, model_dir: str, seed: int = 0, tp_size: int = 1) -> None:
     """Process entry point: bind 127.0.0.1 on a free port, report it, serve until killed."""
-    install_torchvision_stub()
-    handler = type("Handler", (_Handler,), {"engine": FakeSGLangEngine(seed, tp_size)})
+    engine = FakeSGLangEngine(model_dir, seed, tp_size)
+    handler = type("Handler", (_Handler,), {"engine": engine})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ready.put(server.server_address[1])
     server.serve_forever()
@@ -456,7 +496,9 @@ class ProtocolServer:
     def __init__(self, seed: int = 0, tp_size: int = 1, start_timeout_s: float = 120) -> None:
         ctx = mp.get_context("spawn")
         ready = ctx.Queue()
-        self.process = ctx.Process(target=serve, args=(ready, seed, tp_size), daemon=True)
+        self.model_dir = tempfile.mkdtemp(prefix="sglang-fixture-")
+        args = (ready, self.model_dir, seed, tp_size)
+        self.process = ctx.Process(target=serve, args=args, daemon=True)
         self.process.start()
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -496,3 +538,4 @@ class ProtocolServer:
     def stop(self) -> None:
         self.process.kill()
         self.process.join(timeout=10)
+        shutil.rmtree(self.model_dir, ignore_errors=True)

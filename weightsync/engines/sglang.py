@@ -1,0 +1,369 @@
+"""SGLang engine adapter: speaks SGLang 0.5.23's HTTP RL API (sglang_api.md §2.17).
+
+One update through this adapter::
+
+    validate(plan, named)            # names/dtypes/shapes vs the engine's checkpoint, finiteness
+    pause(mode)                      # POST /pause_generation {mode}
+    flush_cache()                    # GET /flush_cache, bounded retries with backoff; not in_place
+    begin_update()                   # POST /begin_weight_update; 404 -> legacy (<=0.5.20) flow
+    update_bucket(bucket, ticket)    # POST /update_weights_from_distributed (sent first, the
+                                     #   transport broadcasts the bucket bytes, then wait) or
+                                     #   /update_weights_from_tensor with one payload per TP rank
+    end_update()                     # POST /end_weight_update (re-packs quantized layers)
+    set_version(v); resume()         # /update_weight_version, /continue_generation
+
+The broadcast group is created once with ``init_group(...)`` *while* the trainer (rank 0, which
+hosts the TCP store) builds its side like SGLang's ``init_custom_process_group``. sglang itself
+is imported only lazily, for request structs and payload checks (``sglang_payloads``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import requests
+import torch
+
+from weightsync.engines.sglang_payloads import (
+    TensorSpec,
+    check_meta,
+    check_payload,
+    check_tensor,
+    manifest_from_checkpoint,
+    request_body,
+)
+from weightsync.plan import Bucket, Plan, dtype_name
+from weightsync.transport.base import Ticket
+
+log = logging.getLogger(__name__)
+_LEGACY_NOTE = (
+    "SGLang at {url} answered 404 on /begin_weight_update: a server older than 0.5.21. Using "
+    "the legacy flow (no begin/end session); such servers never re-pack quantized layers after "
+    "an update (sglang #14158), so only send unquantized weights to them."
+)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class SGLangConfig:
+    url: str
+    """Base URL of the server, e.g. http://10.0.0.5:30000."""
+    api_key: str | None = None
+    """Sent as ``Authorization: Bearer`` when the server runs with --api-key/--admin-api-key."""
+    path: Literal["distributed", "tensor"] = "distributed"
+    """distributed: broadcast group (NCCL/gloo); tensor: serialized per-TP-rank payloads (IPC)."""
+    group_name: str = "weight_update_group"
+    tp_size: int = 1
+    """Engine TP ranks: one payload each on the tensor path; the group ranks it occupies."""
+    selector: Literal["target", "draft", "all"] = "all"
+    timeout_s: float = 300.0
+    """Deadline of every HTTP call."""
+    flush_retries: int = 5
+    flush_backoff_s: float = 0.5
+    """First wait between refused flushes; doubles each time up to ``flush_backoff_max_s``."""
+    flush_backoff_max_s: float = 8.0
+    model_dir: str | None = None
+    """Checkpoint (*.safetensors) the update is validated against; default: /model_info's
+    model_path when it is a local directory, else names are not checked."""
+    require_full: bool = False
+    """validate() also rejects a plan that leaves out tensors of the checkpoint."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.url.startswith(("http://", "https://")), "url", "an http(s):// URL"),
+            (self.path in ("distributed", "tensor"), "path", "'distributed' or 'tensor'"),
+            (self.tp_size >= 1, "tp_size", ">= 1"),
+            (self.timeout_s > 0, "timeout_s", "> 0"),
+            (self.flush_retries >= 0, "flush_retries", ">= 0"),
+            (
+                0 <= self.flush_backoff_s <= self.flush_backoff_max_s,
+                "flush_backoff_s",
+                "0 <= flush_backoff_s <= flush_backoff_max_s",
+            ),
+            (bool(self.group_name), "group_name", "non-empty"),
+        ]
+        for ok, field, allowed in checks:
+            if not ok:
+                raise ValueError(f"SGLangConfig.{field}={getattr(self, field)!r}: {allowed}")
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason
+    if isinstance(body, dict):
+        error = body.get("error")
+        detail = error.get("message") if isinstance(error, dict) else error
+        return str(body.get("message") or detail or body.get("detail") or body)
+    return str(body)
+
+
+def _checked(response: requests.Response, what: str) -> dict:
+    """The JSON answer of a successful call; RuntimeError with the server's own text otherwise."""
+    if response.status_code != 200:
+        raise RuntimeError(f"SGLang {what}: HTTP {response.status_code}: {_error_text(response)}")
+    body = response.json() if response.content else {}
+    if isinstance(body, dict) and body.get("success") is False:
+        raise RuntimeError(f"SGLang {what}: {body.get('message')}")
+    return body
+
+
+class HttpPending:
+    """An HTTP call already in flight; ``wait`` returns its checked JSON answer."""
+
+    def __init__(self, future: concurrent.futures.Future, what: str) -> None:
+        self._future, self.what = future, what
+
+    def wait(self, timeout_s: float) -> dict:
+        try:
+            response = self._future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"SGLang {self.what}: no answer within {timeout_s:.1f} s") from None
+        return _checked(response, self.what)
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    """SGLang's weights_checker hash of a CPU tensor: first 8 bytes of sha256, hex."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).digest()[:8].hex()
+
+
+class SGLangEngine:
+    """One SGLang server (all its TP ranks) behind the ``weightsync.engines.base.Engine`` API."""
+
+    def __init__(self, config: SGLangConfig) -> None:
+        self.config = config
+        self.name = f"sglang@{config.url}"
+        self.legacy: bool | None = None  # known after begin_update()
+        self.pause_mode: str | None = None
+        self.flush_error = ""
+        self._manifest: dict[str, TensorSpec] | bool | None = False  # False: not looked up yet
+        self._http = requests.Session()
+        if config.api_key:
+            self._http.headers["Authorization"] = f"Bearer {config.api_key}"
+        # Two workers: a bucket's call can be in flight while the next one is sent.
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sglang-http")
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None) -> requests.Response:
+        return self._http.request(
+            method, self.config.url.rstrip("/") + path, json=body, timeout=self.config.timeout_s
+        )
+
+    def _post(self, path: str, body: dict) -> dict:
+        return _checked(self._request("POST", path, body), path)
+
+    def _submit(self, path: str, body: dict, what: str) -> HttpPending:
+        return HttpPending(self._pool.submit(self._request, "POST", path, body), what)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    # -- state ---------------------------------------------------------------------------
+    def health(self) -> bool:
+        try:
+            return self._request("GET", "/health").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def model_info(self) -> dict:
+        return _checked(self._request("GET", "/model_info"), "/model_info")
+
+    def get_version(self) -> str | None:
+        return self.model_info().get("weight_version")
+
+    def manifest(self) -> dict[str, TensorSpec] | None:
+        """The engine checkpoint's tensors (cached), or None where it cannot be read here."""
+        if self._manifest is False:
+            model_dir = self.config.model_dir or self.model_info().get("model_path")
+            if model_dir and os.path.isdir(model_dir):
+                self._manifest = manifest_from_checkpoint(model_dir)
+            else:
+                log.warning(
+                    "%s: no local checkpoint (%r); tensor names are not validated",
+                    self.name,
+                    model_dir,
+                )
+                self._manifest = None
+        return self._manifest
+
+    # -- validation, before anything is paused -------------------------------------------
+    def validate(
+        self, plan: Plan, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None
+    ) -> None:
+        manifest = self.manifest()
+        specs: dict[str, TensorSpec] = {}
+        for bucket in plan.buckets:
+            for name, dtype, shape in bucket.metas():
+                check_meta(name, dtype, shape, manifest)
+                specs[name] = TensorSpec(dtype, shape)
+            if self.config.path == "distributed":
+                self._distributed_body(bucket)  # the struct check, ahead of time
+        if self.config.require_full and manifest is not None:
+            missing = sorted(set(manifest) - set(specs))
+            if missing:
+                raise ValueError(
+                    f"full update leaves out {len(missing)} tensor(s) of the "
+                    f"engine's checkpoint, e.g. {missing[:3]}"
+                )
+        for name, tensor in named_tensors or ():
+            if name not in specs:
+                raise ValueError(f"tensor {name!r} is not in the bucket plan")
+            check_tensor(name, tensor, specs[name])
+
+    # -- generation control --------------------------------------------------------------
+    def pause(self, mode: str) -> None:
+        self._post("/pause_generation", request_body("PauseGenerationReqInput", mode=mode))
+        self.pause_mode = mode
+
+    def resume(self) -> None:
+        self._post("/continue_generation", request_body("ContinueGenerationReqInput"))
+        self.pause_mode = None
+
+    def flush_cache(self) -> bool:
+        """True once flushed; False (reason in ``flush_error``) after the bounded retries.
+
+        Skipped under ``in_place``: requests keep their KV there, so SGLang always refuses.
+        """
+        if self.pause_mode == "in_place":
+            log.info("%s: paused in_place, cache flush skipped (stale prefix KV kept)", self.name)
+            return True
+        delay, message = self.config.flush_backoff_s, ""
+        for attempt in range(self.config.flush_retries + 1):
+            response = self._request("GET", "/flush_cache")
+            if response.status_code == 200:
+                self.flush_error = ""
+                return True
+            message = _error_text(response)
+            if attempt < self.config.flush_retries:
+                log.info("%s: flush refused (%s), retry in %.2f s", self.name, message, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, self.config.flush_backoff_max_s)
+        self.flush_error = (
+            f"{self.name}: /flush_cache refused {self.config.flush_retries + 1} "
+            f"time(s); last answer: {message}"
+        )
+        log.warning(self.flush_error)
+        return False
+
+    # -- the update session --------------------------------------------------------------
+    def begin_update(self) -> None:
+        body = request_body("BeginWeightUpdateReqInput", selector=self.config.selector)
+        response = self._request("POST", "/begin_weight_update", body)
+        self.legacy = response.status_code == 404
+        if self.legacy:
+            log.warning(_LEGACY_NOTE.format(url=self.config.url))
+            return
+        _checked(response, "/begin_weight_update")
+
+    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> HttpPending:
+        """Send the bucket's request; the transport's bytes may go before or after this."""
+        if self.config.path == "distributed":
+            path, body = "/update_weights_from_distributed", self._distributed_body(bucket)
+        else:
+            path, body = "/update_weights_from_tensor", self._tensor_body(bucket, ticket)
+        return self._submit(path, body, f"{path} (bucket {bucket.index})")
+
+    def end_update(self) -> None:
+        if self.legacy:
+            return  # no session to close on a pre-0.5.21 server
+        self._post("/end_weight_update", request_body("EndWeightUpdateReqInput"))
+
+    def set_version(self, version: str) -> None:
+        # abort_all_requests defaults to True in SGLang; requests paused in place must survive.
+        body = request_body(
+            "UpdateWeightVersionReqInput", new_version=str(version), abort_all_requests=False
+        )
+        self._post("/update_weight_version", body)
+
+    def _selector(self) -> str | None:
+        return None if self.config.selector == "all" else self.config.selector  # older servers
+
+    def _distributed_body(self, bucket: Bucket) -> dict:
+        metas = bucket.metas()  # byte order: exactly SGLang's FlattenedTensorBucket layout
+        return request_body(
+            "UpdateWeightsFromDistributedReqInput",
+            names=[name for name, _, _ in metas],
+            dtypes=[dtype_name(dtype) for _, dtype, _ in metas],
+            shapes=[list(shape) for _, _, shape in metas],
+            group_name=self.config.group_name,
+            load_format="flattened_bucket",
+            flush_cache=False,  # flushed once after end_update; a refused flush fails the update
+            selector=self._selector(),
+        )
+
+    def _tensor_body(self, bucket: Bucket, ticket: Ticket) -> dict:
+        if len(ticket.payloads) != self.config.tp_size:
+            raise ValueError(
+                f"bucket {bucket.index}: {len(ticket.payloads)} payload(s) for "
+                f"{self.config.tp_size} TP rank(s); SGLang needs one per rank"
+            )
+        for rank, payload in enumerate(ticket.payloads):
+            check_payload(payload, bucket, rank)
+        return request_body(
+            "UpdateWeightsFromTensorReqInput",
+            serialized_named_tensors=list(ticket.payloads),
+            load_format="flattened_bucket",
+            flush_cache=False,
+            selector=self._selector(),
+        )
+
+    # -- broadcast group -----------------------------------------------------------------
+    def init_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str = "nccl",
+    ) -> HttpPending:
+        """Ask the engine to join the group; returns at once: the HTTP call only completes
+        when the trainer (rank 0) joins too, so build the trainer side, then ``wait``."""
+        if not 1 <= rank_offset <= world_size - self.config.tp_size:
+            raise ValueError(
+                f"rank_offset={rank_offset}: the engine's {self.config.tp_size} "
+                f"rank(s) must fit in 1..{world_size - 1} (rank 0 is the trainer)"
+            )
+        body = request_body(
+            "InitWeightsUpdateGroupReqInput",
+            master_address=master_address,
+            master_port=master_port,
+            rank_offset=rank_offset,
+            world_size=world_size,
+            group_name=self.config.group_name,
+            backend=backend,
+        )
+        return self._submit("/init_weights_update_group", body, "/init_weights_update_group")
+
+    def destroy_group(self) -> None:
+        body = request_body("DestroyWeightsUpdateGroupReqInput", group_name=self.config.group_name)
+        self._post("/destroy_weights_update_group", body)
+
+    # -- verification --------------------------------------------------------------------
+    def check_weights(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
+        """Names whose engine checksum differs from ``expected`` (SGLang's /weights_checker).
+
+        SGLang hashes its own parameters: fused (qkv_proj, gate_up_proj), TP-sharded and, on
+        GPU, with a GPU hash. Only names it reports are compared; none in common is an error.
+        """
+        body = self._post(
+            "/weights_checker", request_body("CheckWeightsReqInput", action="checksum")
+        )
+        engine: dict[str, str] = {}
+        for rank in body.get("ranks") or []:
+            engine.update(rank.get("checksums", {}))
+        common = [name for name in expected if name in engine]
+        if not common:
+            raise ValueError(
+                f"{self.name}: none of the {len(expected)} expected names appear in "
+                "the engine's checksums (fused or sharded names)"
+            )
+        return [name for name in common if engine[name] != checksum(expected[name])]
