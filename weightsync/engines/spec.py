@@ -1,0 +1,80 @@
+"""A serializable handle on one engine: the driver and the trainer's source rank each build
+their own HTTP adapter from it (control plane on the driver, buckets on the source rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from weightsync.engines.base import Engine
+
+EngineKind = Literal["vllm", "sglang"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineSpec:
+    kind: EngineKind
+    url: str
+    name: str = ""
+    api_key: str | None = None
+    tp_size: int = 1
+    """Ranks the engine occupies in a broadcast group (its TP size)."""
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vllm", "sglang"):
+            raise ValueError(f"EngineSpec.kind={self.kind!r}: 'vllm' or 'sglang'")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"EngineSpec.url={self.url!r}: an http(s):// URL")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}@{self.url}"
+
+    def connect(self, *, record_digests: bool = False) -> Engine:
+        """The adapter for this engine (imports only that adapter)."""
+        if self.kind == "vllm":
+            from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
+
+            cfg = VllmEngineConfig(
+                url=self.url,
+                api_key=self.api_key,
+                timeout_s=self.timeout_s,
+                record_digests=record_digests,
+            )
+            return VllmEngine(cfg, name=self.label)
+        from weightsync.engines.sglang import SGLangConfig, SGLangEngine
+
+        engine = SGLangEngine(
+            SGLangConfig(
+                url=self.url, api_key=self.api_key, tp_size=self.tp_size, timeout_s=self.timeout_s
+            )
+        )
+        engine.name = self.label
+        return engine
+
+
+def join_broadcast(
+    engine: Engine,
+    spec: EngineSpec,
+    *,
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    rank_offset: int,
+    group_name: str,
+    backend: str,
+) -> None:
+    """Have ``engine`` join the trainer's weight group; blocks until the trainer joins too."""
+    if spec.kind == "vllm":
+        engine.init_broadcast(
+            master_address=master_address,
+            master_port=master_port,
+            world_size=world_size,
+            rank=rank_offset,
+            group_name=group_name,
+        )
+    else:
+        engine.init_group(
+            master_address, master_port, rank_offset, world_size, backend=backend
+        ).wait(spec.timeout_s)

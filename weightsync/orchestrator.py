@@ -1,0 +1,178 @@
+"""One weight update across a trainer job and a fleet of engines, with deadlines everywhere.
+
+The whole contract, driver side (``WeightSync.update``)::
+
+    lease lock -> [trainers] prepare: plan, identical on all ranks, finite, engines accept it
+    pause(mode) -> flush cache (not for in_place) -> begin session        <- control plane here
+    [trainers] export -> int4 -> buckets -> engines, each bucket acknowledged   <- data plane
+    end session (engine post-processing, e.g. the int4 repack) -> stamp version
+    finally: resume every paused engine; an engine whose update broke is marked stale
+
+Every bracketed step is a barrier: it returns only when every trainer rank finished it, within
+``SyncConfig.step_timeout_s``. Nothing is paused before the plan is validated, so bad input
+leaves the engines serving the old weights. A stale engine is excluded from ``live_engines``
+(rollouts) until a later update reaches it in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from weightsync.config import SyncConfig
+from weightsync.engines.spec import EngineSpec
+from weightsync.lease import LeaseLock, LocalLeaseLock
+from weightsync.quant import Int4Config
+from weightsync.trainer_side import TrainerSync
+
+log = logging.getLogger("weightsync")
+
+
+class Trainers(Protocol):
+    """A trainer job: runs ``fn(worker, *args)`` on every rank, returns results by rank."""
+
+    def run_all(self, fn: Callable, *args: Any, timeout_s: float) -> list[Any]: ...
+
+
+@dataclass
+class SyncStats:
+    version: int
+    export_s: float
+    quantize_s: float
+    transfer_s: float
+    engine_load_s: float
+    pause_s: float
+    """Engines paused: first pause call to last resume returned."""
+    total_s: float
+    nbytes: int
+    num_buckets: int
+    stale: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class UpdateFailed(RuntimeError):
+    """An update that broke after engines were paused; they were resumed, ``stale`` marked."""
+
+    def __init__(self, message: str, stale: list[str]) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+class WeightSync:
+    def __init__(
+        self,
+        trainers: Trainers,
+        engines: Sequence[EngineSpec],
+        config: SyncConfig,
+        int4: Int4Config | None = None,
+        lock: LeaseLock | None = None,
+        owner: str = "weightsync",
+    ) -> None:
+        if not engines:
+            raise ValueError("engines: at least one EngineSpec")
+        self.trainers = trainers
+        self.specs = list(engines)
+        self.config = config
+        self.int4 = int4
+        self.lock = lock or LocalLeaseLock()
+        self.owner = owner
+        self.engines = {s.label: s.connect() for s in self.specs}
+        self.stale: set[str] = set()
+        self._connected = False
+
+    @property
+    def live_engines(self) -> list[EngineSpec]:
+        """Engines that hold the current weights (rollouts go only there)."""
+        return [s for s in self.specs if s.label not in self.stale]
+
+    def _run(self, fn: Callable, *args: Any) -> list[Any]:
+        return self.trainers.run_all(fn, *args, timeout_s=self.config.step_timeout_s)
+
+    def connect(self) -> None:
+        """Set up the transport between the source rank and every engine (once)."""
+        self._run(TrainerSync.install, self.specs, self.config, self.int4)
+        TrainerSync.connect(self)
+        self._connected = True
+
+    def update(self, version: int) -> SyncStats:
+        """Push the trainer's current weights to every engine as ``version``."""
+        with self.lock.hold(self.owner, lease_s=self.config.step_timeout_s * 4):
+            if not self._connected:
+                self.connect()
+            t0 = time.perf_counter()
+            self._run(TrainerSync.prepare)  # raises before any engine is paused
+            paused: list[str] = []
+            try:
+                send = self._update_paused(version, paused)
+            except Exception as e:
+                # Partially written weights must never be served as if they were whole.
+                self.stale.update(paused)
+                raise UpdateFailed(f"update to version {version} failed: {e}", paused) from e
+            finally:
+                t_pause, resumed_at = self._resume(paused)
+            self.stale.difference_update(self.engines)
+            return _stats(version, send, resumed_at - t_pause, time.perf_counter() - t0)
+
+    def _update_paused(self, version: int, paused: list[str]) -> dict:
+        self._pause_started = time.perf_counter()
+        for label, engine in self.engines.items():
+            engine.pause(self.config.pause_mode)
+            paused.append(label)
+        if self.config.pause_mode != "in_place":
+            for label, engine in self.engines.items():
+                if not engine.flush_cache():
+                    raise RuntimeError(
+                        f"engine {label!r} refused to flush its cache after "
+                        f"{self.config.flush_retries} retries"
+                    )
+        self._each(lambda e: e.begin_update())
+        send = self._run(TrainerSync.send)[0]
+        self._each(lambda e: e.end_update())
+        self._each(lambda e: e.set_version(str(version)))
+        return send
+
+    def _each(self, call: Callable) -> None:
+        for label, engine in self.engines.items():
+            try:
+                call(engine)
+            except Exception as e:
+                raise RuntimeError(f"engine {label!r}: {e}") from e
+
+    def _resume(self, paused: list[str]) -> tuple[float, float]:
+        start = getattr(self, "_pause_started", time.perf_counter())
+        errors = {}
+        for label in paused:
+            try:
+                self.engines[label].resume()
+            except Exception as e:  # noqa: BLE001 - every paused engine gets its resume call
+                self.stale.add(label)
+                errors[label] = e
+        if errors:
+            log.error("could not resume engines %s (marked stale): %s", sorted(errors), errors)
+        return start, time.perf_counter()
+
+    def versions(self) -> dict[str, str | None]:
+        """The weight version each engine reports."""
+        with ThreadPoolExecutor(len(self.engines)) as pool:
+            got = pool.map(lambda e: e.get_version(), self.engines.values())
+            return dict(zip(self.engines, got, strict=True))
+
+    def close(self) -> None:
+        try:
+            self._run(TrainerSync.uninstall)
+        finally:
+            for engine in self.engines.values():
+                engine.close()
+
+
+def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStats:
+    keys = ("export_s", "quantize_s", "transfer_s", "engine_load_s", "nbytes", "num_buckets")
+    return SyncStats(
+        version=version, pause_s=pause_s, total_s=total_s, **{k: send[k] for k in keys}
+    )

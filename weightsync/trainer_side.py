@@ -1,0 +1,185 @@
+"""What ``WeightSync`` runs inside the trainer workers (``fn(worker, ...)`` on every rank).
+
+State lives on the worker object (``worker.weightsync``) for the lifetime of the job: the
+``WeightSender`` on every rank; on the source rank also the engines' data-plane adapters and
+the transport sender. The worker provides ``model_chunks`` and ``hf_config``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from weightsync.config import SyncConfig
+from weightsync.engines.spec import EngineSpec, join_broadcast
+from weightsync.quant import Int4Config
+from weightsync.sync import WeightSender
+
+if TYPE_CHECKING:
+    from weightsync.orchestrator import WeightSync
+
+GROUP_NAME = "weight_update_group"
+
+
+@dataclass
+class _State:
+    sender: WeightSender
+    specs: list[EngineSpec]
+    engines: list[Any] = field(default_factory=list)
+    transport: Any = None
+    group: Any = None
+    ring: Any = None
+
+
+def _state(worker: Any) -> _State:
+    state = getattr(worker, "weightsync", None)
+    if state is None:
+        raise RuntimeError("weightsync is not installed on this worker (WeightSync.connect)")
+    return state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _node_address() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+class TrainerSync:
+    """Namespace of the worker-side steps (static, so Ray pickles them by reference)."""
+
+    @staticmethod
+    def install(
+        worker: Any, specs: Sequence[EngineSpec], config: SyncConfig, int4: Int4Config | None
+    ) -> None:
+        sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
+        state = _State(sender=sender, specs=list(specs))
+        if sender.is_source:
+            state.engines = [s.connect() for s in specs]
+        worker.weightsync = state
+
+    @staticmethod
+    def endpoint(worker: Any) -> tuple[str, int] | None:
+        return (_node_address(), _free_port()) if _state(worker).sender.is_source else None
+
+    @staticmethod
+    def open_broadcast(
+        worker: Any, address: str, port: int, world_size: int, timeout_s: float
+    ) -> None:
+        from weightsync.transport.broadcast import BroadcastSender, init_weight_group
+
+        state = _state(worker)
+        if not state.sender.is_source:
+            return
+        cuda = torch.cuda.is_available()
+        state.group = init_weight_group(
+            address,
+            port,
+            world_size,
+            0,
+            GROUP_NAME,
+            backend="nccl" if cuda else "gloo",
+            timeout_s=timeout_s,
+        )
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
+        state.transport = BroadcastSender(state.group, device=device, timeout_s=timeout_s)
+
+    @staticmethod
+    def open_shm(worker: Any, num_consumers: int, timeout_s: float):
+        from weightsync.transport.shm import ShmRing, ShmSender
+
+        state = _state(worker)
+        if not state.sender.is_source:
+            return None
+        plan = state.sender.prepare()
+        state.ring = ShmRing.create(
+            plan.max_bucket_nbytes, num_slots=2, num_consumers=num_consumers
+        )
+        state.transport = ShmSender(state.ring, timeout_s=timeout_s)
+        return state.ring.spec
+
+    @staticmethod
+    def prepare(worker: Any) -> int:
+        state = _state(worker)
+        plan = state.sender.prepare(state.engines)
+        return plan.total_nbytes
+
+    @staticmethod
+    def send(worker: Any) -> dict:
+        state = _state(worker)
+        stats = state.sender.send(state.engines, state.transport)
+        return stats.__dict__.copy()
+
+    @staticmethod
+    def uninstall(worker: Any) -> None:
+        state = getattr(worker, "weightsync", None)
+        if state is None:
+            return
+        if state.transport is not None:
+            state.transport.close()
+        if state.ring is not None:
+            state.ring.close()
+        if state.group is not None:
+            from weightsync.transport.broadcast import destroy_weight_group
+
+            destroy_weight_group(state.group)
+        for engine in state.engines:
+            engine.close()
+        worker.weightsync = None
+
+    @staticmethod
+    def connect(ws: WeightSync) -> None:
+        """Driver side of the transport set-up; the engines join beside the source rank."""
+        timeout = ws.config.step_timeout_s
+        if ws.config.transport == "broadcast":
+            address, port = next(e for e in ws._run(TrainerSync.endpoint) if e is not None)
+            world = 1 + sum(s.tp_size for s in ws.specs)
+            offsets = [1 + sum(s.tp_size for s in ws.specs[:i]) for i in range(len(ws.specs))]
+            with ThreadPoolExecutor(len(ws.specs)) as pool:
+                joins = [
+                    pool.submit(
+                        join_broadcast,
+                        ws.engines[s.label],
+                        s,
+                        master_address=address,
+                        master_port=port,
+                        world_size=world,
+                        rank_offset=off,
+                        group_name=GROUP_NAME,
+                        backend="nccl" if torch.cuda.is_available() else "gloo",
+                    )
+                    for s, off in zip(ws.specs, offsets, strict=True)
+                ]
+                ws._run(TrainerSync.open_broadcast, address, port, world, timeout)
+                for j in joins:
+                    j.result(timeout=timeout)
+        elif ws.config.transport == "ipc":
+            if any(s.kind != "vllm" for s in ws.specs):
+                raise ValueError(
+                    "transport='ipc' on CPU (shared memory) is wired for vLLM "
+                    "engines; use 'broadcast' for SGLang"
+                )
+            spec = next(r for r in ws._run(TrainerSync.open_shm, len(ws.specs), timeout) if r)
+            last = len(ws.specs) - 1
+            for i, s in enumerate(ws.specs):
+                ws.engines[s.label].init_shm(spec, consumer_index=i, unlink=i == last)
+        else:
+            raise ValueError(
+                f"transport={ws.config.transport!r} is not wired into WeightSync "
+                "yet: use 'broadcast' or 'ipc'"
+            )
