@@ -135,7 +135,7 @@ def test_segments_of_a_killed_producer_are_swept():
 def _payload_sender(conn) -> dict:
     channel = PipeChannel(conn, timeout_s=60)
     plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
-    sender = IpcPayloadSender("cpu", tp_size=2)
+    sender = IpcPayloadSender("cpu", tp_size=3)
     channel.put(PlanMsg(plan))
     max_alive = 0
 
@@ -152,6 +152,20 @@ def _payload_sender(conn) -> dict:
     return {"max_alive": max_alive, "left": sender.unacknowledged}
 
 
+def _sglang_load(payload: str) -> list:
+    """What SGLang's WeightUpdater does with a flattened_bucket payload, with its own classes."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+
+    obj = MultiprocessingSerializer.deserialize(payload)
+    metadata = [
+        FlattenedTensorMetadata(m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel)
+        for m in obj["metadata"]
+    ]
+    bucket = FlattenedTensorBucket(flattened_tensor=obj["flattened_tensor"], metadata=metadata)
+    return bucket.reconstruct_tensors()
+
+
 def _payload_receiver(conn) -> dict:
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
@@ -161,7 +175,8 @@ def _payload_receiver(conn) -> dict:
     receiver = IpcPayloadReceiver(tp_rank=0)
     report = {"bad": [], "received": 0, "refused": []}
     for msg in iter(channel.get, DoneMsg(len(plan.buckets))):
-        assert len(msg.ticket.payloads) == 2 and isinstance(msg.ticket.payloads[0], str)
+        assert len(msg.ticket.payloads) == 3 and isinstance(msg.ticket.payloads[0], str)
+        report["bad"] += mismatches(_sglang_load(msg.ticket.payloads[2]), mixed_metas(), SEEDS[0])
         other = plan.buckets[(msg.bucket.index + 1) % len(plan.buckets)]
         try:  # TP rank 1's payload checked against the wrong bucket: refused before loading
             IpcPayloadReceiver(tp_rank=1).recv(other, msg.ticket)
@@ -181,7 +196,7 @@ def test_cpu_flattened_bucket_payload_opens_with_sglangs_deserializer():
     a, b = CTX.Pipe()
     sent, got = run_workers([(_payload_sender, (a,)), (_payload_receiver, (b,))])
     plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
-    assert got["bad"] == [] and got["received"] == len(mixed_metas())
+    assert got["bad"] == [] and got["received"] == len(mixed_metas())  # ours and SGLang's load
     assert got["refused"] == [f"bucket {(b.index + 1) % len(plan.buckets)}" for b in plan.buckets]
     assert sent == {"max_alive": 1, "left": []}
 

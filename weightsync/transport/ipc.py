@@ -13,12 +13,18 @@ Producer rules this module keeps:
 - each TP rank gets its own serialization (opening one export twice leaks on the engine);
 - SGLang's ``monkey_patch_torch_reductions()`` (GPU-UUID device mapping) only for CUDA: after
   it, pickling any CPU tensor fails in that process.
-sglang is imported inside the functions that need it.
+sglang is imported only to open payloads and, for CUDA, to patch the reductions.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
+
 import torch
+import torch.multiprocessing  # registers torch's tensor reductions with ForkingPickler
 
 from weightsync.plan import Bucket, bucket_views
 from weightsync.transport.base import Ticket
@@ -44,21 +50,32 @@ def _patch_reductions_for_cuda(device: torch.device) -> None:
 
 
 def encode_payload(bucket: Bucket, flat: torch.Tensor) -> str:
-    """One TP rank's base64 payload of ``bucket`` held in ``flat`` (its byte layout)."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    """One TP rank's base64 payload of ``bucket`` held in ``flat`` (its byte layout).
 
+    Built without importing sglang (whose package import patches transformers in this
+    process): the metadata are ``SimpleNamespace``s, which SGLang's SafeUnpickler allows and
+    its loader reads by attribute, and the pickler is torch's ForkingPickler, as in SGLang's
+    ``MultiprocessingSerializer``.
+    """
     _patch_reductions_for_cuda(flat.device)
     metadata, start = [], 0
     for name, dtype, shape in bucket.metas():
         size = int(torch.Size(shape).numel()) * dtype.itemsize
         metadata.append(
-            FlattenedTensorMetadata(name, torch.Size(shape), dtype, start, start + size, size)
+            SimpleNamespace(
+                name=name,
+                shape=torch.Size(shape),
+                dtype=dtype,
+                start_idx=start,
+                end_idx=start + size,
+                numel=size,
+            )
         )
         start += size
     assert start == bucket.nbytes, "plan byte layout is unpadded"
-    payload = {"flattened_tensor": flat[: bucket.nbytes], "metadata": metadata}
-    return MultiprocessingSerializer.serialize(payload, output_str=True)
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump({"flattened_tensor": flat[: bucket.nbytes], "metadata": metadata})
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def decode_payload(bucket: Bucket, payload: str, device: str = "cpu") -> torch.Tensor:
