@@ -25,6 +25,7 @@ import torch
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
+from weightsync.transport.shm import RingSpec
 
 # weightsync's pause modes -> vLLM's. vLLM has no retract (requeue and recompute): "wait" lets
 # in-flight requests finish on the old weights, the closest thing that never mixes weights
@@ -124,8 +125,18 @@ class VllmEngine:
             )
         )
 
-    def init_shm(self, *, slot_names: list[str], slot_bytes: int) -> None:
-        self._init(InitInfo(transport="shm", slot_names=list(slot_names), slot_bytes=slot_bytes))
+    def init_shm(self, spec: RingSpec, consumer_index: int = 0, unlink: bool = True) -> None:
+        """Map the trainer's shared-memory ring (``weightsync.transport.shm``) in the engine;
+        ``unlink`` when this engine is the ring's last consumer to attach."""
+        info = InitInfo(
+            transport="shm",
+            slot_names=list(spec.names),
+            slot_bytes=spec.slot_bytes,
+            num_consumers=spec.num_consumers,
+            consumer_index=consumer_index,
+            unlink=unlink,
+        )
+        self._init(info)
 
     def _init(self, info: InitInfo) -> None:
         info.timeout_s = self.config.timeout_s

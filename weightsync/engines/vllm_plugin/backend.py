@@ -89,8 +89,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def shutdown(self) -> None:
         if self.source is not None:
-            self.source.close()
-            self.source = None
+            source, self.source = self.source, None
+            receive.close_source(source)
 
     def __call__(self, query: str) -> dict:
         if query == "expected_params":

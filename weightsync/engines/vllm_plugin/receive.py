@@ -1,8 +1,9 @@
-"""Receiver-side pieces of the weightsync backend: where bucket bytes come from, inside vLLM.
+"""Receiver-side pieces of the weightsync backend, inside vLLM: the transport receivers
+(``weightsync.transport``), made from the init info, and what vLLM needs around them.
 
-Both sources hand out views into buffers they reuse for later buckets (fresh memory per bucket
-costs page faults that dominate the transfer), so whoever keeps a view past ``release`` must
-copy it: see ``unalias_pending``.
+Both receivers hand out views into buffers they reuse for later buckets (fresh memory per
+bucket costs page faults that dominate the transfer), so whatever vLLM keeps past ``release``
+must be copied: see ``unalias_pending``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 import torch
 
 from weightsync.engines.vllm_plugin.wire import InitInfo
-from weightsync.plan import Bucket, bucket_views
-from weightsync.transport.base import Ticket
 
 _ST_DTYPES = {
     "BF16": "bfloat16",
@@ -46,36 +45,20 @@ def open_source(info: InitInfo):
             timeout_s=info.timeout_s,
         )
         return BroadcastReceiver(group, timeout_s=info.timeout_s)
-    return ShmRingReader(info.slot_names, info.slot_bytes)
+    from weightsync.transport.shm import RingSpec, ShmReceiver, ShmRing
+
+    spec = RingSpec(tuple(info.slot_names), info.slot_bytes, info.num_consumers)
+    return ShmReceiver(ShmRing.attach(spec, unlink=info.unlink), info.consumer_index)
 
 
-class ShmRingReader:
-    """Slots of a persistent ring in /dev/shm, mapped once; the trainer fills a slot, then
-    names it in the bucket's update; the HTTP answer tells it the slot is free again."""
+def close_source(source) -> None:
+    group = getattr(source, "group", None)
+    source.close()
+    if group is not None:
+        # Frees the group name, so the trainer can connect again under the same one.
+        from weightsync.transport.broadcast import destroy_weight_group
 
-    def __init__(self, slot_names: list[str], slot_bytes: int) -> None:
-        self.slots = [
-            torch.from_file(str(_shm_path(n)), shared=True, size=slot_bytes, dtype=torch.uint8)
-            for n in slot_names
-        ]
-
-    def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
-        if not 0 <= ticket.slot < len(self.slots):
-            raise ValueError(
-                f"bucket {bucket.index}: slot {ticket.slot} not in the ring of {len(self.slots)}"
-            )
-        return bucket_views(bucket, self.slots[ticket.slot])
-
-    def release(self, ticket: Ticket) -> None:
-        """The HTTP answer is the release; nothing to do here."""
-
-    def close(self) -> None:
-        self.slots = []
-
-
-def _shm_path(name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() and path.exists() else Path("/dev/shm") / name.lstrip("/")
+        destroy_weight_group(group)
 
 
 def unalias_pending(model: torch.nn.Module, buffers: list[torch.Tensor]) -> None:

@@ -32,9 +32,13 @@ class InitInfo:
     world_size: int = 0
     rank: int = 0
     group_name: str = ""
-    # shm: a persistent ring of POSIX shared-memory slots, named or given as paths.
+    # shm: the trainer's persistent ring (weightsync.transport.shm.RingSpec) and which of its
+    # consumers this engine is; the last consumer to attach unlinks the names.
     slot_names: list[str] = field(default_factory=list)
     slot_bytes: int = 0
+    num_consumers: int = 1
+    consumer_index: int = 0
+    unlink: bool = False
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -51,6 +55,10 @@ class InitInfo:
                 )
         elif not self.slot_names or self.slot_bytes <= 0:
             raise ValueError("shm needs slot_names and slot_bytes > 0")
+        elif not 0 <= self.consumer_index < self.num_consumers:
+            raise ValueError(
+                f"consumer_index={self.consumer_index} not in [0, {self.num_consumers})"
+            )
 
 
 @dataclass
