@@ -459,6 +459,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "session": engine.session,
                     "version": engine.version,
                     "dead": engine.dead,
+                    "running": engine.running,
+                    "waiting": engine.waiting,
                 },
             )
 

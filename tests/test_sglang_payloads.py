@@ -14,6 +14,7 @@ from tests.sglang_protocol_server import import_io_struct
 from weightsync.engines import sglang_payloads as sp
 from weightsync.engines.sglang import SGLangConfig
 from weightsync.plan import TensorMeta, allocate_bucket, bucket_views, build_plan, fill_bucket
+from weightsync.transport.ipc import encode_payload
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +94,7 @@ def test_payload_is_sglangs_wire_format():
 
     named = _named()
     bucket, flat = _bucket_and_flat(named)
-    payload = sp.serialize_bucket(bucket, flat)
+    payload = encode_payload(bucket, flat)
     sp.check_payload(payload, bucket, rank=0)
     obj = MultiprocessingSerializer.deserialize(payload)  # SafeUnpickler, as the scheduler does
     rebuilt = FlattenedTensorBucket(
@@ -111,7 +112,7 @@ def test_payload_checks_reject_what_would_kill_the_scheduler():
     bucket, _ = _bucket_and_flat(named)
     other, other_flat = _bucket_and_flat(named[:2])
     with pytest.raises(ValueError, match=r"rank 1: metadata .* does not match the plan"):
-        sp.check_payload(sp.serialize_bucket(other, other_flat), bucket, rank=1)
+        sp.check_payload(encode_payload(other, other_flat), bucket, rank=1)
 
     rogue = pybase64.b64encode(pickle.dumps({"metadata": [TrainerMeta(name="a")]})).decode()
     with pytest.raises(ValueError, match="cannot unpickle it: Blocked unsafe global"):

@@ -148,8 +148,9 @@ class SGLangEngine:
         self._http = requests.Session()
         if config.api_key:
             self._http.headers["Authorization"] = f"Bearer {config.api_key}"
-        # Two workers: a bucket's call can be in flight while the next one is sent.
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sglang-http")
+        # One worker: SGLang must get bucket requests in send order, since each one receives
+        # the next broadcast of the group. A later bucket's request waits for the earlier reply.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sglang-http")
 
     # -- plumbing ------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None) -> requests.Response:

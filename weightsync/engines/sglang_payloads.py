@@ -47,6 +47,9 @@ _ST_DTYPES = {
 }
 
 
+_CHOICES = {"mode": ("abort", "retract", "in_place"), "selector": ("target", "draft", "all")}
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """What the engine's checkpoint says one HF-named tensor looks like."""
@@ -98,6 +101,11 @@ def request_body(struct_name: str, **fields) -> dict:
     Raises ValueError naming the struct and the offending field.
     """
     body = {k: v for k, v in fields.items() if v is not None}
+    for field, allowed in _CHOICES.items():  # also checked where io_struct is unavailable
+        if field in body and body[field] not in allowed:
+            raise ValueError(
+                f"{struct_name}: invalid field(s): {field}: {body[field]!r} is not one of {allowed}"
+            )
     module = io_structs()
     if module is None:
         return body
@@ -144,29 +152,7 @@ def check_meta(
         )
 
 
-# -- tensor path: building and dry-checking FlattenedTensorBucket payloads ----------------------
-
-
-def serialize_bucket(bucket: Bucket, flat: torch.Tensor) -> str:
-    """One ``update_weights_from_tensor`` payload (base64) for a bucket's uint8 bytes.
-
-    ``flat`` is the bucket's buffer (see ``weightsync.plan.bucket_views``); metadata uses
-    SGLang's ``FlattenedTensorMetadata``, the only metadata class its unpickler admits. CUDA
-    producers whose device numbering differs from the engine's must call SGLang's
-    ``monkey_patch_torch_reductions()`` first; never for CPU tensors (it breaks their pickling).
-    """
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-
-    metadata, start = [], 0
-    for name, dtype, shape in bucket.metas():
-        nbytes = math.prod(shape) * dtype.itemsize
-        metadata.append(
-            FlattenedTensorMetadata(name, torch.Size(shape), dtype, start, start + nbytes, nbytes)
-        )
-        start += nbytes
-    payload = {"flattened_tensor": flat[: bucket.nbytes], "metadata": metadata}
-    return MultiprocessingSerializer.serialize(payload, output_str=True)
+# -- tensor path: dry-checking FlattenedTensorBucket payloads (built by transport.ipc) ---------
 
 
 @dataclass(frozen=True, slots=True)
