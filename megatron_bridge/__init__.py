@@ -1,1 +1,38 @@
-"""Megatron-core <-> HuggingFace weights: gather TP/PP/EP/ETP shards into HF-named tensors."""
+"""Megatron-core <-> HuggingFace weights: gather TP/PP/EP/ETP shards into HF-named tensors.
+
+Importing this package is cheap: megatron-core is imported on first use of a function that
+needs it. Entry points:
+
+- ``enable_cpu_megatron()``: the CPU patches (explicit, idempotent).
+- ``init_parallel(tp=, pp=, ep=, etp=, vpp=)``: megatron parallel_state on an existing group.
+- ``build_model(hf_config)``: GPTModel chunk(s) for this rank (local spec).
+- ``hf_weight_metadata`` / ``iter_hf_units`` / ``export_hf_weights``: the export stream.
+- ``load_hf_weights``: HF tensors -> this rank's shards.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from megatron_bridge.meta import HFWeightMeta
+
+_LAZY = {
+    "enable_cpu_megatron": "megatron_bridge.cpu",
+    "init_parallel": "megatron_bridge.parallel",
+    "EXPORT_SOURCE_RANK": "megatron_bridge.parallel",
+    "build_model": "megatron_bridge.model",
+    "hf_weight_metadata": "megatron_bridge.export",
+    "iter_hf_units": "megatron_bridge.export",
+    "export_hf_weights": "megatron_bridge.export",
+    "load_hf_weights": "megatron_bridge.load",
+    "register_family": "megatron_bridge.families",
+}
+
+__all__ = ["HFWeightMeta", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'megatron_bridge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,0 +1,196 @@
+"""Megatron shards -> full HF-named tensors, streamed one atomic unit at a time.
+
+Who yields: global rank 0 (``EXPORT_SOURCE_RANK``; pp = tp = ep = etp = dp = 0 in megatron's
+rank order) yields every unit. Every other rank must iterate the generator to its end too (it
+yields nothing there) because it takes part in the collectives. Per unit:
+
+1. on the owning pipeline stage, the data-parallel-0 replica gathers each parameter onto its
+   TP (or, for routed experts, expert-TP) group rank 0 and converts it to HF layout;
+2. a routed expert held by expert-parallel rank r > 0 is sent to EP rank 0 of that stage;
+3. a unit on pipeline stage s > 0 is sent down the pipeline group to global rank 0.
+
+Peak extra memory on rank 0 is one unit (plus its TP shards while merging), never the model.
+Tensors that need no merge (TP=1, no layout change) alias the parameters: copy them if you
+keep them past the next optimizer step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_bridge.families import get_family
+from megatron_bridge.families.base import Dims
+from megatron_bridge.gather import gather_to_first, hop
+from megatron_bridge.meta import HFWeightMeta
+from megatron_bridge.model import as_hf_config
+from megatron_bridge.parallel import Layout, current_layout
+from megatron_bridge.units import Piece, Unit, plan_units
+
+# TransformerEngine's grouped experts name expert i's weights "experts.linear_fc1.weight<i>".
+_TE_GROUPED = re.compile(r"(.*\.experts\.)(linear_fc[12])\.weight(\d+)")
+
+
+def unwrap(chunk: nn.Module) -> nn.Module:
+    """Strip DDP / Float16Module style wrappers (they keep the model in ``.module``)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def canonical_name(name: str) -> str:
+    m = _TE_GROUPED.fullmatch(name)
+    return f"{m[1]}local_experts.{m[3]}.{m[2]}.weight" if m else name
+
+
+def local_tensors(chunks: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    """Per chunk: canonical name -> parameter or persistent buffer (e.g. router expert_bias)."""
+    out = []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        named = dict(model.named_buffers()) | dict(model.named_parameters())
+        out.append({canonical_name(n): t for n, t in named.items()})
+    return out
+
+
+def model_dtype(chunks: Sequence[nn.Module]) -> torch.dtype:
+    dtypes = {p.dtype for c in chunks for p in c.parameters()}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"model chunks mix parameter dtypes {sorted(map(str, dtypes))}; export needs one dtype"
+        )
+    return dtypes.pop()
+
+
+def _plan(chunks: Sequence[nn.Module], hf_config: Any) -> tuple[Any, list[Unit]]:
+    if not chunks:
+        raise ValueError("model_chunks is empty")
+    cfg = as_hf_config(hf_config)
+    return cfg, plan_units(cfg, unwrap(chunks[0]).config)
+
+
+def hf_weight_metadata(model_chunks: Sequence[nn.Module], hf_config: Any) -> list[HFWeightMeta]:
+    """Every tensor ``export_hf_weights`` yields, in order.
+
+    Identical on all ranks and computed from the configs alone: no communication, no data.
+    """
+    _, units = _plan(model_chunks, hf_config)
+    dtype = model_dtype(model_chunks)
+    return [
+        HFWeightMeta(name, shape, piece.dtype or dtype, unit.name)
+        for unit in units
+        for piece in unit.pieces
+        for name, shape in zip(piece.hf, piece.shapes, strict=True)
+    ]
+
+
+def holds(unit: Unit, layout: Layout) -> bool:
+    """Whether this rank's chunks contain the unit's parameters."""
+    on_ep = unit.expert_owner is None or unit.expert_owner == layout.ep_rank
+    return unit.pp_rank == layout.pp_rank and on_ep
+
+
+def check_coverage(
+    units: list[Unit],
+    tensors: list[dict[str, torch.Tensor]],
+    chunks: Sequence[nn.Module],
+    layout: Layout,
+    d: Dims,
+) -> None:
+    """Every local parameter is exported by some unit (or is the tied output-layer copy)."""
+    expected = [set() for _ in tensors]
+    for unit in units:
+        if holds(unit, layout):
+            expected[unit.vp_stage].update(p.mcore for p in unit.pieces)
+    for vp, chunk in enumerate(chunks):
+        names = {canonical_name(n) for n, _ in unwrap(chunk).named_parameters()}
+        unknown = names - expected[vp] - ({"output_layer.weight"} if d.tied else set())
+        if unknown:
+            raise ValueError(f"parameters with no HF mapping (chunk {vp}): {sorted(unknown)}")
+
+
+def _lookup(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"megatron parameter {name!r} not found in the model chunk")
+    return tensors[name]
+
+
+def _convert(
+    piece: Piece, local: torch.Tensor, layout: Layout, expert: bool, d: Dims, dtype: torch.dtype
+) -> list[torch.Tensor] | None:
+    full = gather_to_first(local, layout.etp_group if expert else layout.tp_group)
+    if full is None:
+        return None
+    hf = piece.kind.to_hf(full, d)
+    for name, t, shape in zip(piece.hf, hf, piece.shapes, strict=True):
+        if tuple(t.shape) != shape or t.dtype != (piece.dtype or dtype):
+            raise ValueError(
+                f"{name}: got {tuple(t.shape)} {t.dtype} from {piece.mcore}, "
+                f"expected {shape} {piece.dtype or dtype}"
+            )
+    return hf
+
+
+def _collect(
+    unit: Unit, tensors: list[dict[str, torch.Tensor]], layout: Layout, d: Dims, dtype: torch.dtype
+) -> list[tuple[str, torch.Tensor]]:
+    expert = unit.expert_owner is not None
+    holder = layout.expert_holder if expert else layout.dense_holder
+    on_source_line = dist.get_process_group_ranks(layout.pp_group)[0] == 0
+    out: list[tuple[str, torch.Tensor]] = []
+    for piece in unit.pieces:
+        like = [(s, piece.dtype or dtype) for s in piece.shapes]
+        hf = None
+        if holder and holds(unit, layout):
+            local = _lookup(tensors[unit.vp_stage], piece.mcore)
+            hf = _convert(piece, local, layout, expert, d, dtype)
+        ep_endpoint = layout.etp_rank == 0 and layout.ep_rank in (0, unit.expert_owner)
+        if expert and holder and layout.pp_rank == unit.pp_rank and ep_endpoint:
+            hf = hop(hf, unit.expert_owner, layout.ep_group, like)
+        if on_source_line and layout.pp_rank in (0, unit.pp_rank):
+            hf = hop(hf, unit.pp_rank, layout.pp_group, like)
+        if layout.is_source:
+            assert hf is not None, unit.name
+            out += zip(piece.hf, hf, strict=True)
+    return out
+
+
+def iter_hf_units(
+    model_chunks: Sequence[nn.Module], hf_config: Any
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """One list of (HF name, full tensor) per atomic unit, on the source rank (see module doc).
+
+    Collective: every rank of the job iterates it to the end.
+    """
+    cfg, units = _plan(model_chunks, hf_config)
+    layout = current_layout()
+    if len(model_chunks) != layout.vpp:
+        raise ValueError(
+            f"got {len(model_chunks)} model chunks for virtual pipeline size {layout.vpp}"
+        )
+    d = get_family(cfg).dims(cfg)
+    tensors = local_tensors(model_chunks)
+    check_coverage(units, tensors, model_chunks, layout, d)
+    dtype = model_dtype(model_chunks)
+    with torch.no_grad():
+        for unit in units:
+            named = _collect(unit, tensors, layout, d, dtype)
+            if layout.is_source:
+                yield named
+
+
+def export_hf_weights(
+    model_chunks: Sequence[nn.Module], hf_config: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full HF-named tensors, in ``hf_weight_metadata`` order, yielded on the source rank only.
+
+    Collective: every rank of the job iterates it to the end (see the module doc for who sends
+    what). Vocabulary padding is trimmed; tied models export no ``lm_head.weight``.
+    """
+    for unit in iter_hf_units(model_chunks, hf_config):
+        yield from unit

@@ -1,0 +1,74 @@
+"""Collectives that un-shard one parameter and move it towards the export source rank.
+
+Sharding of a megatron parameter is described by the attributes megatron sets on it:
+``tensor_model_parallel`` (sharded at all), ``partition_dim`` and ``partition_stride``. With
+stride s, the master weight is cut into ``world * s`` equal blocks along ``partition_dim`` and
+rank r holds blocks r, r + world, ... (this is how the GLU fc1 keeps [gate_r | up_r] per rank).
+
+All tensors sent point-to-point are made contiguous first (gloo mis-sends strided views).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    # megatron marks TP-sharded parameters with this attribute; replicated ones lack it.
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def merge_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    blocks = [shard.chunk(stride, dim) for shard in shards]
+    return torch.cat([b[j] for j in range(stride) for b in blocks], dim=dim)
+
+
+def shard_of(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of ``full`` (the inverse of ``merge_shards``)."""
+    blocks = full.chunk(world * stride, dim)
+    return torch.cat([blocks[rank + j * world] for j in range(stride)], dim=dim)
+
+
+def gather_to_first(param: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor | None:
+    """The full tensor on rank 0 of ``group`` (the parameter itself if not sharded); None elsewhere.
+
+    Collective over ``group`` for sharded parameters; no communication otherwise.
+    """
+    world = dist.get_world_size(group)
+    first = dist.get_rank(group) == 0
+    local = param.detach()
+    if world == 1 or not is_sharded(param):
+        return local if first else None
+    shard = local.contiguous()
+    shards = [torch.empty_like(shard) for _ in range(world)] if first else None
+    dist.gather(shard, shards, group=group, group_dst=0)
+    if not first:
+        return None
+    return merge_shards(shards, param.partition_dim, param.partition_stride)
+
+
+def hop(
+    tensors: list[torch.Tensor] | None,
+    src: int,
+    group: dist.ProcessGroup,
+    like: list[tuple[tuple[int, ...], torch.dtype]],
+) -> list[torch.Tensor] | None:
+    """Move ``tensors`` from group rank ``src`` to group rank 0 of ``group``.
+
+    Only the two endpoints may call this. ``like`` gives (shape, dtype) of each tensor so the
+    receiver can allocate without a metadata round trip.
+    """
+    me = dist.get_rank(group)
+    if src == 0:
+        return tensors
+    if me == src:
+        assert tensors is not None
+        for t in tensors:
+            dist.send(t.contiguous(), group=group, group_dst=0)
+        return None
+    assert me == 0, "hop() called on a rank that is neither source nor destination"
+    out = [torch.empty(shape, dtype=dtype) for shape, dtype in like]
+    for t in out:
+        dist.recv(t, group=group, group_src=src)
+    return out

@@ -1,0 +1,126 @@
+"""HF tensors -> this rank's megatron shards (the inverse of export). No communication.
+
+Every rank reads the full HF tensors it needs (a dict, or lazily from the safetensors files of
+a checkpoint directory) and slices its own shard locally, which sidesteps scatter collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron_bridge.export import check_coverage, holds, local_tensors, unwrap
+from megatron_bridge.families import get_family
+from megatron_bridge.families.base import VOCAB, Dims
+from megatron_bridge.gather import is_sharded, shard_of
+from megatron_bridge.model import as_hf_config
+from megatron_bridge.parallel import Layout, current_layout
+from megatron_bridge.units import plan_units
+
+
+class _SafetensorsDir(Mapping[str, torch.Tensor]):
+    """Read-on-demand view of a checkpoint directory's ``*.safetensors`` files."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no *.safetensors files")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _source(hf_weights: Mapping[str, torch.Tensor] | str | Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(hf_weights, Mapping):
+        return hf_weights
+    path = Path(hf_weights)
+    if not path.is_dir():
+        raise ValueError(f"hf weights {str(path)!r} is neither a mapping nor a directory")
+    return _SafetensorsDir(path)
+
+
+def _read(source: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if name not in source:
+        raise ValueError(f"HF tensor {name!r} is missing from the checkpoint")
+    t = source[name]
+    if tuple(t.shape) != shape:
+        raise ValueError(f"HF tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def load_hf_weights(
+    model_chunks: Sequence[nn.Module],
+    hf_weights: Mapping[str, torch.Tensor] | str | Path,
+    hf_config: Any,
+) -> None:
+    """Copy HF weights (a state dict or a safetensors checkpoint dir) into this rank's shards.
+
+    Extra HF tensors raise ``ValueError``, except ``lm_head.weight`` of a tied model.
+    """
+    cfg = as_hf_config(hf_config)
+    units = plan_units(cfg, unwrap(model_chunks[0]).config)
+    layout = current_layout()
+    d = get_family(cfg).dims(cfg)
+    tensors = local_tensors(model_chunks)
+    check_coverage(units, tensors, model_chunks, layout, d)
+    source = _source(hf_weights)
+    known = {n for u in units for p in u.pieces for n in p.hf} | (
+        {"lm_head.weight"} if d.tied else set()
+    )
+    extra = sorted(set(source) - known)
+    if extra:
+        raise ValueError(
+            f"HF tensors with no megatron parameter: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
+        )
+    with torch.no_grad():
+        for unit in units:
+            if not holds(unit, layout):
+                continue
+            expert = unit.expert_owner is not None
+            for piece in unit.pieces:
+                hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
+                local = tensors[unit.vp_stage][piece.mcore]
+                _copy_into(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
+        # Under pipeline parallelism the last stage keeps its own copy of a tied output layer.
+        head = tensors[-1].get("output_layer.weight")
+        if d.tied and head is not None and layout.pp_rank == layout.pp - 1:
+            embed = [_read(source, "model.embed_tokens.weight", (d.vocab, d.hidden))]
+            _copy_into(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
+
+
+def _copy_into(
+    local: torch.Tensor,
+    to_mcore: Any,
+    hf: list[torch.Tensor],
+    d: Dims,
+    layout: Layout,
+    expert: bool,
+    name: str,
+) -> None:
+    rank, world = (layout.etp_rank, layout.etp) if expert else (layout.tp_rank, layout.tp)
+    full_shape = list(local.shape)
+    if is_sharded(local):
+        full_shape[local.partition_dim] *= world
+    full = to_mcore([t.to(local.dtype) for t in hf], d, tuple(full_shape))
+    if is_sharded(local) and world > 1:
+        full = shard_of(full, local.partition_dim, local.partition_stride, rank, world)
+    if full.shape != local.shape:
+        raise ValueError(
+            f"{name}: HF tensors give shape {tuple(full.shape)}, local shard is "
+            f"{tuple(local.shape)}"
+        )
+    local.copy_(full)

@@ -1,0 +1,111 @@
+"""Build megatron-core GPTModel chunks from an HF config (local spec: no TransformerEngine/Apex)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+from megatron_bridge.families import get_family
+from megatron_bridge.families.base import rope_theta
+
+
+def as_hf_config(hf_config: Any) -> Any:
+    """Accept a transformers ``PretrainedConfig`` or its ``to_dict()``."""
+    if isinstance(hf_config, Mapping):
+        from transformers import AutoConfig
+
+        if "model_type" not in hf_config:
+            raise ValueError("hf_config dict has no 'model_type'")
+        fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+        return AutoConfig.for_model(hf_config["model_type"], **fields)
+    return hf_config
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def transformer_config(
+    hf_config: Any, *, params_dtype: torch.dtype = torch.float32, **overrides: Any
+) -> TransformerConfig:
+    """The megatron TransformerConfig for ``hf_config`` under the current parallel_state."""
+    cfg = as_hf_config(hf_config)
+    kwargs = get_family(cfg).transformer_kwargs(cfg)
+    cls = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    kwargs |= dict(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=False,  # torch norms (local spec) cannot run sequence parallel
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,  # shards cut from one master weight: TP-invariant init
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+    return cls(**(kwargs | overrides))
+
+
+def build_model(
+    hf_config: Any,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    vocab_divisible_by: int = 128,
+    max_sequence_length: int | None = None,
+    parallel_output: bool = True,
+    **config_overrides: Any,
+) -> list[GPTModel]:
+    """GPTModel chunk(s) of this rank: one per virtual pipeline stage (one without VPP).
+
+    ``config_overrides`` go to the TransformerConfig (e.g. ``moe_token_dispatcher_type``).
+    The vocabulary is padded to a multiple of ``vocab_divisible_by * tp``; the exporter trims it.
+    """
+    cfg = as_hf_config(hf_config)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"rope_parameters.rope_type={rope['rope_type']!r}: only 'default' "
+            "rotary embeddings are supported"
+        )
+    config = transformer_config(cfg, params_dtype=params_dtype, **config_overrides)
+    vocab = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, config.tensor_model_parallel_size)
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=stage
+        )
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=vocab,
+                max_sequence_length=max_sequence_length or cfg.max_position_embeddings,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                parallel_output=parallel_output,
+                share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
+                position_embedding_type="rope",
+                rotary_base=rope_theta(cfg),
+                vp_stage=stage,
+            )
+        )
+    return chunks
