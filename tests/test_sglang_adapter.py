@@ -273,6 +273,12 @@ def test_flush_retries_with_backoff_and_surfaces_the_message(fresh):
     assert "refused 4 time(s); last answer: Flush cache failed." in engine.flush_error
     assert fresh.paths().count("/flush_cache") == 3 + 4
 
+    waiting = _engine(fresh, flush_retries=0, flush_wait_s=0.01)  # the server waits, not us
+    waiting.pause("retract")
+    assert not waiting.flush_cache()
+    assert waiting.flush_error.endswith("last answer: Timed out waiting for idle state.")
+    assert fresh.log()[-1]["query"] == "timeout=0.01"
+
 
 def test_pause_modes_and_in_place_skips_flush(fresh, weights):
     engine = _engine(fresh, path="tensor")

@@ -31,6 +31,7 @@ from typing import Literal
 import requests
 import torch
 
+from weightsync.engines.sglang_http import HttpPending, checked, error_text
 from weightsync.engines.sglang_payloads import (
     TensorSpec,
     check_meta,
@@ -68,6 +69,8 @@ class SGLangConfig:
     flush_backoff_s: float = 0.5
     """First wait between refused flushes; doubles each time up to ``flush_backoff_max_s``."""
     flush_backoff_max_s: float = 8.0
+    flush_wait_s: float = 0.0
+    """Per attempt, let the server itself wait this long for idleness (0.5.23's ?timeout=)."""
     model_dir: str | None = None
     """Checkpoint (*.safetensors) the update is validated against; default: /model_info's
     model_path when it is a local directory, else names are not checked."""
@@ -81,6 +84,7 @@ class SGLangConfig:
             (self.tp_size >= 1, "tp_size", ">= 1"),
             (self.timeout_s > 0, "timeout_s", "> 0"),
             (self.flush_retries >= 0, "flush_retries", ">= 0"),
+            (self.flush_wait_s >= 0, "flush_wait_s", ">= 0"),
             (
                 0 <= self.flush_backoff_s <= self.flush_backoff_max_s,
                 "flush_backoff_s",
@@ -91,42 +95,6 @@ class SGLangConfig:
         for ok, field, allowed in checks:
             if not ok:
                 raise ValueError(f"SGLangConfig.{field}={getattr(self, field)!r}: {allowed}")
-
-
-def _error_text(response: requests.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip() or response.reason
-    if isinstance(body, dict):
-        error = body.get("error")
-        detail = error.get("message") if isinstance(error, dict) else error
-        return str(body.get("message") or detail or body.get("detail") or body)
-    return str(body)
-
-
-def _checked(response: requests.Response, what: str) -> dict:
-    """The JSON answer of a successful call; RuntimeError with the server's own text otherwise."""
-    if response.status_code != 200:
-        raise RuntimeError(f"SGLang {what}: HTTP {response.status_code}: {_error_text(response)}")
-    body = response.json() if response.content else {}
-    if isinstance(body, dict) and body.get("success") is False:
-        raise RuntimeError(f"SGLang {what}: {body.get('message')}")
-    return body
-
-
-class HttpPending:
-    """An HTTP call already in flight; ``wait`` returns its checked JSON answer."""
-
-    def __init__(self, future: concurrent.futures.Future, what: str) -> None:
-        self._future, self.what = future, what
-
-    def wait(self, timeout_s: float) -> dict:
-        try:
-            response = self._future.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"SGLang {self.what}: no answer within {timeout_s:.1f} s") from None
-        return _checked(response, self.what)
 
 
 def checksum(tensor: torch.Tensor) -> str:
@@ -159,7 +127,7 @@ class SGLangEngine:
         )
 
     def _post(self, path: str, body: dict) -> dict:
-        return _checked(self._request("POST", path, body), path)
+        return checked(self._request("POST", path, body), path)
 
     def _submit(self, path: str, body: dict, what: str) -> HttpPending:
         return HttpPending(self._pool.submit(self._request, "POST", path, body), what)
@@ -176,7 +144,7 @@ class SGLangEngine:
             return False
 
     def model_info(self) -> dict:
-        return _checked(self._request("GET", "/model_info"), "/model_info")
+        return checked(self._request("GET", "/model_info"), "/model_info")
 
     def get_version(self) -> str | None:
         return self.model_info().get("weight_version")
@@ -239,11 +207,12 @@ class SGLangEngine:
             return True
         delay, message = self.config.flush_backoff_s, ""
         for attempt in range(self.config.flush_retries + 1):
-            response = self._request("GET", "/flush_cache")
+            query = f"?timeout={self.config.flush_wait_s}" if self.config.flush_wait_s else ""
+            response = self._request("GET", "/flush_cache" + query)
             if response.status_code == 200:
                 self.flush_error = ""
                 return True
-            message = _error_text(response)
+            message = error_text(response)
             if attempt < self.config.flush_retries:
                 log.info("%s: flush refused (%s), retry in %.2f s", self.name, message, delay)
                 time.sleep(delay)
@@ -263,7 +232,7 @@ class SGLangEngine:
         if self.legacy:
             log.warning(_LEGACY_NOTE.format(url=self.config.url))
             return
-        _checked(response, "/begin_weight_update")
+        checked(response, "/begin_weight_update")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> HttpPending:
         """Send the bucket's request; the transport's bytes may go before or after this."""

@@ -1,0 +1,43 @@
+"""HTTP plumbing of the SGLang adapter: error texts, checked answers, calls in flight."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import requests
+
+
+def error_text(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason
+    if isinstance(body, dict):
+        error = body.get("error")
+        detail = error.get("message") if isinstance(error, dict) else error
+        return str(body.get("message") or detail or body.get("detail") or body)
+    return str(body)
+
+
+def checked(response: requests.Response, what: str) -> dict:
+    """The JSON answer of a successful call; RuntimeError with the server's own text otherwise."""
+    if response.status_code != 200:
+        raise RuntimeError(f"SGLang {what}: HTTP {response.status_code}: {error_text(response)}")
+    body = response.json() if response.content else {}
+    if isinstance(body, dict) and body.get("success") is False:
+        raise RuntimeError(f"SGLang {what}: {body.get('message')}")
+    return body
+
+
+class HttpPending:
+    """An HTTP call already in flight; ``wait`` returns its checked JSON answer."""
+
+    def __init__(self, future: concurrent.futures.Future, what: str) -> None:
+        self._future, self.what = future, what
+
+    def wait(self, timeout_s: float) -> dict:
+        try:
+            response = self._future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"SGLang {self.what}: no answer within {timeout_s:.1f} s") from None
+        return checked(response, self.what)
