@@ -159,3 +159,16 @@ def test_non_finite_tensor_is_named():
 def test_config_rejects(fields, bad):
     with pytest.raises(ValueError, match=rf"SGLangConfig\.{bad}="):
         SGLangConfig(**{"url": "http://127.0.0.1:1", **fields})
+
+
+def test_adapter_implements_the_engine_protocol():
+    import inspect
+
+    from weightsync.engines.base import Engine
+    from weightsync.engines.sglang import SGLangEngine
+
+    members = [n for n, v in vars(Engine).items() if callable(v) and not n.startswith("_")]
+    assert len(members) >= 11
+    for name in members:
+        want = list(inspect.signature(getattr(Engine, name)).parameters)
+        assert list(inspect.signature(getattr(SGLangEngine, name)).parameters) == want, name
