@@ -77,7 +77,7 @@ def served(tmp_path_factory):
                 master_address="127.0.0.1",
                 master_port=port,
                 world_size=2,
-                rank=1,
+                rank_offset=1,
                 group_name="ws-test-int4",
             ),
         )

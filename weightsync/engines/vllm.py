@@ -110,24 +110,32 @@ class VllmEngine:
             return False
 
     def init_broadcast(
-        self, *, master_address: str, master_port: int, world_size: int, rank: int, group_name: str
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        world_size: int,
+        group_name: str,
+        rank_offset: int = 1,
     ) -> None:
-        """Join the trainer's gloo group (rank 0 = trainer). Blocks until the trainer joins
-        too, so call it beside the trainer's own group construction."""
+        """Join the trainer's gloo group (rank 0 = trainer; this engine's workers take ranks
+        rank_offset, rank_offset + 1, ...). Blocks until every rank joined, so call it beside
+        the trainer's own ``init_weight_group``."""
         self._init(
             InitInfo(
                 transport="broadcast",
                 master_address=master_address,
                 master_port=master_port,
                 world_size=world_size,
-                rank=rank,
+                rank_offset=rank_offset,
                 group_name=group_name,
             )
         )
 
     def init_shm(self, spec: RingSpec, consumer_index: int = 0, unlink: bool = True) -> None:
-        """Map the trainer's shared-memory ring (``weightsync.transport.shm``) in the engine;
-        ``unlink`` when this engine is the ring's last consumer to attach."""
+        """Map the trainer's shared-memory ring (``weightsync.transport.shm``) in the engine,
+        whose workers are consumers consumer_index, +1, ...; ``unlink`` when this engine is
+        the ring's last consumer to attach."""
         info = InitInfo(
             transport="shm",
             slot_names=list(spec.names),

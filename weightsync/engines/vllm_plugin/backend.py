@@ -43,7 +43,9 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
         self.record_digests = init_info.record_digests
-        self.source = receive.open_source(init_info)
+        pc = self.parallel_config
+        worker = pc.data_parallel_index * pc.world_size + pc.rank
+        self.source = receive.open_source(init_info, worker)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

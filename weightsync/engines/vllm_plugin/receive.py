@@ -30,16 +30,20 @@ _ST_DTYPES = {
 }
 
 
-def open_source(info: InitInfo):
-    """A ``weightsync.transport.base.Receiver`` for the transport named in ``info``."""
+def open_source(info: InitInfo, worker: int):
+    """A ``weightsync.transport.base.Receiver`` for the transport named in ``info``, for the
+    engine's ``worker``-th worker process (TP x PP x DP, like vLLM's NCCL backend counts)."""
     if info.transport == "broadcast":
+        rank = info.rank_offset + worker
+        if rank >= info.world_size:
+            raise ValueError(f"worker {worker} would be rank {rank} of {info.world_size}")
         from weightsync.transport.broadcast import BroadcastReceiver, init_weight_group
 
         group = init_weight_group(
             info.master_address,
             info.master_port,
             info.world_size,
-            info.rank,
+            rank,
             info.group_name,
             backend="gloo",
             timeout_s=info.timeout_s,
@@ -48,7 +52,7 @@ def open_source(info: InitInfo):
     from weightsync.transport.shm import RingSpec, ShmReceiver, ShmRing
 
     spec = RingSpec(tuple(info.slot_names), info.slot_bytes, info.num_consumers)
-    return ShmReceiver(ShmRing.attach(spec, unlink=info.unlink), info.consumer_index)
+    return ShmReceiver(ShmRing.attach(spec, unlink=info.unlink), info.consumer_index + worker)
 
 
 def close_source(source) -> None:

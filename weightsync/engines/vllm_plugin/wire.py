@@ -30,10 +30,11 @@ class InitInfo:
     master_address: str = ""
     master_port: int = 0
     world_size: int = 0
-    rank: int = 0
+    rank_offset: int = 1
+    """This engine's first rank in the group; worker w of the engine joins as offset + w."""
     group_name: str = ""
-    # shm: the trainer's persistent ring (weightsync.transport.shm.RingSpec) and which of its
-    # consumers this engine is; the last consumer to attach unlinks the names.
+    # shm: the trainer's persistent ring (weightsync.transport.shm.RingSpec); worker w of the
+    # engine is consumer consumer_index + w; the last consumer to attach unlinks the names.
     slot_names: list[str] = field(default_factory=list)
     slot_bytes: int = 0
     num_consumers: int = 1
@@ -48,10 +49,10 @@ class InitInfo:
         if self.transport == "broadcast":
             if not (self.master_address and self.master_port > 0 and self.group_name):
                 raise ValueError("broadcast needs master_address, master_port and group_name")
-            if not 0 < self.rank < self.world_size:
+            if not 0 < self.rank_offset < self.world_size:
                 raise ValueError(
-                    f"rank={self.rank} world_size={self.world_size}: the "
-                    "trainer is rank 0, engines take 1..world_size-1"
+                    f"rank_offset={self.rank_offset} world_size={self.world_size}: the "
+                    "trainer is rank 0, engine workers take 1..world_size-1"
                 )
         elif not self.slot_names or self.slot_bytes <= 0:
             raise ValueError("shm needs slot_names and slot_bytes > 0")
