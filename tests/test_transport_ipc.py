@@ -201,10 +201,18 @@ def test_cpu_flattened_bucket_payload_opens_with_sglangs_deserializer():
     assert sent == {"max_alive": 1, "left": []}
 
 
-def _cuda_payload_sender(conn) -> None:
+def _have_sglang() -> bool:
+    try:
+        import sglang.srt.utils  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cuda_payload_sender(conn, with_sglang: bool) -> None:
     channel = PipeChannel(conn, timeout_s=120)
     plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
-    sender = IpcPayloadSender("cuda", tp_size=1)
+    sender = IpcPayloadSender("cuda", tp_size=1, uuid_devices=with_sglang)
     channel.put(PlanMsg(plan))
     stream = ((m.name, make_tensor(m, SEEDS[1]).cuda()) for m in mixed_metas())
 
@@ -217,10 +225,10 @@ def _cuda_payload_sender(conn) -> None:
     sender.close()
 
 
-def _cuda_payload_receiver(conn) -> dict:
+def _cuda_payload_receiver(conn, with_sglang: bool) -> dict:
     channel = PipeChannel(conn, timeout_s=120)
     plan = channel.get().plan
-    receiver = IpcPayloadReceiver(tp_rank=0, device="cuda")
+    receiver = IpcPayloadReceiver(tp_rank=0, device="cuda", safe=with_sglang)
     report = {"bad": [], "received": 0, "devices": set()}
     for msg in iter(channel.get, DoneMsg(len(plan.buckets))):
         named = unpack_bucket(msg.bucket, receiver.recv(msg.bucket, msg.ticket))
@@ -235,6 +243,12 @@ def _cuda_payload_receiver(conn) -> dict:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_ipc_payload_round_trip_bit_exact():
+    # Without sglang (a bare GPU box) the same payloads go through plain pickle and torch's
+    # own device numbering; with it, through SGLang's SafeUnpickler and UUID device mapping.
+    with_sglang = _have_sglang()
+    print(f"CUDA IPC round trip {'with' if with_sglang else 'WITHOUT'} sglang's unpickler")
     a, b = CTX.Pipe()
-    _, got = run_workers([(_cuda_payload_sender, (a,)), (_cuda_payload_receiver, (b,))])
+    _, got = run_workers(
+        [(_cuda_payload_sender, (a, with_sglang)), (_cuda_payload_receiver, (b, with_sglang))]
+    )
     assert got == {"bad": [], "received": len(mixed_metas()), "devices": {"cuda"}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import io
+import pickle
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
@@ -49,15 +50,18 @@ def _patch_reductions_for_cuda(device: torch.device) -> None:
         monkey_patch_torch_reductions()
 
 
-def encode_payload(bucket: Bucket, flat: torch.Tensor) -> str:
+def encode_payload(bucket: Bucket, flat: torch.Tensor, uuid_devices: bool = True) -> str:
     """One TP rank's base64 payload of ``bucket`` held in ``flat`` (its byte layout).
 
     Built without importing sglang (whose package import patches transformers in this
     process): the metadata are ``SimpleNamespace``s, which SGLang's SafeUnpickler allows and
     its loader reads by attribute, and the pickler is torch's ForkingPickler, as in SGLang's
-    ``MultiprocessingSerializer``.
+    ``MultiprocessingSerializer``. ``uuid_devices`` (CUDA only) applies SGLang's reductions
+    patch so the engine maps the GPU by UUID; it may be off only when both processes number
+    the GPUs alike (same ``CUDA_VISIBLE_DEVICES``).
     """
-    _patch_reductions_for_cuda(flat.device)
+    if uuid_devices:
+        _patch_reductions_for_cuda(flat.device)
     metadata, start = [], 0
     for name, dtype, shape in bucket.metas():
         size = int(torch.Size(shape).numel()) * dtype.itemsize
@@ -78,16 +82,26 @@ def encode_payload(bucket: Bucket, flat: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_payload(bucket: Bucket, payload: str, device: str = "cpu") -> torch.Tensor:
-    """Open one payload with SGLang's own (safe) deserializer; return its flat bytes.
-
-    The metadata must describe exactly ``bucket``'s layout: a payload that does not would make
-    the engine load wrong tensors or crash, so it is refused here with a ValueError.
-    """
+def _open(payload: str, device: str, safe: bool) -> object:
+    if not safe:  # trusted local channel only: plain pickle runs whatever the payload names
+        return pickle.loads(base64.b64decode(payload, validate=True))
     from sglang.srt.utils import MultiprocessingSerializer
 
     _patch_reductions_for_cuda(torch.device(device))
-    obj = MultiprocessingSerializer.deserialize(payload)
+    return MultiprocessingSerializer.deserialize(payload)
+
+
+def decode_payload(
+    bucket: Bucket, payload: str, device: str = "cpu", safe: bool = True
+) -> torch.Tensor:
+    """Open one payload; return its flat bytes after checking them against ``bucket``.
+
+    ``safe`` opens it as SGLang does (its SafeUnpickler allowlist, reductions patched for CUDA);
+    ``safe=False`` uses plain pickle without sglang, for payloads from a trusted local process.
+    The metadata must describe exactly ``bucket``'s layout: a payload that does not would make
+    the engine load wrong tensors or crash, so it is refused here with a ValueError.
+    """
+    obj = _open(payload, device, safe)
     if not isinstance(obj, dict) or set(obj) != {"flattened_tensor", "metadata"}:
         raise ValueError(f"bucket {bucket.index}: payload is not a flattened_bucket dict")
     flat, metadata = obj["flattened_tensor"], obj["metadata"]
@@ -111,11 +125,14 @@ def decode_payload(bucket: Bucket, payload: str, device: str = "cpu") -> torch.T
 class IpcPayloadSender:
     """Sender protocol for ``update_weights_from_tensor``: the ticket carries the payloads."""
 
-    def __init__(self, device: torch.device | str, tp_size: int = 1) -> None:
+    def __init__(
+        self, device: torch.device | str, tp_size: int = 1, uuid_devices: bool = True
+    ) -> None:
         if tp_size < 1:
             raise ValueError(f"tp_size={tp_size} must be >= 1")
         self.device = torch.device(device)
         self.tp_size = tp_size
+        self.uuid_devices = uuid_devices
         self._pending: dict[int, torch.Tensor] = {}  # filled, not yet sent
         self._alive: dict[int, torch.Tensor] = {}  # sent, not yet acknowledged
 
@@ -131,7 +148,9 @@ class IpcPayloadSender:
             raise ValueError(f"bucket {bucket.index}: call buffers(bucket) before send")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # bytes land before handles go
-        payloads = tuple(encode_payload(bucket, flat) for _ in range(self.tp_size))
+        payloads = tuple(
+            encode_payload(bucket, flat, self.uuid_devices) for _ in range(self.tp_size)
+        )
         self._alive[bucket.index] = flat
         return Ticket(bucket.index, payloads=payloads)
 
@@ -159,9 +178,10 @@ class IpcPayloadSender:
 class IpcPayloadReceiver:
     """Receiver protocol over payloads (our test engines; SGLang does this itself)."""
 
-    def __init__(self, tp_rank: int = 0, device: str = "cpu") -> None:
+    def __init__(self, tp_rank: int = 0, device: str = "cpu", safe: bool = True) -> None:
         self.tp_rank = tp_rank
         self.device = device
+        self.safe = safe
         self._held: dict[int, torch.Tensor] = {}
 
     def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
@@ -170,7 +190,7 @@ class IpcPayloadReceiver:
                 f"bucket {bucket.index}: no payload for TP rank {self.tp_rank} "
                 f"({len(ticket.payloads)} payloads)"
             )
-        flat = decode_payload(bucket, ticket.payloads[self.tp_rank], self.device)
+        flat = decode_payload(bucket, ticket.payloads[self.tp_rank], self.device, self.safe)
         self._held[bucket.index] = flat
         return bucket_views(bucket, flat)
 

@@ -81,7 +81,8 @@ class _Segment:
         fd = os.open(SHM_DIR / name, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Allocate the tmpfs pages now: a sparse file would fault on every first write.
+                os.posix_fallocate(fd, 0, size)
             elif os.fstat(fd).st_size != size:
                 raise ValueError(f"shm segment {name}: size {os.fstat(fd).st_size} != {size}")
             populate = getattr(mmap, "MAP_POPULATE", 0)
