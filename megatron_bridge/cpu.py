@@ -30,6 +30,9 @@ class _NoStream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self) -> _NoStream:
+        return self  # an "event" only needs synchronize()
+
     def __eq__(self, other: object) -> bool:
         # The dispatcher asks "am I on the side stream?"; on CPU there is only one stream.
         return isinstance(other, _NoStream)
@@ -104,6 +107,15 @@ def _patch_tied_embeddings() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
+def _patch_mla() -> None:
+    # Without TransformerEngine, mcore's MLA module imports TE names that resolve to MagicMock
+    # stubs and then believes TE is present (HAVE_TE=True), so isinstance(x, TELinear) fails.
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if not isinstance(mla.TELinear, type):
+        mla.HAVE_TE = False
+
+
 def enable_cpu_megatron() -> None:
     """Make megatron-core usable on CPU (idempotent). Raises if CUDA is available."""
     global _ENABLED
@@ -115,6 +127,7 @@ def enable_cpu_megatron() -> None:
     torch.cuda.current_device = lambda: "cpu"
     _patch_masks()
     _patch_tied_embeddings()
+    _patch_mla()
     _patch_moe()
     _ENABLED = True
 

@@ -13,6 +13,7 @@ from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
 from megatron_bridge.families import get_family
 from megatron_bridge.families.base import rope_theta
+from megatron_bridge.mla import use_local_mla_attention
 
 
 def as_hf_config(hf_config: Any) -> Any:
@@ -93,6 +94,8 @@ def build_model(
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=stage
         )
+        if config.multi_latent_attention:
+            use_local_mla_attention(spec.layer_specs)
         chunks.append(
             GPTModel(
                 config=config,

@@ -64,8 +64,9 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> l
             try:
                 rank, status, value = results.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} did not "
-                                   f"finish within {timeout}s") from None
+                raise TimeoutError(
+                    f"ranks {sorted(set(range(world)) - set(out))} did not finish within {timeout}s"
+                ) from None
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = torch.load(io.BytesIO(value), weights_only=False)
@@ -79,18 +80,54 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> l
 
 # Configs chosen to catch layout mistakes: GQA (kv heads < heads), head_dim != hidden/heads,
 # a vocabulary that megatron pads, and (qwen2) qkv bias.
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(COMMON, head_dim=12),
     "mistral": dict(COMMON, head_dim=12, tie_word_embeddings=True),
     "qwen2": dict(COMMON),
     "qwen3": dict(COMMON, head_dim=12),
-    "qwen2_moe": dict(COMMON, num_experts=4, moe_intermediate_size=16, num_experts_per_tok=2,
-                      shared_expert_intermediate_size=24),
-    "qwen3_moe": dict(COMMON, head_dim=12, num_experts=4, moe_intermediate_size=16,
-                      num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(
+        COMMON,
+        num_experts=4,
+        moe_intermediate_size=16,
+        num_experts_per_tok=2,
+        shared_expert_intermediate_size=24,
+    ),
+    "qwen3_moe": dict(
+        COMMON,
+        head_dim=12,
+        num_experts=4,
+        moe_intermediate_size=16,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    ),
+    "deepseek_v3": dict(
+        COMMON,
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=12,
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -119,7 +156,9 @@ def hf_logits(cfg: Any, weights: dict[str, torch.Tensor], tokens: torch.Tensor) 
 
     with tempfile.TemporaryDirectory() as d:
         cfg.save_pretrained(d)
-        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(d, "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()}, os.path.join(d, "model.safetensors")
+        )
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
@@ -141,8 +180,9 @@ def megatron_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
             chunk.eval()
             if stage > 0 or vp > 0:
                 cfg = chunk.config
-                buf = torch.empty(tokens.shape[1], tokens.shape[0], cfg.hidden_size,
-                                  dtype=cfg.params_dtype)
+                buf = torch.empty(
+                    tokens.shape[1], tokens.shape[0], cfg.hidden_size, dtype=cfg.params_dtype
+                )
                 dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
                 chunk.set_input_tensor(buf)
             out = chunk(tokens, positions, None, runtime_gather_output=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_bridge.families import dense
+from megatron_bridge.families import deepseek, dense, moe
 from megatron_bridge.families.base import Dims, Family, Row
 
 _REGISTRY: dict[str, Family] = {}
@@ -27,7 +27,7 @@ def get_family(hf_config: Any) -> Family:
     return _REGISTRY[model_type]
 
 
-for _family in dense.FAMILIES:
+for _family in (*dense.FAMILIES, *moe.FAMILIES, *deepseek.FAMILIES):
     register_family(_family)
 
 __all__ = ["Dims", "Family", "Row", "get_family", "register_family"]
