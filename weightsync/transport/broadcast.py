@@ -14,6 +14,7 @@ the wire; fresh buffers per bucket would cost more in page faults than the trans
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -37,6 +38,9 @@ def init_weight_group(
     """Join (rank 0: host) the weight-update group exactly as an SGLang engine joins it.
 
     All members must call this concurrently; it returns once all ``world_size`` ranks arrived.
+    For NCCL, SGLang runs its processes with ``NCCL_CUMEM_ENABLE=0`` and ``NCCL_NVLS_ENABLE=0``;
+    the trainer side gets the same defaults here (before the communicator is created lazily at
+    the first broadcast) unless the caller set them.
     """
     from torch.distributed.distributed_c10d import (
         Backend,
@@ -48,6 +52,9 @@ def init_weight_group(
 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     host = f"[{master_address}]" if ":" in master_address else master_address
     timeout = timedelta(seconds=timeout_s)
     store, _, _ = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
