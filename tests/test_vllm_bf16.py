@@ -6,6 +6,7 @@ the original checkpoint weights.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -21,6 +22,7 @@ from tests.vllm_helpers import (
     push,
     reference_logprobs,
 )
+from weightsync.transport.base import Ticket
 
 pytestmark = pytest.mark.slow
 API_KEY = "ws-test-key"
@@ -47,6 +49,11 @@ def served(tmp_path_factory):
         baseline = {p_i: generate(server.url, p, api_key=API_KEY) for p_i, p in enumerate(PROMPTS)}
         yield server, engine, state, baseline, tmp / "model"
         engine.close()
+        pid = server.pid
+    # A clean stop takes the whole process group (API server, engine core, worker) with it.
+    assert not server.alive() and not engine.health()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
 
 
 def _outputs(server):
@@ -66,6 +73,16 @@ def test_launcher_serves_with_api_key(served):
     assert r.status_code == 401
     tokens, logprobs = baseline[0]
     assert len(tokens) == 8 and len(logprobs) == len(PROMPTS[0]) - 1
+
+
+def test_engine_errors_come_back_with_their_text(served):
+    _, engine, state, *_ = served
+    plan = plan_for(state, 1 << 20)
+    # /update_weights outside start/finish: vLLM refuses, and the adapter says why.
+    pending = engine.update_bucket(plan.buckets[0], Ticket(0, 0))
+    with pytest.raises(RuntimeError, match="start_weight_update"):
+        pending.wait(30)
+    assert not engine.is_paused()
 
 
 def test_expected_params_are_the_checkpoint(served):

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import requests
 import torch
 
-from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
+from weightsync.engines.vllm_plugin.wire import InitInfo, sha256, update_info
 from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
 from weightsync.transport.shm import RingSpec
@@ -74,6 +74,9 @@ class VllmEngine:
         self.config = config
         self.name = name
         self._http = requests.Session()
+        # uvicorn drops idle keep-alive connections after 5 s; a request that reuses one as it
+        # closes dies with "connection reset". Control calls are few, so use fresh ones.
+        self._http.headers["Connection"] = "close"
         if config.api_key:
             self._http.headers["Authorization"] = f"Bearer {config.api_key}"
         # Bucket requests run beside the transport's send: a gloo broadcast only completes
@@ -229,8 +232,6 @@ class VllmEngine:
         any parameter and hash as empty tensors."""
         if not self.config.record_digests:
             raise ValueError("check_weights needs VllmEngineConfig(record_digests=True)")
-        from weightsync.engines.vllm_plugin.backend import sha256
-
         loaded = self._rpc("digests")
         return sorted(n for n, t in expected.items() if loaded.get(n) != sha256(t))
 

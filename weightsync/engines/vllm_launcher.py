@@ -25,6 +25,30 @@ import requests
 BACKEND_NAME = "weightsync"
 
 
+def require_plugin() -> None:
+    """vLLM finds the weightsync backend only through an installed entry point: without it
+    the server would die at start with 'Invalid weight transfer backend'."""
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == BACKEND_NAME for ep in entry_points(group="vllm.general_plugins")):
+        raise RuntimeError(
+            "the weightsync vLLM plugin is not installed: pyproject.toml needs "
+            '[project.entry-points."vllm.general_plugins"] '
+            'weightsync = "weightsync.engines.vllm_plugin:register", then reinstall weightsync'
+        )
+
+
+def _group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -68,6 +92,11 @@ class VllmServer:
         self.port = config.port or free_port(config.host)
         self._proc: subprocess.Popen | None = None
         self._log = None
+
+    @property
+    def pid(self) -> int | None:
+        """Also the process-group id: the server leads its own session."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def url(self) -> str:
@@ -119,6 +148,8 @@ class VllmServer:
     def start(self) -> VllmServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
+        if self.config.weight_transfer_backend == BACKEND_NAME:
+            require_plugin()
         Path(self.config.log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.config.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
@@ -156,25 +187,31 @@ class VllmServer:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self) -> None:
+        """SIGTERM the server, SIGKILL after stop_timeout_s, and return only once no process
+        of its group (API server, engine core, workers) is left."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            self._signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.config.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=self.config.stop_timeout_s)
         if proc is not None:
-            # The engine core may outlive the API server if it ignored SIGTERM.
-            self._signal_group(proc, signal.SIGKILL)
+            timeout = self.config.stop_timeout_s
+            if proc.poll() is None:
+                self._signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self._signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=timeout)
+            # The engine core and workers shut down after the API server; kill stragglers.
+            if not _group_gone(proc.pid, timeout):
+                self._signal_group(proc.pid, signal.SIGKILL)
+                if not _group_gone(proc.pid, timeout):
+                    raise RuntimeError(f"vllm serve process group {proc.pid} survived SIGKILL")
         if self._log is not None:
             self._log.close()
             self._log = None
 
     @staticmethod
-    def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    def _signal_group(pgid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
 
     def log_tail(self, n_bytes: int = 6000) -> str:
         try:

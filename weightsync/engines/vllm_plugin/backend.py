@@ -15,15 +15,13 @@ name to this object and calls it.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
-import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import receive
-from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
+from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, sha256
 from weightsync.plan import unpack_bucket
 
 
@@ -104,7 +102,3 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if query == "timings":
             return {"timings": list(self.timings)}
         raise ValueError(f"unknown weightsync query {query!r}: expected_params|digests|timings")
-
-
-def sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()

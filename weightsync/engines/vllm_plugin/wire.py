@@ -7,6 +7,7 @@ are the wire format. A bucket travels as its ``weightsync.plan`` layout plus the
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -102,3 +103,8 @@ def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
         for g in bucket.groups
     ]
     return UpdateInfo(groups, bucket.index, bucket.nbytes, ticket.slot, list(ticket.payloads))
+
+
+def sha256(t: torch.Tensor) -> str:
+    """Digest of a tensor's bytes, as the backend records what it loaded."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
