@@ -1,0 +1,82 @@
+"""What each rank runs in the megatron_bridge process tests (spawned via bridge_helpers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tests.bridge_helpers import hf_config, megatron_logits
+
+TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+MOE = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    vpp: int | None = None
+    layers: int = 2
+    dispatcher: str = "allgather"
+    load: bool = True
+    """Load the reference HF checkpoint first (round trip); else export megatron's own init."""
+
+    def __str__(self) -> str:
+        parts = [self.family, f"tp{self.tp}", f"pp{self.pp}"]
+        parts += [f"ep{self.ep}"] if self.ep > 1 else []
+        parts += [f"etp{self.etp}"] if self.etp else []
+        parts += [f"vpp{self.vpp}"] if self.vpp else []
+        parts += [self.dispatcher] if self.family in MOE and self.ep > 1 else []
+        parts += [] if self.load else ["fresh"]
+        return "-".join(parts)
+
+
+def _to_rank0(t: torch.Tensor | None, shape: tuple[int, ...], pp: int) -> torch.Tensor | None:
+    """Bring the last pipeline stage's logits to global rank 0 (on stage 0)."""
+    src = dist.get_world_size() - 1  # the last rank sits on the last pipeline stage
+    if pp == 1:
+        return t
+    if dist.get_rank() == src:
+        dist.send(t.contiguous(), dst=0)
+    elif dist.get_rank() == 0:
+        t = torch.empty(shape)
+        dist.recv(t, src=src)
+        return t
+    return None
+
+
+def run_case(case: Case, checkpoint: str) -> dict | None:
+    import megatron_bridge as mb
+    from megatron.core import parallel_state as ps
+
+    mb.init_parallel(tp=case.tp, pp=case.pp, ep=case.ep, etp=case.etp, vpp=case.vpp)
+    cfg = hf_config(case.family, num_hidden_layers=case.layers)
+    kw = {"moe_token_dispatcher_type": case.dispatcher} if case.family in MOE else {}
+    chunks = mb.build_model(cfg, **kw)
+    if case.load:
+        mb.load_hf_weights(chunks, checkpoint, cfg)
+    vocab = chunks[-1].vocab_size
+    logits = _to_rank0(megatron_logits(chunks, TOKENS), (*TOKENS.shape, vocab), case.pp)
+    meta = mb.hf_weight_metadata(chunks, cfg)
+    metas = [None] * dist.get_world_size()
+    dist.all_gather_object(metas, meta)
+    units = [[(n, t.clone()) for n, t in unit] for unit in mb.iter_hf_units(chunks, cfg)]
+    ps.destroy_model_parallel()
+    if dist.get_rank() != 0:
+        assert units == [], "only the source rank yields"
+        return None
+    return {
+        "meta": meta,
+        "same_meta": all(m == meta for m in metas),
+        "units": units,
+        "logits": logits[..., : cfg.vocab_size],
+    }
+
+
+def run_cases(rank: int, world: int, cases: list[Case], checkpoints: dict[str, str]) -> dict:
+    return {str(c): run_case(c, checkpoints[f"{c.family}-{c.layers}"]) for c in cases}
