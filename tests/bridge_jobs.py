@@ -51,8 +51,9 @@ def _to_rank0(t: torch.Tensor | None, shape: tuple[int, ...], pp: int) -> torch.
 
 
 def run_case(case: Case, checkpoint: str) -> dict | None:
-    import megatron_bridge as mb
     from megatron.core import parallel_state as ps
+
+    import megatron_bridge as mb
 
     mb.init_parallel(tp=case.tp, pp=case.pp, ep=case.ep, etp=case.etp, vpp=case.vpp)
     cfg = hf_config(case.family, num_hidden_layers=case.layers)
