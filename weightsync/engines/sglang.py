@@ -318,17 +318,19 @@ class SGLangEngine:
         self._post("/destroy_weights_update_group", body)
 
     # -- verification --------------------------------------------------------------------
+    def weights_checker(self, action: str = "checksum", skip: list[str] | None = None) -> dict:
+        """SGLang's /weights_checker: checksum, or snapshot -> reset_tensors -> compare."""
+        body = request_body("CheckWeightsReqInput", action=action, skip_tensor_list=skip)
+        return self._post("/weights_checker", body)
+
     def check_weights(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
         """Names whose engine checksum differs from ``expected`` (SGLang's /weights_checker).
 
         SGLang hashes its own parameters: fused (qkv_proj, gate_up_proj), TP-sharded and, on
         GPU, with a GPU hash. Only names it reports are compared; none in common is an error.
         """
-        body = self._post(
-            "/weights_checker", request_body("CheckWeightsReqInput", action="checksum")
-        )
         engine: dict[str, str] = {}
-        for rank in body.get("ranks") or []:
+        for rank in self.weights_checker("checksum").get("ranks") or []:
             engine.update(rank.get("checksums", {}))
         common = [name for name in expected if name in engine]
         if not common:
