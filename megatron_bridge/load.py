@@ -6,6 +6,7 @@ a checkpoint directory) and slices its own shard locally, which sidesteps scatte
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,34 @@ def _source(hf_weights: Mapping[str, torch.Tensor] | str | Path) -> Mapping[str,
     return _SafetensorsDir(path)
 
 
+# transformers 5 keeps routed experts fused in memory (``experts.gate_up_proj`` [E, 2F, H] with
+# gate first, ``experts.down_proj`` [E, H, F]); checkpoints and engines use per-expert names.
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def _fused_names(name: str) -> list[str]:
+    m = _PER_EXPERT.fullmatch(name)
+    return [m[1] + "gate_up_proj", m[1] + "down_proj"] if m else []
+
+
+def _lookup(source: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    if name in source:
+        return source[name]
+    m = _PER_EXPERT.fullmatch(name)
+    if not m:
+        return None
+    prefix, expert, which = m[1], int(m[2]), m[3]
+    fused = prefix + ("down_proj" if which == "down" else "gate_up_proj")
+    if fused not in source:
+        return None
+    t = source[fused][expert]
+    return t if which == "down" else t.chunk(2, dim=0)[which == "up"]
+
+
 def _read(source: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if name not in source:
+    t = _lookup(source, name)
+    if t is None:
         raise ValueError(f"HF tensor {name!r} is missing from the checkpoint")
-    t = source[name]
     if tuple(t.shape) != shape:
         raise ValueError(f"HF tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
     return t
@@ -78,7 +103,8 @@ def load_hf_weights(
     tensors = local_tensors(model_chunks)
     check_coverage(units, tensors, model_chunks, layout, d)
     source = _source(hf_weights)
-    known = {n for u in units for p in u.pieces for n in p.hf} | (
+    known = {n for u in units for p in u.pieces for n in p.hf}
+    known |= {f for n in known for f in _fused_names(n)} | (
         {"lm_head.weight"} if d.tied else set()
     )
     extra = sorted(set(source) - known)

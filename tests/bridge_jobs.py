@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ class Case:
     dispatcher: str = "allgather"
     load: bool = True
     """Load the reference HF checkpoint first (round trip); else export megatron's own init."""
+    from_state_dict: bool = False
+    """Load from transformers' in-memory state_dict (fused experts, tied lm_head) not the dir."""
 
     def __str__(self) -> str:
         parts = [self.family, f"tp{self.tp}", f"pp{self.pp}"]
@@ -33,6 +36,7 @@ class Case:
         parts += [f"vpp{self.vpp}"] if self.vpp else []
         parts += [self.dispatcher] if self.family in MOE and self.ep > 1 else []
         parts += [] if self.load else ["fresh"]
+        parts += ["state_dict"] if self.from_state_dict else []
         return "-".join(parts)
 
 
@@ -59,7 +63,12 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     cfg = hf_config(case.family, num_hidden_layers=case.layers)
     kw = {"moe_token_dispatcher_type": case.dispatcher} if case.family in MOE else {}
     chunks = mb.build_model(cfg, **kw)
-    if case.load:
+    if case.from_state_dict:
+        from transformers import AutoModelForCausalLM
+
+        state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+        mb.load_hf_weights(chunks, state, cfg)
+    elif case.load:
         mb.load_hf_weights(chunks, checkpoint, cfg)
     vocab = chunks[-1].vocab_size
     logits = _to_rank0(megatron_logits(chunks, TOKENS), (*TOKENS.shape, vocab), case.pp)
@@ -79,5 +88,38 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     }
 
 
+def _error(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def error_messages(checkpoint: str) -> dict[str, str]:
+    """ValueErrors for bad input (every rank raises the same one, before any collective)."""
+    from safetensors.torch import load_file
+
+    import megatron_bridge as mb
+
+    mb.init_parallel(tp=2)
+    cfg = hf_config("qwen2")
+    chunks = mb.build_model(cfg)
+    good = load_file(f"{checkpoint}/model.safetensors")
+    bad_shape = good | {"model.layers.1.self_attn.k_proj.bias": torch.zeros(5)}
+    missing = {k: v for k, v in good.items() if k != "model.norm.weight"}
+    out = {
+        "shape": _error(lambda: mb.load_hf_weights(chunks, bad_shape, cfg)),
+        "missing": _error(lambda: mb.load_hf_weights(chunks, missing, cfg)),
+        "extra": _error(lambda: mb.load_hf_weights(chunks, good | {"foo.w": torch.ones(1)}, cfg)),
+    }
+    chunks[0].decoder.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.ones(1)))
+    out["unknown_param"] = _error(lambda: list(mb.export_hf_weights(chunks, cfg)))
+    return out
+
+
 def run_cases(rank: int, world: int, cases: list[Case], checkpoints: dict[str, str]) -> dict:
-    return {str(c): run_case(c, checkpoints[f"{c.family}-{c.layers}"]) for c in cases}
+    out = {str(c): run_case(c, checkpoints[f"{c.family}-{c.layers}"]) for c in cases}
+    if world == 2:
+        out["errors"] = error_messages(checkpoints["qwen2-2"])
+    return out

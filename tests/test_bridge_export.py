@@ -31,7 +31,15 @@ CASES = [
     Case("qwen3_moe", tp=2, etp=1),
     Case("deepseek_v3", ep=2, dispatcher="alltoall"),
     Case("deepseek_v3", ep=2, load=False),
+    Case("qwen3_moe", tp=2, from_state_dict=True),
+    Case("mistral", pp=2, from_state_dict=True),
 ]
+CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and another dimension
+    Case("llama", tp=2, pp=2),
+    Case("qwen2_moe", tp=2, ep=2),
+    Case("deepseek_v3", pp=2, ep=2, dispatcher="alltoall"),
+]
+WORLD = {**{str(c): 2 for c in CASES}, **{str(c): 4 for c in CASES_4}}
 
 
 def _reference_checkpoint(family: str, layers: int, path: str) -> dict[str, torch.Tensor]:
@@ -51,22 +59,37 @@ def _reference_checkpoint(family: str, layers: int, path: str) -> dict[str, torc
 
 
 @pytest.fixture(scope="module")
-def bridge_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("hf")
-    keys = {f"{c.family}-{c.layers}" for c in CASES}
-    refs = {}
-    for key in keys:
+    out = {}
+    for key in {f"{c.family}-{c.layers}" for c in CASES + CASES_4}:
         family, layers = key.rsplit("-", 1)
-        refs[key] = _reference_checkpoint(family, int(layers), str(root / key))
-    results = run_ranks(run_cases, 2, CASES, {k: str(root / k) for k in keys}, timeout=400)[0]
-    return results, {"weights": refs, "root": root}
+        out[key] = {
+            "dir": str(root / key),
+            "weights": _reference_checkpoint(family, int(layers), str(root / key)),
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def bridge_runs(checkpoints: dict[str, dict]) -> dict[int, dict]:
+    """Runs each world size's job once, on first use."""
+    dirs = {k: v["dir"] for k, v in checkpoints.items()}
+    cache: dict[int, dict] = {}
+
+    def results(world: int) -> dict:
+        if world not in cache:
+            cases = CASES if world == 2 else CASES_4
+            cache[world] = run_ranks(run_cases, world, cases, dirs, timeout=400)[0]
+        return cache[world]
+
+    return results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_export_matches_transformers(bridge_run: tuple[dict, dict], case: Case) -> None:
-    results, refs = bridge_run
-    out = results[str(case)]
+@pytest.mark.parametrize("case", CASES + CASES_4, ids=str)
+def test_export_matches_transformers(bridge_runs, checkpoints: dict, case: Case) -> None:
+    out = bridge_runs(WORLD[str(case)])[str(case)]
     cfg = hf_config(case.family, num_hidden_layers=case.layers)
     exported = dict(kv for unit in out["units"] for kv in unit)
 
@@ -85,7 +108,7 @@ def test_export_matches_transformers(bridge_run: tuple[dict, dict], case: Case) 
     ), "a yielded unit mixes metadata units"
     assert len({unit_of[u[0][0]] for u in out["units"]}) == len(out["units"])
 
-    reference = refs["weights"][f"{case.family}-{case.layers}"]
+    reference = checkpoints[f"{case.family}-{case.layers}"]["weights"]
     if case.load:
         for name, t in exported.items():
             assert torch.equal(t, reference[name]), f"{name} changed in HF->megatron->HF"
@@ -97,8 +120,8 @@ def test_export_matches_transformers(bridge_run: tuple[dict, dict], case: Case) 
 
 
 @pytest.mark.slow
-def test_units_keep_engine_fused_tensors_together(bridge_run: tuple[dict, dict]) -> None:
-    results, _ = bridge_run
+def test_units_keep_engine_fused_tensors_together(bridge_runs) -> None:
+    results = bridge_runs(2)
     units = results[str(Case("deepseek_v3", tp=2))]["units"]
     by_first = {unit[0][0]: [n for n, _ in unit] for unit in units}
     layer = "model.layers.1."
@@ -121,3 +144,13 @@ def test_units_keep_engine_fused_tensors_together(bridge_run: tuple[dict, dict])
             "v_proj.bias",
         )
     ] in [[n for n, _ in u] for u in qwen]
+
+
+@pytest.mark.slow
+def test_bad_input_raises_value_error_naming_it(bridge_runs) -> None:
+    errors = bridge_runs(2)["errors"]
+    assert "model.layers.1.self_attn.k_proj.bias" in errors["shape"]
+    assert "(5,)" in errors["shape"]
+    assert "'model.norm.weight' is missing" in errors["missing"]
+    assert "foo.w" in errors["extra"]
+    assert "decoder.layers.0.mlp.extra" in errors["unknown_param"]
