@@ -172,3 +172,10 @@ def test_adapter_implements_the_engine_protocol():
     for name in members:
         want = list(inspect.signature(getattr(Engine, name)).parameters)
         assert list(inspect.signature(getattr(SGLangEngine, name)).parameters) == want, name
+
+
+def test_bodies_without_io_struct_still_check_choices(monkeypatch):
+    monkeypatch.setattr(sp, "io_structs", lambda: None)  # as on a machine where it won't import
+    assert sp.request_body("PauseGenerationReqInput", mode="retract") == {"mode": "retract"}
+    with pytest.raises(ValueError, match=r"mode: 'freeze' is not one of"):
+        sp.request_body("PauseGenerationReqInput", mode="freeze")

@@ -6,9 +6,9 @@ One update through this adapter::
     pause(mode)                      # POST /pause_generation {mode}
     flush_cache()                    # GET /flush_cache, bounded retries with backoff; not in_place
     begin_update()                   # POST /begin_weight_update; 404 -> legacy (<=0.5.20) flow
-    update_bucket(bucket, ticket)    # POST /update_weights_from_distributed (sent first, the
-                                     #   transport broadcasts the bucket bytes, then wait) or
-                                     #   /update_weights_from_tensor with one payload per TP rank
+    update_bucket(bucket, ticket)    # POST /update_weights_from_distributed, in flight with the
+                                     #   transport's async broadcast of the bucket, then wait;
+                                     #   or /update_weights_from_tensor, one payload per TP rank
     end_update()                     # POST /end_weight_update (re-packs quantized layers)
     set_version(v); resume()         # /update_weight_version, /continue_generation
 
