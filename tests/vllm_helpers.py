@@ -89,10 +89,14 @@ def unit_of(name: str, fused: bool = True) -> str:
 
 
 def plan_for(named: dict[str, torch.Tensor], bucket_bytes: int, fused: bool = True):
+    """Bucket plan of ``named``, each unit's tensors kept together (first-appearance order)."""
     from weightsync.plan import TensorMeta, build_plan
 
-    metas = [TensorMeta(n, t.dtype, tuple(t.shape), unit_of(n, fused)) for n, t in named.items()]
-    return build_plan(metas, bucket_bytes)
+    units: dict[str, list[TensorMeta]] = {}
+    for n, t in named.items():
+        unit = unit_of(n, fused)
+        units.setdefault(unit, []).append(TensorMeta(n, t.dtype, tuple(t.shape), unit))
+    return build_plan([m for metas in units.values() for m in metas], bucket_bytes)
 
 
 def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tensor]]:

@@ -184,7 +184,7 @@ class VllmEngine:
             )
         for name, t in named_tensors or ():
             _check_meta(expected, name, dtype_name(t.dtype), tuple(t.shape))
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and t.numel() and not _finite(t):
                 raise ValueError(f"tensor {name!r} has NaN or Inf values")
 
     def is_paused(self) -> bool:
@@ -245,6 +245,13 @@ class VllmEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # min/max propagate NaN and Inf; a vectorized reduction at ~memory speed, where
+    # isfinite(t).all() materializes a bool tensor and runs ~50x slower on CPU.
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_meta(
