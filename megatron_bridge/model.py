@@ -111,4 +111,10 @@ def build_model(
                 vp_stage=stage,
             )
         )
+    # Torch norms (local spec) are created in fp32 whatever params_dtype says; cast parameters
+    # like megatron's Float16Module does, so a model has one dtype the export metadata can name.
+    # Buffers keep theirs (the router's expert_bias stays fp32 by design).
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.data = param.data.to(params_dtype)
     return chunks

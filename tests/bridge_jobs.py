@@ -26,6 +26,7 @@ class Case:
     dispatcher: str = "allgather"
     load: bool = True
     """Load the reference HF checkpoint first (round trip); else export megatron's own init."""
+    bf16: bool = False
     from_state_dict: bool = False
     """Load from transformers' in-memory state_dict (fused experts, tied lm_head) not the dir."""
 
@@ -37,10 +38,13 @@ class Case:
         parts += [self.dispatcher] if self.family in MOE and self.ep > 1 else []
         parts += [] if self.load else ["fresh"]
         parts += ["state_dict"] if self.from_state_dict else []
+        parts += ["bf16"] if self.bf16 else []
         return "-".join(parts)
 
 
-def _to_rank0(t: torch.Tensor | None, shape: tuple[int, ...], pp: int) -> torch.Tensor | None:
+def _to_rank0(
+    t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, pp: int
+) -> torch.Tensor | None:
     """Bring the last pipeline stage's logits to global rank 0 (on stage 0)."""
     src = dist.get_world_size() - 1  # the last rank sits on the last pipeline stage
     if pp == 1:
@@ -48,7 +52,7 @@ def _to_rank0(t: torch.Tensor | None, shape: tuple[int, ...], pp: int) -> torch.
     if dist.get_rank() == src:
         dist.send(t.contiguous(), dst=0)
     elif dist.get_rank() == 0:
-        t = torch.empty(shape)
+        t = torch.empty(shape, dtype=dtype)
         dist.recv(t, src=src)
         return t
     return None
@@ -62,7 +66,8 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     mb.init_parallel(tp=case.tp, pp=case.pp, ep=case.ep, etp=case.etp, vpp=case.vpp)
     cfg = hf_config(case.family, num_hidden_layers=case.layers)
     kw = {"moe_token_dispatcher_type": case.dispatcher} if case.family in MOE else {}
-    chunks = mb.build_model(cfg, **kw)
+    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    chunks = mb.build_model(cfg, params_dtype=dtype, **kw)
     if case.from_state_dict:
         from transformers import AutoModelForCausalLM
 
@@ -71,7 +76,7 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     elif case.load:
         mb.load_hf_weights(chunks, checkpoint, cfg)
     vocab = chunks[-1].vocab_size
-    logits = _to_rank0(megatron_logits(chunks, TOKENS), (*TOKENS.shape, vocab), case.pp)
+    logits = _to_rank0(megatron_logits(chunks, TOKENS), (*TOKENS.shape, vocab), dtype, case.pp)
     meta = mb.hf_weight_metadata(chunks, cfg)
     metas = [None] * dist.get_world_size()
     dist.all_gather_object(metas, meta)
