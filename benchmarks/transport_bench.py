@@ -15,6 +15,7 @@ Each number is the median over ``--repeats`` after one warm-up; ratios are trans
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import socket
 import statistics
@@ -62,6 +63,35 @@ def make_tensors(metas, device="cpu"):
     return [(m.name, torch.ones(m.shape, dtype=m.dtype, device=device)) for m in metas]
 
 
+def setup(args) -> None:
+    """Each process's intra-op threads: two processes with all cores each spin against each
+    other in every parallel copy, so the benchmark gives each its share when asked."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def bucket_spans(plan) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(b.nbytes for b in plan.buckets))
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def local_copies(plan, named, params, device="cpu") -> float:
+    """The copies a transport makes (fill a flat buffer, copy each tensor out), in-process."""
+    from weightsync.plan import bucket_views, fill_bucket
+
+    flat = torch.empty(plan.max_bucket_nbytes, dtype=torch.uint8, device=device)
+    it = iter(named)
+    t0 = time.perf_counter()
+    for bucket in plan.buckets:
+        bufs = bucket_views(bucket, flat)
+        fill_bucket(bucket, bufs, [next(it) for _ in range(bucket.num_tensors)])
+        for name, t in unpack_bucket(bucket, bufs):
+            params[name].copy_(t)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def median_rate(times: list[float], nbytes: int) -> tuple[float, float]:
     t = statistics.median(times)
     return t, nbytes / t / GiB
@@ -74,6 +104,7 @@ def _free_port() -> int:
 
 
 def _bcast_peer(rank, port, conn, args, out):
+    setup(args)
     from weightsync.transport.broadcast import (
         BroadcastReceiver,
         BroadcastSender,
@@ -125,6 +156,7 @@ def bench_broadcast(args) -> dict:
 
 
 def _shm_consumer(conn, args):
+    setup(args)
     from weightsync.transport.ipc import ShmReceiver, ShmRing
 
     channel = PipeChannel(conn, timeout_s=600)
@@ -154,14 +186,17 @@ def bench_shm(args) -> dict:
     channel.put(SetupMsg(ring.spec))
     channel.get()
     sender = ShmSender(ring)
-    src = torch.ones(plan.max_bucket_nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    times = {"memcpy": [], "transport": []}
+    src = torch.ones(plan.total_nbytes, dtype=torch.uint8)  # all of it: not cache-resident
+    dst = torch.zeros_like(src)
+    spans = bucket_spans(plan)
+    params = dict(make_tensors(model_metas(args.total_mib)))
+    times = {"memcpy": [], "copies": [], "transport": []}
     for _ in range(args.repeats + 1):
         t0 = time.perf_counter()
-        for bucket in plan.buckets:
-            dst[: bucket.nbytes].copy_(src[: bucket.nbytes])
+        for lo, hi in spans:
+            dst[lo:hi].copy_(src[lo:hi])
         times["memcpy"].append(time.perf_counter() - t0)
+        times["copies"].append(local_copies(plan, named, params))
         t0 = time.perf_counter()
         send_stream(sender, plan, named, lambda b, t: channel.put(BucketMsg(b, t)))
         channel.put(DoneMsg(len(plan.buckets)))
@@ -202,6 +237,7 @@ def _have_sglang() -> bool:
 
 
 def _cuda_consumer(conn, args, safe):
+    setup(args)
     from weightsync.transport.ipc import IpcPayloadReceiver
 
     channel = PipeChannel(conn, timeout_s=600)
@@ -229,21 +265,24 @@ def bench_cuda(args) -> dict:
     proc.start()
     channel = PipeChannel(a, timeout_s=600)
     sender = IpcPayloadSender("cuda", uuid_devices=with_sglang)
-    src = torch.ones(plan.max_bucket_nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    src = torch.ones(plan.total_nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.zeros_like(src)
+    spans = bucket_spans(plan)
+    params = dict(make_tensors(model_metas(args.total_mib), "cuda"))
 
     def ship(bucket, ticket):
         channel.put(BucketMsg(bucket, ticket))
         sender.acknowledge(channel.get().ticket)
 
-    times = {"d2d_copy": [], "transport": []}
+    times = {"d2d_copy": [], "copies": [], "transport": []}
     for _ in range(args.repeats + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for bucket in plan.buckets:
-            dst[: bucket.nbytes].copy_(src[: bucket.nbytes])
+        for lo, hi in spans:
+            dst[lo:hi].copy_(src[lo:hi])
         torch.cuda.synchronize()
         times["d2d_copy"].append(time.perf_counter() - t0)
+        times["copies"].append(local_copies(plan, named, params, "cuda"))
         t0 = time.perf_counter()
         send_stream(sender, plan, named, ship)
         times["transport"].append(time.perf_counter() - t0)
@@ -252,17 +291,16 @@ def bench_cuda(args) -> dict:
     return {k: v[1:] for k, v in times.items()} | {"nbytes": plan.total_nbytes}
 
 
-def report(title: str, res: dict, raw: str, ours: str) -> None:
+def report(title: str, res: dict, ours: str = "transport") -> None:
     n = res["nbytes"]
     print(f"\n{title}: {n / MiB:.0f} MiB")
-    for key in (raw, ours):
+    for key in [k for k in res if k not in ("nbytes", ours)] + [ours]:
         t, rate = median_rate(res[key], n)
         runs = ", ".join(f"{x * 1e3:.0f}" for x in res[key])
         print(f"  {key:>10}: median {t * 1e3:8.1f} ms  {rate:6.2f} GiB/s  (runs ms: {runs})")
-    print(
-        f"  ratio {ours}/{raw} throughput: "
-        f"{statistics.median(res[raw]) / statistics.median(res[ours]):.2f}"
-    )
+    for key in [k for k in res if k not in ("nbytes", ours)]:
+        ratio = statistics.median(res[key]) / statistics.median(res[ours])
+        print(f"  throughput ratio {ours}/{key}: {ratio:.2f}")
 
 
 def main() -> None:
@@ -272,17 +310,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--disk-dir", default=None, help="parent of the disk benchmark's root")
     ap.add_argument("--cuda", action="store_true", help="only the CUDA IPC benchmark")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    setup(args)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.total_mib} MiB in {args.bucket_mib} MiB buckets, median of {args.repeats}"
     )
     if args.cuda:
-        report("CUDA IPC payloads (2 processes, 1 GPU)", bench_cuda(args), "d2d_copy", "transport")
+        report("CUDA IPC payloads (2 processes, 1 GPU)", bench_cuda(args))
         return
-    report("broadcast (gloo, 2 processes)", bench_broadcast(args), "raw", "transport")
-    report("shm ring (fill + consumer copy-out)", bench_shm(args), "memcpy", "transport")
+    report("broadcast (gloo, 2 processes)", bench_broadcast(args))
+    report("shm ring (fill + consumer copy-out)", bench_shm(args))
     disk = bench_disk(args)
     print(f"\ndisk ({args.disk_dir or tempfile.gettempdir()}): {disk['nbytes'] / MiB:.0f} MiB")
     for key, what in (("write", "write + fsync + commit"), ("read", "sha256 verify + read")):
