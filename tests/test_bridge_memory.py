@@ -1,0 +1,26 @@
+"""The exporter streams: its extra peak memory is about one atomic unit, not the model."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.bridge_memory import MiB, run
+
+
+@pytest.mark.slow
+def test_export_extra_peak_memory_stays_near_the_largest_unit() -> None:
+    dims = dict(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    source, other = run(dims)
+    unit, model = source["largest_unit_bytes"], source["model_bytes"]
+    assert model > 16 * unit  # the bound below must be able to tell the two apart
+    # gathered shards + the merged tensor + a split copy (qkv) is at most ~3 units at once.
+    assert source["extra_peak_bytes"] < 3 * unit + 4 * MiB, source
+    assert other["extra_peak_bytes"] < unit + 4 * MiB, other
