@@ -27,29 +27,33 @@ SEEDS = (1, 2)  # two updates through the same persistent buffers
 BUCKET_BYTES = 4096
 
 
-def _sender(port: int, conn) -> dict:
-    group = init_weight_group("127.0.0.1", port, 2, 0, "wsync_test", "gloo", timeout_s=60)
-    channel = PipeChannel(conn, timeout_s=60)
+def _sender(port: int, conns: list) -> dict:
+    world = 1 + len(conns)
+    group = init_weight_group("127.0.0.1", port, world, 0, "wsync_test", "gloo", timeout_s=60)
+    channels = [PipeChannel(c, timeout_s=60) for c in conns]
     plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
     sender = BroadcastSender(group, capacity_bytes=plan.max_bucket_nbytes, timeout_s=60)
     staging = set()
     for seed in SEEDS:
-        channel.put(PlanMsg(plan, version=str(seed)))
+        for channel in channels:
+            channel.put(PlanMsg(plan, version=str(seed)))
         stream = ((m.name, make_tensor(m, seed)) for m in mixed_metas())
 
         def on_sent(bucket, ticket):
             staging.add(sender._staging.buffers[ticket.slot].data_ptr())
-            channel.put(BucketMsg(bucket, ticket))
+            for channel in channels:
+                channel.put(BucketMsg(bucket, ticket))
 
         send_stream(sender, plan, stream, on_sent)
-        channel.put(DoneMsg(len(plan.buckets)))
+        for channel in channels:
+            channel.put(DoneMsg(len(plan.buckets)))
     sender.close()
     destroy_weight_group(group)
     return {"buckets": len(plan.buckets), "staging_buffers": len(staging)}
 
 
-def _receiver(port: int, conn) -> dict:
-    group = init_weight_group("127.0.0.1", port, 2, 1, "wsync_test", "gloo", timeout_s=60)
+def _receiver(port: int, conn, rank: int, world: int) -> dict:
+    group = init_weight_group("127.0.0.1", port, world, rank, "wsync_test", "gloo", timeout_s=60)
     channel = PipeChannel(conn, timeout_s=60)
     receiver = BroadcastReceiver(group, timeout_s=60)
     report = {"bad": [], "received": 0}
@@ -73,14 +77,17 @@ def _receiver(port: int, conn) -> dict:
     return report
 
 
-def test_broadcast_round_trip_bit_exact_mixed_dtypes():
-    a, b = CTX.Pipe()
-    port = free_port()
-    sent, got = run_workers([(_sender, (port, a)), (_receiver, (port, b))])
+@pytest.mark.parametrize("receivers", [1, 2], ids=["2-procs", "3-procs"])
+def test_broadcast_round_trip_bit_exact_mixed_dtypes(receivers):
+    pipes = [CTX.Pipe() for _ in range(receivers)]
+    port, world = free_port(), 1 + receivers
+    jobs = [(_sender, (port, [a for a, _ in pipes]))]
+    jobs += [(_receiver, (port, b, r + 1, world)) for r, (_, b) in enumerate(pipes)]
+    sent, *got = run_workers(jobs)
     metas = mixed_metas()
     assert sent["buckets"] > 3  # several buckets, so both staging slots and prefetch are used
     assert sent["staging_buffers"] == 2  # persistent: the second update reused them
-    assert got == {"bad": [], "received": len(SEEDS) * len(metas)}
+    assert got == [{"bad": [], "received": len(SEEDS) * len(metas)}] * receivers
     assert {m.dtype for m in metas} == {torch.bfloat16, torch.float32, torch.int32, torch.int64}
 
 
