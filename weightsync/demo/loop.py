@@ -1,0 +1,112 @@
+"""The RL loop: rollouts on the engine -> reward -> train step on the trainer actors -> sync.
+
+``sync(version)`` is the weight sync (``weightsync.orchestrator`` in the product); it pushes
+the trainer's weights into the engine as ``version`` and returns its ``SyncStats``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from weightsync.demo.config import DemoConfig
+from weightsync.demo.policy import PolicyWorker
+from weightsync.demo.report import HEADER, Report, StepRecord, table, table_row
+from weightsync.demo.task import count_up_reward, group_advantages, make_prompts
+
+if TYPE_CHECKING:
+    from weightsync.demo.runtime import DemoRuntime
+    from weightsync.orchestrator import SyncStats
+
+SyncFn = Callable[[int], "SyncStats"]
+
+
+def run_step(cfg: DemoConfig, step: int, sync: SyncFn, rt: DemoRuntime) -> StepRecord:
+    prompts = make_prompts(cfg.seed, step, cfg.prompts_per_step, cfg.prompt_len, cfg.vocab_size)
+    t0 = time.perf_counter()
+    groups = rt.rollout.generate(
+        prompts, cfg.samples_per_prompt, cfg.response_len, seed=cfg.seed * 1_000_003 + step * 997
+    )
+    rollout_s = time.perf_counter() - t0
+    samples = [s for g in groups for s in g]
+    rewards_PG = torch.tensor(
+        [[count_up_reward(s.prompt, s.tokens, cfg.vocab_size) for s in g] for g in groups]
+    )
+    advantages_B = group_advantages(rewards_PG).flatten()
+    tokens_BS = torch.tensor([s.prompt + s.tokens for s in samples])
+    rollout_lp_BR = torch.tensor([s.logprobs for s in samples])
+
+    t0 = time.perf_counter()
+    timeout = cfg.timeout_s
+    # Before the update: the trainer holds the weights the engine sampled with.
+    train_lp_BR = rt.group.run_all(
+        PolicyWorker.logprobs, tokens_BS, cfg.prompt_len, timeout_s=timeout
+    )[0]
+    metrics = rt.group.run_all(
+        PolicyWorker.train_step, tokens_BS, cfg.prompt_len, advantages_B, timeout_s=timeout
+    )[0]
+    train_s = time.perf_counter() - t0
+
+    stats = sync(step + 1)
+    return StepRecord(
+        step=step,
+        reward=float(rewards_PG.mean()),
+        logprob_diff=float((train_lp_BR - rollout_lp_BR).abs().mean()),
+        rollout_version=_common([s.weight_version for s in samples]),
+        sample_versions=[s.weight_version for s in samples],
+        loss=metrics["loss"],
+        rollout_s=rollout_s,
+        train_s=train_s,
+        sync=_as_dict(stats),
+        engine_version=rt.engine_version(),
+    )
+
+
+def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = True) -> Report:
+    """``cfg.steps`` RL steps; prints a per-step table under a progress bar."""
+    from tqdm import tqdm
+
+    report = Report(config=asdict(cfg))
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="rl steps", disable=not progress, dynamic_ncols=True)
+    bar.write(HEADER)
+    for step in bar:
+        record = run_step(cfg, step, sync, rt)
+        report.steps.append(record)
+        bar.write(table_row(record))
+        bar.set_postfix(reward=f"{record.reward:.3f}")
+    report.total_s = time.perf_counter() - t0
+    return report
+
+
+def run(cfg: DemoConfig, make_sync: Callable[[DemoRuntime], SyncFn], progress: bool = True):
+    """Start the runtime, run the loop, write ``report.json`` and ``report.png`` to out_dir."""
+    from weightsync.demo.runtime import DemoRuntime
+
+    t0 = time.perf_counter()
+    with DemoRuntime.start(cfg) as rt:
+        sync = make_sync(rt)
+        setup_s = time.perf_counter() - t0
+        report = run_demo(cfg, sync, rt, progress=progress)
+        report.setup_s = setup_s
+    paths = report.write(Path(cfg.out_dir))
+    if progress:
+        print(table(report))
+        print(f"report: {paths[0]}  plot: {paths[1]}")
+    return report
+
+
+def _common(versions: list[str | None]) -> str | None:
+    distinct = set(versions)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _as_dict(stats: Any) -> dict[str, Any]:
+    if hasattr(stats, "as_dict"):
+        return stats.as_dict()
+    return asdict(stats)

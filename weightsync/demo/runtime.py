@@ -1,0 +1,114 @@
+"""Everything the demo loop runs against: model dirs, the Ray trainer group, the engine.
+
+::
+
+    with DemoRuntime.start(cfg) as rt:      # model -> engine + trainer actors (in parallel)
+        sync = make_sync(rt)                # e.g. the orchestrator over rt.group, rt.engine_spec
+        report = run_demo(cfg, sync, rt)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weightsync.demo.config import DemoConfig
+from weightsync.demo.model import ModelDirs, int4_config, tiny_qwen2_config, write_model_dirs
+from weightsync.demo.policy import PolicyWorker, as_hf_dict
+from weightsync.demo.rollout import RolloutClient
+from weightsync.engines.spec import EngineSpec
+from weightsync.ray_group import TrainerGroup
+
+log = logging.getLogger("weightsync.demo")
+
+
+@dataclass
+class DemoRuntime:
+    cfg: DemoConfig
+    dirs: ModelDirs
+    hf_config: dict
+    group: TrainerGroup
+    engine_spec: EngineSpec
+    rollout: RolloutClient
+    server: Any = None
+    """The VllmServer this runtime launched (None for an external engine)."""
+
+    @classmethod
+    def start(cls, cfg: DemoConfig) -> DemoRuntime:
+        out = Path(cfg.out_dir)
+        dirs = write_model_dirs(cfg, out / "models")
+        hf_config = as_hf_dict(tiny_qwen2_config(cfg))
+        server, group = None, None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Both take ~30 s on 2 cores: the engine starts while the trainer actors do.
+            pending = pool.submit(_launch_vllm, cfg, dirs, out) if cfg.engine_url is None else None
+            try:
+                group = TrainerGroup.create(
+                    cfg.num_workers,
+                    tp=cfg.tp,
+                    seed=cfg.seed,
+                    worker_cls=PolicyWorker,
+                    ray_address=cfg.ray_address,
+                    timeout_s=cfg.timeout_s,
+                )
+                group.run_all(
+                    PolicyWorker.build_policy,
+                    str(dirs.hf_dir),
+                    hf_config,
+                    cfg.lr,
+                    int4_config(cfg),
+                    cfg.tp,
+                    timeout_s=cfg.timeout_s,
+                )
+                server = pending.result(timeout=cfg.timeout_s) if pending else None
+            except BaseException:
+                if group is not None:
+                    group.shutdown()
+                if pending is not None:
+                    with contextlib.suppress(BaseException):
+                        pending.result(timeout=cfg.timeout_s).stop()
+                raise
+        url = server.url if server is not None else cfg.engine_url
+        spec = EngineSpec(kind=cfg.engine, url=url, api_key=cfg.api_key, timeout_s=cfg.timeout_s)
+        rollout = RolloutClient(url, cfg.engine, cfg.api_key, cfg.timeout_s)
+        return cls(cfg, dirs, hf_config, group, spec, rollout, server)
+
+    def engine_version(self) -> str | None:
+        engine = self.engine_spec.connect()
+        try:
+            return engine.get_version()
+        finally:
+            with contextlib.suppress(Exception):
+                engine.close()
+
+    def close(self) -> None:
+        self.rollout.close()
+        self.group.shutdown()
+        if self.server is not None:
+            self.server.stop()
+
+    def __enter__(self) -> DemoRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _launch_vllm(cfg: DemoConfig, dirs: ModelDirs, out: Path) -> Any:
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+
+    server_cfg = VllmServerConfig(
+        model_dir=str(dirs.serve_dir),
+        log_path=str(out / "vllm_server.log"),
+        api_key=cfg.api_key,
+        max_model_len=256,
+        startup_timeout_s=cfg.timeout_s,
+        # /inference/v1/generate: token ids in, per-sample weight versions out.
+        extra_args=("--enable-scale-out",),
+    )
+    log.info("starting vllm serve for %s", dirs.serve_dir)
+    return VllmServer(server_cfg).start()
