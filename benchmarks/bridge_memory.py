@@ -6,8 +6,9 @@ RSS above the pre-export baseline next to the largest atomic unit and the model 
 
     .venv/bin/python benchmarks/bridge_memory.py [--hidden 1024 --layers 12 --vocab 8192]
 
-RSS is a conservative measure: the allocator may keep freed pages, so the number is an upper
-bound on what the exporter holds at once.
+RSS is a conservative measure (the allocator may keep freed pages), so the number is an upper
+bound on what the exporter holds at once; the workers run with a fixed 1 MiB mmap threshold so
+large blocks go back to the OS when freed.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def measure(rank: int, world: int, dims: dict) -> dict:
     count = 0
     for _name, tensor in mb.export_hf_weights(chunks, cfg):
         count += tensor.numel() > 0
+        del tensor  # a consumer copies each tensor into its bucket and lets go
     seconds = time.perf_counter() - t0
     peak = sampler.stop()
     return {
@@ -93,6 +95,9 @@ def measure(rank: int, world: int, dims: dict) -> dict:
 def run(dims: dict, world: int = 2) -> list[dict]:
     from tests.bridge_helpers import run_ranks
 
+    # A fixed mmap threshold: blocks >= 1 MiB are mmapped and unmapped on free, so RSS follows
+    # live memory (glibc's dynamic threshold would otherwise retain freed blocks in its heap).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MiB))
     return run_ranks(measure, world, dims, timeout=600)
 
 

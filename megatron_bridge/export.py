@@ -182,6 +182,7 @@ def iter_hf_units(
             named = _collect(unit, tensors, layout, d, dtype)
             if layout.is_source:
                 yield named
+            del named  # hold one unit, not two, while the next one is gathered
 
 
 def export_hf_weights(
@@ -193,4 +194,6 @@ def export_hf_weights(
     what). Vocabulary padding is trimmed; tied models export no ``lm_head.weight``.
     """
     for unit in iter_hf_units(model_chunks, hf_config):
-        yield from unit
+        unit.reverse()
+        while unit:
+            yield unit.pop()  # drop our reference as we go: the consumer owns the tensor

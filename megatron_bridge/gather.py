@@ -19,13 +19,8 @@ def is_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def merge_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    blocks = [shard.chunk(stride, dim) for shard in shards]
-    return torch.cat([b[j] for j in range(stride) for b in blocks], dim=dim)
-
-
 def shard_of(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s shard of ``full`` (the inverse of ``merge_shards``)."""
+    """Rank ``rank``'s shard of ``full``: blocks rank, rank + world, ... of ``world * stride``."""
     blocks = full.chunk(world * stride, dim)
     return torch.cat([blocks[rank + j * world] for j in range(stride)], dim=dim)
 
@@ -33,7 +28,9 @@ def shard_of(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -
 def gather_to_first(param: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor | None:
     """The full tensor on rank 0 of ``group`` (the parameter itself if not sharded); None elsewhere.
 
-    Collective over ``group`` for sharded parameters; no communication otherwise.
+    Collective over ``group`` for sharded parameters; no communication otherwise. Shards arrive
+    by point-to-point receives written into the full tensor, because gloo's ``gather`` stages
+    everything in an internal buffer of the full size (two copies of the tensor at once).
     """
     world = dist.get_world_size(group)
     first = dist.get_rank(group) == 0
@@ -41,11 +38,24 @@ def gather_to_first(param: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     if world == 1 or not is_sharded(param):
         return local if first else None
     shard = local.contiguous()
-    shards = [torch.empty_like(shard) for _ in range(world)] if first else None
-    dist.gather(shard, shards, group=group, group_dst=0)
     if not first:
+        dist.send(shard, group=group, group_dst=0)
         return None
-    return merge_shards(shards, param.partition_dim, param.partition_stride)
+    dim, stride = param.partition_dim, param.partition_stride
+    block = shard.shape[dim] // stride
+    full_shape = list(shard.shape)
+    full_shape[dim] *= world
+    full = shard.new_empty(full_shape)
+    for rank in range(world):
+        if rank > 0 and dim == 0 and stride == 1:
+            dist.recv(full.narrow(0, rank * block, block), group=group, group_src=rank)
+            continue
+        if rank > 0:
+            shard = torch.empty_like(shard)
+            dist.recv(shard, group=group, group_src=rank)
+        for j, part in enumerate(shard.chunk(stride, dim)):
+            full.narrow(dim, (j * world + rank) * block, block).copy_(part)
+    return full
 
 
 def hop(

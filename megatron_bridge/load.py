@@ -104,9 +104,7 @@ def load_hf_weights(
     check_coverage(units, tensors, model_chunks, layout, d)
     source = _source(hf_weights)
     known = {n for u in units for p in u.pieces for n in p.hf}
-    known |= {f for n in known for f in _fused_names(n)} | (
-        {"lm_head.weight"} if d.tied else set()
-    )
+    known |= {f for n in known for f in _fused_names(n)} | ({"lm_head.weight"} if d.tied else set())
     extra = sorted(set(source) - known)
     if extra:
         raise ValueError(
