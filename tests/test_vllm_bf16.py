@@ -7,7 +7,6 @@ the original checkpoint weights.
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import requests
@@ -15,6 +14,7 @@ import torch
 
 from tests.vllm_helpers import (
     PROMPTS,
+    broadcast_link,
     build_tiny_qwen2,
     generate,
     perturbed,
@@ -93,29 +93,8 @@ def test_expected_params_are_the_checkpoint(served):
 
 @pytest.fixture(scope="module")
 def broadcast_sender(served):
-    from weightsync.engines.vllm_launcher import free_port
-    from weightsync.transport.broadcast import BroadcastSender, init_weight_group
-
-    _, engine, *_ = served
-    port = free_port()
-    # The engine joins from inside its HTTP call, which returns once both ranks are in.
-    joined = threading.Thread(
-        target=engine.init_broadcast,
-        kwargs=dict(
-            master_address="127.0.0.1",
-            master_port=port,
-            world_size=2,
-            rank_offset=1,
-            group_name="ws-test-bf16",
-        ),
-    )
-    joined.start()
-    group = init_weight_group("127.0.0.1", port, 2, 0, "ws-test-bf16", timeout_s=60)
-    joined.join(timeout=60)
-    assert not joined.is_alive()
-    sender = BroadcastSender(group, timeout_s=60)
-    yield sender
-    sender.close()
+    with broadcast_link(served[1], "ws-test-bf16") as sender:
+        yield sender
 
 
 def test_broadcast_update_is_exact_and_matches_transformers(served, broadcast_sender):

@@ -3,14 +3,13 @@ CPU WNA16 kernel, receiving packed int4 updates through the weightsync backend."
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import requests
 import torch
 
 from tests.vllm_helpers import (
     PROMPTS,
+    broadcast_link,
     build_tiny_qwen2,
     generate,
     perturbed,
@@ -36,9 +35,8 @@ def _dequantized(state, packed, cfg):
     for name, t in state.items():
         base = name.removesuffix(".weight")
         if f"{base}.weight_packed" in packed:
-            parts = {
-                k: packed[f"{base}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")
-            }
+            keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+            parts = {k: packed[f"{base}.{k}"] for k in keys if f"{base}.{k}" in packed}
             t = unpack_int4(parts, cfg.group_size, cfg.symmetric).to(t.dtype)
         out[name] = t
     return out
@@ -50,18 +48,17 @@ def _checksums(url: str) -> dict[str, str]:
     return r.json()["checksums"]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["symmetric", "asymmetric"])
+def served(request, tmp_path_factory):
     pytest.importorskip("vllm")
     from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
-    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig, free_port
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
     from weightsync.quant import Int4Config
     from weightsync.quant.convert import convert_checkpoint
-    from weightsync.transport.broadcast import BroadcastSender, init_weight_group
 
     tmp = tmp_path_factory.mktemp("vllm_int4")
     state = build_tiny_qwen2(tmp / "bf16")
-    cfg = Int4Config(group_size=64)
+    cfg = Int4Config(group_size=64, symmetric=request.param)
     convert_checkpoint(tmp / "bf16", tmp / "int4", cfg, progress=False)
     server_cfg = VllmServerConfig(
         model_dir=str(tmp / "int4"),
@@ -70,25 +67,10 @@ def served(tmp_path_factory):
     )
     with VllmServer(server_cfg) as server:
         engine = VllmEngine(VllmEngineConfig(url=server.url, timeout_s=60, record_digests=True))
-        port = free_port()
-        joined = threading.Thread(
-            target=engine.init_broadcast,
-            kwargs=dict(
-                master_address="127.0.0.1",
-                master_port=port,
-                world_size=2,
-                rank_offset=1,
-                group_name="ws-test-int4",
-            ),
-        )
-        joined.start()
-        sender = BroadcastSender(
-            init_weight_group("127.0.0.1", port, 2, 0, "ws-test-int4", timeout_s=60), timeout_s=60
-        )
-        joined.join(timeout=60)
-        baseline = [generate(server.url, p) for p in PROMPTS]
-        yield server, engine, sender, state, cfg, tmp, baseline
-        sender.close()
+        name = f"ws-test-int4-{'sym' if cfg.symmetric else 'asym'}"
+        with broadcast_link(engine, name) as sender:
+            baseline = [generate(server.url, p) for p in PROMPTS]
+            yield server, engine, sender, state, cfg, tmp, baseline
         engine.close()
 
 
@@ -100,6 +82,9 @@ def test_engine_expects_packed_layout(served):
     assert expected[f"{q}.weight_scale"] == ("bfloat16", (128, 128 // cfg.group_size))
     assert expected[f"{q}.weight_shape"] == ("int64", (2,))
     assert f"{q}.weight" not in expected
+    if not cfg.symmetric:
+        # zero points packed along the output dim: [ceil(out / 8), groups]
+        assert expected[f"{q}.weight_zero_point"] == ("int32", (128 // 8, 128 // cfg.group_size))
     assert set(expected) == set(_packed(state, cfg))
 
 
@@ -113,7 +98,8 @@ def test_int4_update_exact_codes_and_restore(served):
     timings = engine.timings()
     load_s = sum(t.get("load_s", 0) + t.get("finish_s", 0) for t in timings)
     print(
-        f"\nint4 broadcast update: {len(plan.buckets)} buckets, {plan.total_nbytes} B, "
+        f"\nint4 ({'sym' if cfg.symmetric else 'asym'}) broadcast update: "
+        f"{len(plan.buckets)} buckets, {plan.total_nbytes} B, "
         f"wall {seconds:.3f} s, engine load+repack {load_s:.3f} s"
     )
 

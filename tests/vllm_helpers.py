@@ -8,6 +8,8 @@ token ids).
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,3 +145,37 @@ def generate(url: str, prompt: list[int], max_tokens: int = 8, api_key: str | No
         for tok, entry in zip(prompt[1:], out["prompt_logprobs"][1:], strict=True)
     ]
     return out["choices"][0]["token_ids"], logprobs
+
+
+@contextmanager
+def broadcast_link(engine, group_name: str, timeout_s: float = 60.0):
+    """A trainer-side BroadcastSender (rank 0) with ``engine`` joined as rank 1."""
+    from weightsync.engines.vllm_launcher import free_port
+    from weightsync.transport.broadcast import (
+        BroadcastSender,
+        destroy_weight_group,
+        init_weight_group,
+    )
+
+    port, errors = free_port(), []
+
+    def join():
+        try:
+            engine.init_broadcast(
+                master_address="127.0.0.1", master_port=port, world_size=2, group_name=group_name
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+
+    # The engine joins from inside its HTTP call, which returns once both ranks are in.
+    joined = threading.Thread(target=join, daemon=True)
+    joined.start()
+    group = init_weight_group("127.0.0.1", port, 2, 0, group_name, timeout_s=timeout_s)
+    joined.join(timeout_s)
+    assert not joined.is_alive() and not errors, errors
+    sender = BroadcastSender(group, timeout_s=timeout_s)
+    try:
+        yield sender
+    finally:
+        sender.close()
+        destroy_weight_group(group)
