@@ -117,12 +117,14 @@ def test_demo_loop_bf16(tmp_path):
     pytest.importorskip("vllm")
     cfg, report = run_short(tmp_path, steps=3)
     print("\n" + "\n".join(f"{s.step} {s.reward:.3f} {s.logprob_diff:.4f}" for s in report.steps))
-    _check_report(cfg, report, tmp_path, max_diff=0.05)
+    _check_report(cfg, report, tmp_path, max_diff=0.01)
 
 
 def test_demo_loop_int4_qat(tmp_path):
     pytest.importorskip("vllm")
     cfg, report = run_short(tmp_path, steps=3, int4=True)
+    # Without QAT the bf16 trainer and the int4 engine differ by ~0.03 per token at init;
+    # with it they differ by bf16 kernel noise only (~0.002), hence the 0.01 bound.
     print("\n" + "\n".join(f"{s.step} {s.reward:.3f} {s.logprob_diff:.4f}" for s in report.steps))
-    _check_report(cfg, report, tmp_path, max_diff=0.05)
+    _check_report(cfg, report, tmp_path, max_diff=0.01)
     assert report.steps[0].sync["quantize_s"] > 0

@@ -1,0 +1,132 @@
+"""The demo's pure pieces: the count-up reward, GRPO advantages, prompts, config, QAT checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightsync.demo.config import DemoConfig
+from weightsync.demo.qat import check_shard
+from weightsync.demo.report import Report, StepRecord, table
+from weightsync.demo.task import count_up_reward, group_advantages, make_prompts
+from weightsync.quant import Int4Config
+
+
+def test_count_up_reward_counts_successors_from_the_prompt_end():
+    assert count_up_reward([7, 3], [4, 5, 6, 7], vocab=32) == 1.0
+    assert count_up_reward([7, 3], [5, 6, 0, 1], vocab=32) == 0.5  # 5 != 3+1, 6 = 5+1, 0, 1
+    assert count_up_reward([9], [9, 9, 9, 9], vocab=32) == 0.0
+    # Wraps around the vocabulary.
+    assert count_up_reward([30], [31, 0, 1], vocab=32) == 1.0
+    with pytest.raises(ValueError, match="non-empty"):
+        count_up_reward([1], [], vocab=32)
+
+
+def test_prompts_are_deterministic_per_seed_and_step():
+    a = make_prompts(seed=0, step=3, num=8, length=4, vocab=32)
+    assert a == make_prompts(seed=0, step=3, num=8, length=4, vocab=32)
+    assert a != make_prompts(seed=0, step=4, num=8, length=4, vocab=32)
+    assert a != make_prompts(seed=1, step=3, num=8, length=4, vocab=32)
+    assert len(a) == 8 and all(len(p) == 4 and all(0 <= t < 32 for t in p) for p in a)
+
+
+def test_group_advantages_normalize_within_each_prompt():
+    rewards = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]])
+    adv = group_advantages(rewards)
+    std = torch.tensor([0.0, 1.0, 0.5, 0.5]).std()
+    torch.testing.assert_close(adv[0], (torch.tensor([-0.5, 0.5, 0.0, 0.0]) / std).float())
+    # All samples equal: no signal, zero advantage (not NaN).
+    assert torch.equal(adv[1], torch.zeros(4))
+    with pytest.raises(ValueError, match="samples >= 2"):
+        group_advantages(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="expected"):
+        group_advantages(torch.zeros(6))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=8),
+        min_size=1,
+        max_size=6,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_group_advantages_properties(rows):
+    r = torch.tensor(rows, dtype=torch.float64)
+    adv = group_advantages(r)
+    assert adv.shape == r.shape and torch.isfinite(adv).all()
+    torch.testing.assert_close(
+        adv.double().sum(dim=1), torch.zeros(len(rows), dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    # Higher reward, higher advantage, within a group.
+    for row_r, row_a in zip(r, adv, strict=True):
+        order = torch.argsort(row_r)
+        assert (row_a[order].diff() >= -1e-6).all()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("samples_per_prompt", 1, "GRPO needs >= 2"),
+        ("steps", 0, "steps=0"),
+        ("lr", 0.0, "lr=0.0"),
+        ("engine", "tgi", "engine='tgi'"),
+        ("vocab_size", 33, "divisible by tp=2"),
+        ("num_workers", 3, "multiple of tp=2"),
+    ],
+)
+def test_demo_config_rejects_bad_fields(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**{field: value})
+
+
+def test_external_sglang_needs_a_url():
+    with pytest.raises(ValueError, match="needs engine_url"):
+        DemoConfig(engine="sglang")
+    assert DemoConfig(engine="sglang", engine_url="http://h:30000").batch_size == 64
+
+
+def test_qat_shard_check_row_parallel_groups():
+    shard = torch.empty(128, 64)  # o_proj shard under tp=2: input width 64
+    check_shard("linear_proj", shard, Int4Config(group_size=32), row_parallel=True, tp=2)
+    with pytest.raises(ValueError, match="group_size=128 does not divide the shard's input"):
+        check_shard("linear_proj", shard, Int4Config(group_size=128), row_parallel=True, tp=2)
+    with pytest.raises(ValueError, match="per-channel"):
+        check_shard("linear_proj", shard, Int4Config(group_size=-1), row_parallel=True, tp=2)
+    # Column-parallel shards hold whole rows: per-channel is exact there.
+    check_shard("linear_qkv", torch.empty(64, 128), Int4Config(group_size=-1), False, tp=2)
+
+
+def test_report_table_and_summary(tmp_path):
+    sync = dict(
+        version=1,
+        export_s=0.1,
+        quantize_s=0.0,
+        transfer_s=0.2,
+        engine_load_s=0.05,
+        pause_s=0.3,
+        total_s=0.4,
+    )
+    steps = [
+        StepRecord(
+            step=i,
+            reward=r,
+            logprob_diff=0.001,
+            rollout_version=str(i),
+            sample_versions=[str(i)] * 4,
+            loss=0.0,
+            rollout_s=1.0,
+            train_s=0.5,
+            sync=sync | {"version": i + 1},
+            engine_version=str(i + 1),
+        )
+        for i, r in enumerate([0.1, 0.2, 0.3, 0.6])
+    ]
+    report = Report(config={"steps": 4}, steps=steps)
+    assert report.summary()["reward_first"] == 0.1 and report.summary()["reward_last"] == 0.6
+    lines = table(report).splitlines()
+    assert len(lines) == 5 and lines[-1].split()[:3] == ["3", "0.600", "0.0010"]
+    json_path, png_path = report.write(tmp_path)
+    assert json_path.exists() and png_path.stat().st_size > 10_000
