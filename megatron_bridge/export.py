@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,40 +121,49 @@ def _lookup(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return tensors[name]
 
 
+@dataclass(frozen=True, slots=True)
+class _Export:
+    """What one export pass reads on this rank."""
+
+    layout: Layout
+    dims: Dims
+    dtype: torch.dtype
+    device: torch.device
+    tensors: list[dict[str, torch.Tensor]]
+
+
 def _convert(
-    piece: Piece, local: torch.Tensor, layout: Layout, expert: bool, d: Dims, dtype: torch.dtype
+    piece: Piece, local: torch.Tensor, ex: _Export, expert: bool
 ) -> list[torch.Tensor] | None:
-    full = gather_to_first(local, layout.etp_group if expert else layout.tp_group)
+    full = gather_to_first(local, ex.layout.etp_group if expert else ex.layout.tp_group)
     if full is None:
         return None
-    hf = piece.kind.to_hf(full, d)
+    hf = piece.kind.to_hf(full, ex.dims)
     for name, t, shape in zip(piece.hf, hf, piece.shapes, strict=True):
-        if tuple(t.shape) != shape or t.dtype != (piece.dtype or dtype):
+        if tuple(t.shape) != shape or t.dtype != (piece.dtype or ex.dtype):
             raise ValueError(
                 f"{name}: got {tuple(t.shape)} {t.dtype} from {piece.mcore}, "
-                f"expected {shape} {piece.dtype or dtype}"
+                f"expected {shape} {piece.dtype or ex.dtype}"
             )
     return hf
 
 
-def _collect(
-    unit: Unit, tensors: list[dict[str, torch.Tensor]], layout: Layout, d: Dims, dtype: torch.dtype
-) -> list[tuple[str, torch.Tensor]]:
+def _collect(unit: Unit, ex: _Export) -> list[tuple[str, torch.Tensor]]:
+    layout = ex.layout
     expert = unit.expert_owner is not None
     holder = layout.expert_holder if expert else layout.dense_holder
     on_source_line = dist.get_process_group_ranks(layout.pp_group)[0] == 0
     out: list[tuple[str, torch.Tensor]] = []
     for piece in unit.pieces:
-        like = [(s, piece.dtype or dtype) for s in piece.shapes]
+        like = [(s, piece.dtype or ex.dtype) for s in piece.shapes]
         hf = None
         if holder and holds(unit, layout):
-            local = _lookup(tensors[unit.vp_stage], piece.mcore)
-            hf = _convert(piece, local, layout, expert, d, dtype)
+            hf = _convert(piece, _lookup(ex.tensors[unit.vp_stage], piece.mcore), ex, expert)
         ep_endpoint = layout.etp_rank == 0 and layout.ep_rank in (0, unit.expert_owner)
         if expert and holder and layout.pp_rank == unit.pp_rank and ep_endpoint:
-            hf = hop(hf, unit.expert_owner, layout.ep_group, like)
+            hf = hop(hf, unit.expert_owner, layout.ep_group, like, ex.device)
         if on_source_line and layout.pp_rank in (0, unit.pp_rank):
-            hf = hop(hf, unit.pp_rank, layout.pp_group, like)
+            hf = hop(hf, unit.pp_rank, layout.pp_group, like, ex.device)
         if layout.is_source:
             assert hf is not None, unit.name
             out += zip(piece.hf, hf, strict=True)
@@ -165,7 +175,7 @@ def iter_hf_units(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """One list of (HF name, full tensor) per atomic unit, on the source rank (see module doc).
 
-    Collective: every rank of the job iterates it to the end.
+    Collective: every rank of the job iterates it to the end. Tensors are on the model's device.
     """
     cfg, units = _plan(model_chunks, hf_config)
     layout = current_layout()
@@ -176,10 +186,11 @@ def iter_hf_units(
     d = get_family(cfg).dims(cfg)
     tensors = local_tensors(model_chunks)
     check_coverage(units, tensors, model_chunks, layout, d)
-    dtype = model_dtype(model_chunks)
+    device = next(iter(model_chunks[0].parameters())).device
+    ex = _Export(layout, d, model_dtype(model_chunks), device, tensors)
     with torch.no_grad():
         for unit in units:
-            named = _collect(unit, tensors, layout, d, dtype)
+            named = _collect(unit, ex)
             if layout.is_source:
                 yield named
             del named  # hold one unit, not two, while the next one is gathered

@@ -63,6 +63,7 @@ def hop(
     src: int,
     group: dist.ProcessGroup,
     like: list[tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
 ) -> list[torch.Tensor] | None:
     """Move ``tensors`` from group rank ``src`` to group rank 0 of ``group``.
 
@@ -78,7 +79,7 @@ def hop(
             dist.send(t.contiguous(), group=group, group_dst=0)
         return None
     assert me == 0, "hop() called on a rank that is neither source nor destination"
-    out = [torch.empty(shape, dtype=dtype) for shape, dtype in like]
+    out = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in like]
     for t in out:
         dist.recv(t, group=group, group_src=src)
     return out

@@ -77,6 +77,7 @@ def build_model(
 
     ``config_overrides`` go to the TransformerConfig (e.g. ``moe_token_dispatcher_type``).
     The vocabulary is padded to a multiple of ``vocab_divisible_by * tp``; the exporter trims it.
+    Chunks live on the current CUDA device when there is one, else on the CPU.
     """
     cfg = as_hf_config(hf_config)
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -114,7 +115,12 @@ def build_model(
     # Torch norms (local spec) are created in fp32 whatever params_dtype says; cast parameters
     # like megatron's Float16Module does, so a model has one dtype the export metadata can name.
     # Buffers keep theirs (the router's expert_bias stays fp32 by design).
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
     for chunk in chunks:
         for param in chunk.parameters():
             param.data = param.data.to(params_dtype)
+        if device is not None:
+            chunk.to(device)  # use_cpu_initialization builds on the host; train on the GPU
     return chunks

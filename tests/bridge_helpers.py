@@ -28,14 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, results: Any
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        from megatron_bridge import enable_cpu_megatron
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        if backend == "gloo":
+            from megatron_bridge import enable_cpu_megatron
 
-        enable_cpu_megatron()
+            enable_cpu_megatron()
         # Bytes, not tensors: tensors would travel as shared-memory handles that die with us.
         buf = io.BytesIO()
         torch.save(fn(rank, world, *args), buf)
@@ -47,13 +52,18 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return results by rank."""
+def run_ranks(
+    fn: Callable, world: int, *args: Any, timeout: float = 240.0, backend: str = "gloo"
+) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks; return results by rank.
+
+    ``backend="gloo"``: CPU with the megatron CPU patches; ``"nccl"``: one GPU per rank.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, results), daemon=True)
         for r in range(world)
     ]
     for p in procs:
@@ -172,7 +182,8 @@ def megatron_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
     """
     from megatron.core import parallel_state as ps
 
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    tokens = tokens.to(next(chunks[0].parameters()).device)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     out = None
     with torch.no_grad():
@@ -181,7 +192,11 @@ def megatron_logits(chunks: list, tokens: torch.Tensor) -> torch.Tensor | None:
             if stage > 0 or vp > 0:
                 cfg = chunk.config
                 buf = torch.empty(
-                    tokens.shape[1], tokens.shape[0], cfg.hidden_size, dtype=cfg.params_dtype
+                    tokens.shape[1],
+                    tokens.shape[0],
+                    cfg.hidden_size,
+                    dtype=cfg.params_dtype,
+                    device=tokens.device,
                 )
                 dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
                 chunk.set_input_tensor(buf)

@@ -90,7 +90,11 @@ def bridge_runs(checkpoints: dict[str, dict]) -> dict[int, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES + CASES_4, ids=str)
 def test_export_matches_transformers(bridge_runs, checkpoints: dict, case: Case) -> None:
-    out = bridge_runs(WORLD[str(case)])[str(case)]
+    check_case(bridge_runs(WORLD[str(case)])[str(case)], checkpoints, case)
+
+
+def check_case(out: dict, checkpoints: dict, case: Case) -> None:
+    """All checks of one case's rank-0 result against transformers."""
     cfg = hf_config(case.family, num_hidden_layers=case.layers)
     exported = dict(kv for unit in out["units"] for kv in unit)
 
