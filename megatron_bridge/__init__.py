@@ -4,6 +4,8 @@ Importing this package is cheap: megatron-core is imported on first use of a fun
 needs it. Entry points:
 
 - ``enable_cpu_megatron()``: the CPU patches (explicit, idempotent).
+- ``enable_megatron_without_te()``: the two fixes any run without TransformerEngine needs
+  (included in ``enable_cpu_megatron``; call it yourself on a GPU without TE).
 - ``init_parallel(tp=, pp=, ep=, etp=, vpp=)``: megatron parallel_state on an existing group.
 - ``build_model(hf_config)``: GPTModel chunk(s) for this rank (local spec).
 - ``hf_weight_metadata`` / ``iter_hf_units`` / ``export_hf_weights``: the export stream.
@@ -19,6 +21,7 @@ from megatron_bridge.meta import HFWeightMeta
 
 _LAZY = {
     "enable_cpu_megatron": "megatron_bridge.cpu",
+    "enable_megatron_without_te": "megatron_bridge.cpu",
     "init_parallel": "megatron_bridge.parallel",
     "EXPORT_SOURCE_RANK": "megatron_bridge.parallel",
     "build_model": "megatron_bridge.model",

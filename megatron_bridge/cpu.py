@@ -11,6 +11,7 @@ on a machine with CUDA (it refuses, so a GPU run cannot silently lose its CUDA R
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -58,10 +59,7 @@ def _patch_rng() -> None:
 
 
 def _patch_moe() -> None:
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    # mcore 0.16.1 references te_general_gemm in the router even without TransformerEngine.
-    moe_utils.te_general_gemm = None
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.Stream = _NoStream
     torch.cuda.current_stream = lambda device=None: _NoStream()
@@ -107,11 +105,20 @@ def _patch_tied_embeddings() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
-def _patch_mla() -> None:
-    # Without TransformerEngine, mcore's MLA module imports TE names that resolve to MagicMock
-    # stubs and then believes TE is present (HAVE_TE=True), so isinstance(x, TELinear) fails.
-    from megatron.core.transformer import multi_latent_attention as mla
+def enable_megatron_without_te() -> None:
+    """Work around two mcore 0.16.1 bugs that hit any run without TransformerEngine (GPU too).
 
+    Idempotent; a no-op when TransformerEngine is installed. ``enable_cpu_megatron`` calls it.
+    """
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.moe import moe_utils
+
+    # The router references te_general_gemm, which is only defined when TE imports.
+    moe_utils.te_general_gemm = None
+    # MLA imports TE names that resolve to MagicMock stubs and then believes TE is present
+    # (HAVE_TE=True), so its isinstance(x, TELinear) check fails.
     if not isinstance(mla.TELinear, type):
         mla.HAVE_TE = False
 
@@ -127,7 +134,7 @@ def enable_cpu_megatron() -> None:
     torch.cuda.current_device = lambda: "cpu"
     _patch_masks()
     _patch_tied_embeddings()
-    _patch_mla()
+    enable_megatron_without_te()
     _patch_moe()
     _ENABLED = True
 

@@ -37,10 +37,12 @@ def _worker(
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world)
-        if backend == "gloo":
-            from megatron_bridge import enable_cpu_megatron
+        import megatron_bridge
 
-            enable_cpu_megatron()
+        if backend == "gloo":
+            megatron_bridge.enable_cpu_megatron()
+        else:
+            megatron_bridge.enable_megatron_without_te()
         # Bytes, not tensors: tensors would travel as shared-memory handles that die with us.
         buf = io.BytesIO()
         torch.save(fn(rank, world, *args), buf)
