@@ -33,6 +33,29 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
+# The only scaled rotary embedding megatron's GPTModel implements (Llama 3.x), with its
+# hard-wired constants.
+_LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def rope_scaling_kwargs(cfg: Any) -> dict[str, Any]:
+    """GPTModel rotary-scaling arguments for ``cfg.rope_parameters`` (MLA families do their own)."""
+    rope = cfg.rope_parameters or {}
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return {}
+    if kind == "llama3" and all(rope.get(k) == v for k, v in _LLAMA3_FIXED.items()):
+        return {"rope_scaling": True, "rope_scaling_factor": float(rope["factor"])}
+    raise ValueError(
+        f"rope_parameters {rope} are not supported: only 'default' and 'llama3' "
+        f"with {_LLAMA3_FIXED}"
+    )
+
+
 def transformer_config(
     hf_config: Any, *, params_dtype: torch.dtype = torch.float32, **overrides: Any
 ) -> TransformerConfig:
@@ -80,12 +103,8 @@ def build_model(
     Chunks live on the current CUDA device when there is one, else on the CPU.
     """
     cfg = as_hf_config(hf_config)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"rope_parameters.rope_type={rope['rope_type']!r}: only 'default' "
-            "rotary embeddings are supported"
-        )
+    mla = get_family(cfg).transformer_kwargs(cfg).get("multi_latent_attention", False)
+    rope = {} if mla else rope_scaling_kwargs(cfg)
     config = transformer_config(cfg, params_dtype=params_dtype, **config_overrides)
     vocab = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, config.tensor_model_parallel_size)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
@@ -109,6 +128,7 @@ def build_model(
                 share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
                 position_embedding_type="rope",
                 rotary_base=rope_theta(cfg),
+                **rope,
                 vp_stage=stage,
             )
         )

@@ -143,6 +143,29 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Scaled rotary embeddings megatron implements (values as in Llama 3.1 / DeepSeek-V3 configs).
+ROPES: dict[str, dict[str, Any]] = {
+    "llama3": dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "yarn": dict(
+        rope_type="yarn",
+        factor=40.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        rope_theta=10000.0,
+    ),
+}
+
+
 def hf_config(model_type: str, **overrides: Any) -> Any:
     from transformers import AutoConfig
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tests.bridge_helpers import hf_config, megatron_logits
+from tests.bridge_helpers import ROPES, hf_config, megatron_logits
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 MOE = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
@@ -26,9 +26,15 @@ class Case:
     dispatcher: str = "allgather"
     load: bool = True
     """Load the reference HF checkpoint first (round trip); else export megatron's own init."""
+    rope: str | None = None
+    """A scaled rotary embedding from ``ROPES`` (the weights do not change)."""
     bf16: bool = False
     from_state_dict: bool = False
     """Load from transformers' in-memory state_dict (fused experts, tied lm_head) not the dir."""
+
+    def hf_config(self) -> object:
+        rope = {"rope_parameters": ROPES[self.rope]} if self.rope else {}
+        return hf_config(self.family, num_hidden_layers=self.layers, **rope)
 
     def __str__(self) -> str:
         parts = [self.family, f"tp{self.tp}", f"pp{self.pp}"]
@@ -39,6 +45,7 @@ class Case:
         parts += [] if self.load else ["fresh"]
         parts += ["state_dict"] if self.from_state_dict else []
         parts += ["bf16"] if self.bf16 else []
+        parts += [self.rope] if self.rope else []
         return "-".join(parts)
 
 
@@ -65,7 +72,7 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     import megatron_bridge as mb
 
     mb.init_parallel(tp=case.tp, pp=case.pp, ep=case.ep, etp=case.etp, vpp=case.vpp)
-    cfg = hf_config(case.family, num_hidden_layers=case.layers)
+    cfg = case.hf_config()
     kw = {"moe_token_dispatcher_type": case.dispatcher} if case.family in MOE else {}
     dtype = torch.bfloat16 if case.bf16 else torch.float32
     chunks = mb.build_model(cfg, params_dtype=dtype, **kw)
@@ -93,7 +100,13 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
         "same_meta": all(m == meta for m in metas),
         "units": units,
         "logits": logits[..., : cfg.vocab_size].float().cpu(),
+        "inv_freq": _inv_freq(chunks[0]),
     }
+
+
+def _inv_freq(chunk: torch.nn.Module) -> torch.Tensor | None:
+    rotary = getattr(chunk, "rotary_pos_emb", None)  # absent for MLA (it is per layer there)
+    return None if rotary is None else rotary.inv_freq.float().cpu()
 
 
 def _error(fn: Callable[[], object]) -> str:

@@ -34,6 +34,9 @@ CASES = [
     Case("qwen3_moe", tp=2, from_state_dict=True),
     Case("mistral", pp=2, from_state_dict=True),
     Case("deepseek_v3", tp=2, bf16=True),  # bf16 params, the router's expert bias stays fp32
+    Case("llama", tp=2, rope="llama3"),
+    Case("deepseek_v3", tp=2, rope="yarn"),
+    *(Case(f) for f in ("mistral", "qwen2", "qwen3", *MOE)),  # TP=1 (and a DP replica)
 ]
 CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and another dimension
     Case("llama", tp=2, pp=2),
@@ -95,7 +98,7 @@ def test_export_matches_transformers(bridge_runs, checkpoints: dict, case: Case)
 
 def check_case(out: dict, checkpoints: dict, case: Case) -> None:
     """All checks of one case's rank-0 result against transformers."""
-    cfg = hf_config(case.family, num_hidden_layers=case.layers)
+    cfg = case.hf_config()
     exported = dict(kv for unit in out["units"] for kv in unit)
 
     expected = checkpoint_keys(cfg)
@@ -126,6 +129,13 @@ def check_case(out: dict, checkpoints: dict, case: Case) -> None:
         ref_logits = hf_logits(cfg, {k: v.float() for k, v in exported.items()}, TOKENS)
     err = (out["logits"] - ref_logits).norm() / ref_logits.norm()
     assert err < (3e-2 if case.bf16 else 1e-5), f"relative logits error {err:.3g}"
+    if out["inv_freq"] is not None:
+        # Llama-3 scaling only bends low frequencies: too little rotation in a short test
+        # sequence to move the logits much, so compare the frequencies themselves.
+        from transformers import AutoModelForCausalLM
+
+        hf_freq = AutoModelForCausalLM.from_config(cfg).model.rotary_emb.inv_freq
+        torch.testing.assert_close(out["inv_freq"], hf_freq.float(), rtol=1e-6, atol=0)
 
 
 def meta_dtype(meta: list, name: str) -> torch.dtype:

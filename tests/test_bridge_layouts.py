@@ -80,8 +80,12 @@ def test_unsupported_config_fields_raise() -> None:
     cfg = hf_config(
         "llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
     )
-    with pytest.raises(ValueError, match="rope_type='linear'"):
+    with pytest.raises(ValueError, match="'rope_type': 'linear'"):
         build_model(cfg)
+    with pytest.raises(ValueError, match="mlp_bias"):
+        build_model(hf_config("llama", mlp_bias=True))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        build_model(hf_config("qwen3", hidden_act="gelu"))
 
 
 def test_meta_nbytes() -> None:

@@ -137,6 +137,24 @@ def is_moe_layer(cfg: Any, layer: int) -> bool:
     return layer >= cfg.first_k_dense_replace
 
 
+def _mla_rope(cfg: Any) -> dict[str, Any]:
+    rope = cfg.rope_parameters or {}
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return {"rope_type": "rope"}
+    if kind == "yarn":
+        return dict(
+            rope_type="yarn",
+            rotary_scaling_factor=rope["factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+            beta_fast=rope.get("beta_fast", 32.0),
+            beta_slow=rope.get("beta_slow", 1.0),
+            mscale=rope.get("mscale", 1.0),
+            mscale_all_dim=rope.get("mscale_all_dim", 0.0),
+        )
+    raise ValueError(f"deepseek_v3 rope_parameters {rope}: only 'default' and 'yarn'")
+
+
 def kwargs(cfg: Any) -> dict[str, Any]:
     d = deepseek_dims(cfg)
     if getattr(cfg, "rope_interleave", True) is not True:
@@ -158,8 +176,8 @@ def kwargs(cfg: Any) -> dict[str, Any]:
         qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
         v_head_dim=cfg.v_head_dim,
         qk_layernorm=True,
-        rope_type="rope",
         rotary_base=rope_theta(cfg),
+        **_mla_rope(cfg),
         num_moe_experts=cfg.n_routed_experts,
         moe_ffn_hidden_size=cfg.moe_intermediate_size,
         moe_shared_expert_intermediate_size=d.shared_ffn,

@@ -30,8 +30,13 @@ def dense_dims(cfg: Any, **extra: Any) -> Dims:
 
 def base_kwargs(cfg: Any, d: Dims) -> dict[str, Any]:
     """TransformerConfig fields every family here shares (RMSNorm, SwiGLU, no linear bias)."""
-    if getattr(cfg, "hidden_act", "silu") != "silu":
+    if cfg.hidden_act != "silu":
         raise ValueError(f"hidden_act={cfg.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+    # Fields only some families' configs have; set, they change the math megatron would run.
+    if getattr(cfg, "mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported (megatron MLPs here have no bias)")
+    if getattr(cfg, "use_sliding_window", False):
+        raise ValueError("use_sliding_window=True is not supported")
     return dict(
         num_layers=d.layers,
         hidden_size=d.hidden,
