@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -105,11 +106,26 @@ def _patch_tied_embeddings() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup
 
 
+VERIFIED_MCORE = "0.16.1"
+
+
+def _check_version() -> None:
+    from megatron.core import package_info
+
+    if package_info.__version__ != VERIFIED_MCORE:
+        warnings.warn(
+            f"megatron-core {package_info.__version__}: these patches were verified against "
+            f"{VERIFIED_MCORE} only",
+            stacklevel=3,
+        )
+
+
 def enable_megatron_without_te() -> None:
     """Work around two mcore 0.16.1 bugs that hit any run without TransformerEngine (GPU too).
 
     Idempotent; a no-op when TransformerEngine is installed. ``enable_cpu_megatron`` calls it.
     """
+    _check_version()
     if importlib.util.find_spec("transformer_engine") is not None:
         return
     from megatron.core.transformer import multi_latent_attention as mla

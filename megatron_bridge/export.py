@@ -9,22 +9,28 @@ yields nothing there) because it takes part in the collectives. Per unit:
 2. a routed expert held by expert-parallel rank r > 0 is sent to EP rank 0 of that stage;
 3. a unit on pipeline stage s > 0 is sent down the pipeline group to global rank 0.
 
-Peak extra memory on rank 0 is one unit (plus its TP shards while merging), never the model.
+Peak extra memory on rank 0 is one unit (plus one TP shard in flight), never the model.
 Tensors that need no merge (TP=1, no layout change) alias the parameters: copy them if you
 keep them past the next optimizer step.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megatron_bridge.chunks import (
+    check_coverage,
+    holds,
+    local_tensors,
+    lookup,
+    model_dtype,
+    unwrap,
+)
 from megatron_bridge.families import get_family
 from megatron_bridge.families.base import Dims
 from megatron_bridge.gather import gather_to_first, hop
@@ -32,40 +38,6 @@ from megatron_bridge.meta import HFWeightMeta
 from megatron_bridge.model import as_hf_config
 from megatron_bridge.parallel import Layout, current_layout
 from megatron_bridge.units import Piece, Unit, plan_units
-
-# TransformerEngine's grouped experts name expert i's weights "experts.linear_fc1.weight<i>".
-_TE_GROUPED = re.compile(r"(.*\.experts\.)(linear_fc[12])\.weight(\d+)")
-
-
-def unwrap(chunk: nn.Module) -> nn.Module:
-    """Strip DDP / Float16Module style wrappers (they keep the model in ``.module``)."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def canonical_name(name: str) -> str:
-    m = _TE_GROUPED.fullmatch(name)
-    return f"{m[1]}local_experts.{m[3]}.{m[2]}.weight" if m else name
-
-
-def local_tensors(chunks: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """Per chunk: canonical name -> parameter or persistent buffer (e.g. router expert_bias)."""
-    out = []
-    for chunk in chunks:
-        model = unwrap(chunk)
-        named = dict(model.named_buffers()) | dict(model.named_parameters())
-        out.append({canonical_name(n): t for n, t in named.items()})
-    return out
-
-
-def model_dtype(chunks: Sequence[nn.Module]) -> torch.dtype:
-    dtypes = {p.dtype for c in chunks for p in c.parameters()}
-    if len(dtypes) != 1:
-        raise ValueError(
-            f"model chunks mix parameter dtypes {sorted(map(str, dtypes))}; export needs one dtype"
-        )
-    return dtypes.pop()
 
 
 def _plan(chunks: Sequence[nn.Module], hf_config: Any) -> tuple[Any, list[Unit]]:
@@ -88,37 +60,6 @@ def hf_weight_metadata(model_chunks: Sequence[nn.Module], hf_config: Any) -> lis
         for piece in unit.pieces
         for name, shape in zip(piece.hf, piece.shapes, strict=True)
     ]
-
-
-def holds(unit: Unit, layout: Layout) -> bool:
-    """Whether this rank's chunks contain the unit's parameters."""
-    on_ep = unit.expert_owner is None or unit.expert_owner == layout.ep_rank
-    return unit.pp_rank == layout.pp_rank and on_ep
-
-
-def check_coverage(
-    units: list[Unit],
-    tensors: list[dict[str, torch.Tensor]],
-    chunks: Sequence[nn.Module],
-    layout: Layout,
-    d: Dims,
-) -> None:
-    """Every local parameter is exported by some unit (or is the tied output-layer copy)."""
-    expected = [set() for _ in tensors]
-    for unit in units:
-        if holds(unit, layout):
-            expected[unit.vp_stage].update(p.mcore for p in unit.pieces)
-    for vp, chunk in enumerate(chunks):
-        names = {canonical_name(n) for n, _ in unwrap(chunk).named_parameters()}
-        unknown = names - expected[vp] - ({"output_layer.weight"} if d.tied else set())
-        if unknown:
-            raise ValueError(f"parameters with no HF mapping (chunk {vp}): {sorted(unknown)}")
-
-
-def _lookup(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise ValueError(f"megatron parameter {name!r} not found in the model chunk")
-    return tensors[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,17 +93,16 @@ def _collect(unit: Unit, ex: _Export) -> list[tuple[str, torch.Tensor]]:
     layout = ex.layout
     expert = unit.expert_owner is not None
     holder = layout.expert_holder if expert else layout.dense_holder
-    on_source_line = dist.get_process_group_ranks(layout.pp_group)[0] == 0
     out: list[tuple[str, torch.Tensor]] = []
     for piece in unit.pieces:
         like = [(s, piece.dtype or ex.dtype) for s in piece.shapes]
         hf = None
         if holder and holds(unit, layout):
-            hf = _convert(piece, _lookup(ex.tensors[unit.vp_stage], piece.mcore), ex, expert)
+            hf = _convert(piece, lookup(ex.tensors[unit.vp_stage], piece.mcore), ex, expert)
         ep_endpoint = layout.etp_rank == 0 and layout.ep_rank in (0, unit.expert_owner)
         if expert and holder and layout.pp_rank == unit.pp_rank and ep_endpoint:
             hf = hop(hf, unit.expert_owner, layout.ep_group, like, ex.device)
-        if on_source_line and layout.pp_rank in (0, unit.pp_rank):
+        if layout.on_source_line and layout.pp_rank in (0, unit.pp_rank):
             hf = hop(hf, unit.pp_rank, layout.pp_group, like, ex.device)
         if layout.is_source:
             assert hf is not None, unit.name

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megatron_bridge.export import check_coverage, holds, local_tensors, unwrap
+from megatron_bridge.chunks import check_coverage, holds, local_tensors, lookup, unwrap
 from megatron_bridge.families import get_family
 from megatron_bridge.families.base import VOCAB, Dims
 from megatron_bridge.gather import is_sharded, shard_of
@@ -117,7 +117,7 @@ def load_hf_weights(
             expert = unit.expert_owner is not None
             for piece in unit.pieces:
                 hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
-                local = tensors[unit.vp_stage][piece.mcore]
+                local = lookup(tensors[unit.vp_stage], piece.mcore)
                 _copy_into(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
         # Under pipeline parallelism the last stage keeps its own copy of a tied output layer.
         head = tensors[-1].get("output_layer.weight")

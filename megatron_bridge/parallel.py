@@ -74,6 +74,8 @@ class Layout:
     """Data-parallel rank 0 (and context-parallel rank 0): its dense shards are the ones read."""
     expert_holder: bool
     """Expert-data-parallel rank 0: its expert shards are the ones read."""
+    on_source_line: bool
+    """In the pipeline group of the source rank (the line units travel down to rank 0)."""
     tp_group: object
     etp_group: object
     ep_group: object
@@ -99,6 +101,8 @@ def current_layout() -> Layout:
         vpp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
         dense_holder=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
         expert_holder=ps.get_expert_data_parallel_rank() == 0,
+        on_source_line=EXPORT_SOURCE_RANK
+        in dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()),
         tp_group=ps.get_tensor_model_parallel_group(),
         etp_group=ps.get_expert_tensor_parallel_group(),
         ep_group=ps.get_expert_model_parallel_group(),

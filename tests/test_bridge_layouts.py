@@ -55,7 +55,7 @@ def test_strided_shard_holds_gate_and_up_of_its_rank() -> None:
 
 
 def test_te_grouped_expert_names_are_canonicalised() -> None:
-    from megatron_bridge.export import canonical_name
+    from megatron_bridge.chunks import canonical_name
 
     name = "decoder.layers.3.mlp.experts.linear_fc1.weight7"
     assert canonical_name(name) == "decoder.layers.3.mlp.experts.local_experts.7.linear_fc1.weight"
