@@ -3,6 +3,7 @@ remote failures named by rank with their traceback, deadlines, shutdown."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -39,6 +40,13 @@ def _all_reduce(worker, base: float):
 def _fail_on(worker, rank: int):
     if worker.rank == rank:
         raise ValueError(f"boom on rank {worker.rank}")
+    return "ok"
+
+
+def _die_on(worker, rank: int):
+    if worker.rank == rank:
+        os._exit(1)  # a crashed trainer process, not an exception
+    time.sleep(0.5)
     return "ok"
 
 
@@ -88,15 +96,38 @@ def test_deadline_fires(group):
 
 def test_shutdown_is_idempotent():
     pytest.importorskip("ray")
-    import ray
 
-    from weightsync.ray_group import TrainerGroup
+    from weightsync.ray_group import RankFailed, TrainerGroup
 
     # Joins the module's running session (the group above), so it does not own Ray.
     g = TrainerGroup.create(2, tp=1, timeout_s=120)
     assert g.run_all(_all_reduce, 0.0, timeout_s=60) == [[1.0] * 4, [1.0] * 4]
+    # A rank whose process dies is named; run_all does not wait for the deadline.
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 failed in _die_on") as info:
+        g.run_all(_die_on, 1, timeout_s=60)
+    assert info.value.rank == 1 and time.monotonic() - t0 < 30
     actor = g.actors[0]
     g.shutdown()
     g.shutdown()
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(actor.execute.remote(_coords), timeout=30)
+    assert _dies_within(actor, 30.0)
+
+
+def _dies_within(actor, seconds: float) -> bool:
+    """ray.kill is asynchronous: poll until calls to the actor fail as a dead actor's do."""
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.execute.remote(_rank_and), timeout=10)
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.RayTaskError:
+            pass  # still alive, its process group already destroyed
+        except Exception as e:  # Ray 2.60 refuses submissions to a removed actor this way
+            if "Can't find actor" in str(e):
+                return True
+            raise
+        time.sleep(0.2)
+    return False
