@@ -12,6 +12,7 @@ from tests.bridge_helpers import ROPES, hf_config, megatron_logits
 
 TOKENS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 MOE = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
+VARIANTS = {"no_q_lora": {"q_lora_rank": None}}  # MLA with a plain q_proj
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,21 @@ class Case:
     """Load the reference HF checkpoint first (round trip); else export megatron's own init."""
     rope: str | None = None
     """A scaled rotary embedding from ``ROPES`` (the weights do not change)."""
+    variant: str | None = None
+    """Config overrides from ``VARIANTS`` (the weights change: own checkpoint)."""
     bf16: bool = False
     from_state_dict: bool = False
     """Load from transformers' in-memory state_dict (fused experts, tied lm_head) not the dir."""
 
     def hf_config(self) -> object:
         rope = {"rope_parameters": ROPES[self.rope]} if self.rope else {}
-        return hf_config(self.family, num_hidden_layers=self.layers, **rope)
+        extra = VARIANTS[self.variant] if self.variant else {}
+        return hf_config(self.family, num_hidden_layers=self.layers, **rope, **extra)
+
+    @property
+    def checkpoint(self) -> str:
+        """Name of the reference HF checkpoint this case loads."""
+        return "-".join([self.family, str(self.layers), *([self.variant] if self.variant else [])])
 
     def __str__(self) -> str:
         parts = [self.family, f"tp{self.tp}", f"pp{self.pp}"]
@@ -46,6 +55,7 @@ class Case:
         parts += ["state_dict"] if self.from_state_dict else []
         parts += ["bf16"] if self.bf16 else []
         parts += [self.rope] if self.rope else []
+        parts += [self.variant] if self.variant else []
         return "-".join(parts)
 
 
@@ -140,7 +150,7 @@ def error_messages(checkpoint: str) -> dict[str, str]:
 
 
 def run_cases(rank: int, world: int, cases: list[Case], checkpoints: dict[str, str]) -> dict:
-    out = {str(c): run_case(c, checkpoints[f"{c.family}-{c.layers}"]) for c in cases}
+    out = {str(c): run_case(c, checkpoints[c.checkpoint]) for c in cases}
     if world == 2 and dist.get_backend() == "gloo":
         out["errors"] = error_messages(checkpoints["qwen2-2"])
     return out

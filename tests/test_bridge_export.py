@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.bridge_helpers import checkpoint_keys, hf_config, hf_logits, run_ranks
+from tests.bridge_helpers import checkpoint_keys, hf_logits, run_ranks
 from tests.bridge_jobs import MOE, TOKENS, Case, run_cases
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3")  # mistral's config here ties embeddings
@@ -36,6 +36,7 @@ CASES = [
     Case("deepseek_v3", tp=2, bf16=True),  # bf16 params, the router's expert bias stays fp32
     Case("llama", tp=2, rope="llama3"),
     Case("deepseek_v3", tp=2, rope="yarn"),
+    Case("deepseek_v3", tp=2, variant="no_q_lora"),
     *(Case(f) for f in ("mistral", "qwen2", "qwen3", *MOE)),  # TP=1 (and a DP replica)
 ]
 CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and another dimension
@@ -46,14 +47,13 @@ CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and ano
 WORLD = {**{str(c): 2 for c in CASES}, **{str(c): 4 for c in CASES_4}}
 
 
-def _reference_checkpoint(family: str, layers: int, path: str) -> dict[str, torch.Tensor]:
+def reference_checkpoint(case: Case, path: str) -> dict[str, torch.Tensor]:
     """A random HF checkpoint; 1-D tensors (norms, biases, router bias) are jittered away from
     their constant init so that swapping two of them cannot go unnoticed."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(7)
-    cfg = hf_config(family, num_hidden_layers=layers)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(case.hf_config())
     os.makedirs(path)
     model.save_pretrained(path)
     weights = load_file(os.path.join(path, "model.safetensors"))
@@ -66,12 +66,10 @@ def _reference_checkpoint(family: str, layers: int, path: str) -> dict[str, torc
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for key in {f"{c.family}-{c.layers}" for c in CASES + CASES_4}:
-        family, layers = key.rsplit("-", 1)
-        out[key] = {
-            "dir": str(root / key),
-            "weights": _reference_checkpoint(family, int(layers), str(root / key)),
-        }
+    for case in CASES + CASES_4:
+        if case.checkpoint not in out:
+            path = str(root / case.checkpoint)
+            out[case.checkpoint] = {"dir": path, "weights": reference_checkpoint(case, path)}
     return out
 
 
@@ -116,7 +114,7 @@ def check_case(out: dict, checkpoints: dict, case: Case) -> None:
     ), "a yielded unit mixes metadata units"
     assert len({unit_of[u[0][0]] for u in out["units"]}) == len(out["units"])
 
-    reference = checkpoints[f"{case.family}-{case.layers}"]["weights"]
+    reference = checkpoints[case.checkpoint]["weights"]
     if case.bf16:
         reference = {
             k: v if v.dtype == meta_dtype(meta, k) else v.bfloat16() for k, v in reference.items()

@@ -10,7 +10,7 @@ import torch
 
 from tests.bridge_helpers import run_ranks
 from tests.bridge_jobs import Case, run_cases
-from tests.test_bridge_export import _reference_checkpoint, check_case
+from tests.test_bridge_export import check_case, reference_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,12 +24,13 @@ def test_gpu_export_matches_transformers(tmp_path) -> None:
     cases = [Case(f, tp=world) for f in ("llama", "qwen2", "qwen3_moe", "deepseek_v3")]
     cases.append(Case("deepseek_v3", tp=world, bf16=True))
     checkpoints = {}
-    for family in {c.family for c in cases}:
-        path = str(tmp_path / f"{family}-2")
-        checkpoints[f"{family}-2"] = {
-            "dir": path,
-            "weights": _reference_checkpoint(family, 2, path),
-        }
+    for case in cases:
+        if case.checkpoint not in checkpoints:
+            path = str(tmp_path / case.checkpoint)
+            checkpoints[case.checkpoint] = {
+                "dir": path,
+                "weights": reference_checkpoint(case, path),
+            }
     dirs = {k: v["dir"] for k, v in checkpoints.items()}
     results = run_ranks(run_cases, world, cases, dirs, backend="nccl", timeout=400)[0]
     for case in cases:
