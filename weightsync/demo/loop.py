@@ -73,6 +73,10 @@ def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = Tr
 
     report = Report(config=asdict(cfg))
     t0 = time.perf_counter()
+    if rt.server is None:
+        # An external engine serves some checkpoint of its own: start it on the trainer's
+        # weights (version 0), as a launched server already is.
+        report.initial_sync = _as_dict(sync(0))
     bar = tqdm(range(cfg.steps), desc="rl steps", disable=not progress, dynamic_ncols=True)
     bar.write(HEADER)
     for step in bar:

@@ -36,6 +36,8 @@ class Report:
     steps: list[StepRecord] = field(default_factory=list)
     setup_s: float = 0.0
     total_s: float = 0.0
+    initial_sync: dict[str, Any] | None = None
+    """Only for an external engine: the sync that loaded the trainer's initial weights."""
 
     def summary(self) -> dict[str, Any]:
         rewards = [s.reward for s in self.steps]
@@ -55,6 +57,7 @@ class Report:
         return {
             "config": self.config,
             "summary": self.summary(),
+            "initial_sync": self.initial_sync,
             "steps": [asdict(s) for s in self.steps],
         }
 

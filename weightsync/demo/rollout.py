@@ -8,6 +8,7 @@ Prompts are sent concurrently, one request per prompt with ``n`` samples.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ class RolloutClient:
         futures = [
             self._pool.submit(one, list(p), n, max_tokens, seed + i) for i, p in enumerate(prompts)
         ]
-        return [f.result(timeout=self.timeout_s) for f in futures]
+        deadline = time.monotonic() + self.timeout_s
+        return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
 
     def _post(self, path: str, body: dict) -> dict:
         r = self._http.post(self.url + path, json=body, timeout=self.timeout_s)
