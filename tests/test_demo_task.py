@@ -130,3 +130,22 @@ def test_report_table_and_summary(tmp_path):
     assert len(lines) == 5 and lines[-1].split()[:3] == ["3", "0.600", "0.0010"]
     json_path, png_path = report.write(tmp_path)
     assert json_path.exists() and png_path.stat().st_size > 10_000
+
+
+def test_cli_flags_come_from_the_config():
+    import argparse
+
+    from weightsync.demo.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == DemoConfig()
+    cfg = config_from_args(
+        parser.parse_args(["--int4", "--steps", "5", "--lr", "0.003", "--engine-url", "http://h:1"])
+    )
+    assert (cfg.int4, cfg.steps, cfg.lr, cfg.engine_url) == (True, 5, 0.003, "http://h:1")
+    assert config_from_args(parser.parse_args(["--no-int4"])).int4 is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--engine", "tgi"])
+    with pytest.raises(ValueError, match="steps=0"):
+        config_from_args(parser.parse_args(["--steps", "0"]))
