@@ -9,6 +9,9 @@ yields nothing there) because it takes part in the collectives. Per unit:
 2. a routed expert held by expert-parallel rank r > 0 is sent to EP rank 0 of that stage;
 3. a unit on pipeline stage s > 0 is sent down the pipeline group to global rank 0.
 
+If rank 0 stops consuming early (an exception in its loop), the other ranks wait inside a
+collective until the process group's timeout: abort the whole job on failure.
+
 Peak extra memory on rank 0 is one unit (plus one TP shard in flight), never the model.
 Tensors that need no merge (TP=1, no layout change) alias the parameters: copy them if you
 keep them past the next optimizer step.

@@ -41,7 +41,8 @@ CASES = [
 ]
 CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and another dimension
     Case("llama", tp=2, pp=2),
-    Case("qwen2_moe", tp=2, ep=2),
+    Case("qwen2_moe", tp=2, ep=2),  # ETP=2 x EP=2
+    Case("qwen3_moe", tp=2, ep=2, etp=1, dispatcher="alltoall"),  # EP=2 x expert-DP=2
     Case("deepseek_v3", pp=2, ep=2, dispatcher="alltoall"),
 ]
 WORLD = {**{str(c): 2 for c in CASES}, **{str(c): 4 for c in CASES_4}}
