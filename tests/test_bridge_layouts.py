@@ -90,3 +90,16 @@ def test_unsupported_config_fields_raise() -> None:
 
 def test_meta_nbytes() -> None:
     assert HFWeightMeta("w", (3, 4), torch.bfloat16, "u").nbytes == 24
+
+
+def test_import_is_light_and_patches_nothing() -> None:
+    """`import megatron_bridge` pulls in neither megatron nor a patch (patches are explicit)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, megatron_bridge, megatron_bridge.families\n"
+        "assert not any(m.startswith('megatron.') for m in sys.modules), 'megatron imported'\n"
+        "assert torch.cuda.current_device.__module__ == 'torch.cuda'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
