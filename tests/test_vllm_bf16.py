@@ -6,7 +6,9 @@ the original checkpoint weights.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 
 import pytest
 import requests
@@ -40,6 +42,7 @@ def served(tmp_path_factory):
         model_dir=str(tmp / "model"),
         log_path=str(tmp / "server.log"),
         api_key=API_KEY,
+        max_model_len=2048,
         extra_args=("--enable-scale-out",),
     )
     with VllmServer(cfg) as server:
@@ -123,6 +126,55 @@ def test_broadcast_update_is_exact_and_matches_transformers(served, broadcast_se
     # Restoring the original weights restores generations token for token.
     push(engine, broadcast_sender, plan_for(state, 1 << 20), state, version="bf16-v0")
     assert _outputs(server) == baseline
+
+
+def _stream(url: str, prompt: list[int], n: int, started: threading.Event, out: list) -> None:
+    """Greedy streaming generation; sets ``started`` once the first tokens arrived."""
+    body = {
+        "token_ids": prompt,
+        "stream": True,
+        "sampling_params": {"max_tokens": n, "temperature": 0.0, "ignore_eos": True},
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = f"{url}/inference/v1/generate"
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(chunk_size=None):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                out.extend(json.loads(line[6:])["choices"][0]["token_ids"])
+                started.set()
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_inflight_request_survives_the_update(served, broadcast_sender, mode):
+    server, engine, state, _, _ = served
+    prompt, n = PROMPTS[1], 2000
+    new = perturbed(state, seed=5)
+    old = generate(server.url, prompt, n, API_KEY, ignore_eos=True)[0]
+    # A request that finished before the pause took effect proves nothing: try again.
+    for _ in range(3):
+        started, tokens = threading.Event(), []
+        worker = threading.Thread(target=_stream, args=(server.url, prompt, n, started, tokens))
+        worker.start()
+        assert started.wait(timeout=60)
+        push(engine, broadcast_sender, plan_for(new, 1 << 20), new, f"bf16-{mode}", mode=mode)
+        worker.join(timeout=120)
+        fresh = generate(server.url, prompt, n, API_KEY, ignore_eos=True)[0]
+        # First token the new weights chose (those before it may come from either).
+        j = next((i for i, (a, b) in enumerate(zip(tokens, old, strict=False)) if a != b), n)
+        resumed = generate(server.url, prompt + tokens[:j], 4, API_KEY, ignore_eos=True)[0]
+        push(engine, broadcast_sender, plan_for(state, 1 << 20), state, version="bf16-v0")
+        if tokens != old:
+            break
+    # Frozen, not aborted: the request completes in full, its head from the old weights and
+    # its tail from the new ones.
+    assert len(tokens) == n
+    assert tokens not in (old, fresh)
+    assert tokens[0] == old[0]
+    if mode == "retract":
+        # Retracted: its KV was dropped and recomputed with the new weights, so it continues
+        # exactly like a fresh request for the same prefix.
+        assert tokens[j : j + 4] == resumed
 
 
 def test_shm_update_then_restore(served):

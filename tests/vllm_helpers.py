@@ -28,7 +28,7 @@ def tiny_qwen2_config(vocab: int = 256, hidden: int = 128, layers: int = 2):
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
@@ -105,7 +105,7 @@ def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tenso
     return [(n, named[n]) for b in plan.buckets for n in b.names()]
 
 
-def push(engine, sender, plan, named: dict[str, torch.Tensor], version: str, timeout_s=60.0):
+def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=60.0):
     """One full update the way the orchestrator drives it; returns the wall seconds."""
     import time
 
@@ -113,8 +113,9 @@ def push(engine, sender, plan, named: dict[str, torch.Tensor], version: str, tim
 
     engine.validate(plan, named.items())
     t0 = time.perf_counter()
-    engine.pause("abort")
-    engine.flush_cache()
+    engine.pause(mode)
+    if mode != "in_place":
+        assert engine.flush_cache()
     engine.begin_update()
 
     def on_sent(bucket, ticket):
@@ -128,14 +129,19 @@ def push(engine, sender, plan, named: dict[str, torch.Tensor], version: str, tim
     return time.perf_counter() - t0
 
 
-def generate(url: str, prompt: list[int], max_tokens: int = 8, api_key: str | None = None):
+def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos=False):
     """Greedy token ids and the prompt's per-token logprobs from /inference/v1/generate."""
     import requests
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {
         "token_ids": prompt,
-        "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0, "prompt_logprobs": 0},
+        "sampling_params": {
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+            "ignore_eos": ignore_eos,
+        },
     }
     r = requests.post(f"{url}/inference/v1/generate", json=body, headers=headers, timeout=60)
     r.raise_for_status()

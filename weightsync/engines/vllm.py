@@ -27,16 +27,11 @@ from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
 from weightsync.transport.shm import RingSpec
 
-# weightsync's pause modes -> vLLM's. vLLM has no retract (requeue and recompute): "wait" lets
-# in-flight requests finish on the old weights, the closest thing that never mixes weights
-# within a request; "keep" freezes them in place like SGLang's in_place.
-PAUSE_MODES = {
-    "abort": "abort",
-    "retract": "wait",
-    "in_place": "keep",
-    "wait": "wait",
-    "keep": "keep",
-}
+# weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; retract
+# then has flush_cache preempt them too (their KV is dropped and recomputed with the new
+# weights after resume), where in_place leaves their KV as it was. vLLM's own "wait" (drain
+# in-flight requests first) is accepted as is.
+PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep", "wait": "wait"}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -83,6 +78,7 @@ class VllmEngine:
         # once the engine, told by the request, joins it.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-bucket")
         self._expected: dict[str, tuple[str, tuple[int, ...]]] | None = None
+        self._pause_mode = "abort"
 
     # --- HTTP plumbing -------------------------------------------------------------------
     def _call(self, method: str, path: str, timeout_s: float | None = None, **kw) -> dict:
@@ -94,7 +90,15 @@ class VllmEngine:
                 f"{self.name} {path}: no answer within {timeout_s or self.config.timeout_s:.1f} s"
             ) from None
         if r.status_code != 200:
-            raise RuntimeError(f"{self.name} {path} -> HTTP {r.status_code}: {r.text[:2000]}")
+            hint = ""
+            if r.status_code == 404:
+                hint = " (the RL routes need VLLM_SERVER_DEV_MODE=1 on the server)"
+            elif path == "/collective_rpc":
+                hint = (
+                    " (the weightsync backend answers only when the server runs with "
+                    '--weight-transfer-config \'{"backend": "weightsync"}\')'
+                )
+            raise RuntimeError(f"{self.name} {path} -> HTTP {r.status_code}{hint}: {r.text[:2000]}")
         return r.json() if r.content else {}
 
     def _rpc(self, query: str) -> dict:
@@ -194,11 +198,19 @@ class VllmEngine:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
         self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": "false"})
+        self._pause_mode = mode
 
     def flush_cache(self) -> bool:
+        """Drop the prefix cache; after a retract pause also preempt the frozen requests, so
+        they are recomputed with the new weights. Retried with backoff while blocks are
+        held."""
+        retract = "true" if self._pause_mode == "retract" else "false"
         delay = 0.05
         for attempt in range(self.config.flush_retries + 1):
-            if self._call("POST", "/reset_prefix_cache").get("success"):
+            answer = self._call(
+                "POST", "/reset_prefix_cache", params={"reset_running_requests": retract}
+            )
+            if answer.get("success"):
                 return True
             if attempt < self.config.flush_retries:
                 time.sleep(delay)

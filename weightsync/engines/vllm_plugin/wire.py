@@ -107,4 +107,5 @@ def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
 
 def sha256(t: torch.Tensor) -> str:
     """Digest of a tensor's bytes, as the backend records what it loaded."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
