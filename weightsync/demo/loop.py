@@ -37,19 +37,11 @@ def run_step(cfg: DemoConfig, step: int, sync: SyncFn, rt: DemoRuntime) -> StepR
     rewards_PG = torch.tensor(
         [[count_up_reward(s.prompt, s.tokens, cfg.vocab_size) for s in g] for g in groups]
     )
-    advantages_B = group_advantages(rewards_PG).flatten()
     tokens_BS = torch.tensor([s.prompt + s.tokens for s in samples])
     rollout_lp_BR = torch.tensor([s.logprobs for s in samples])
 
     t0 = time.perf_counter()
-    timeout = cfg.timeout_s
-    # Before the update: the trainer holds the weights the engine sampled with.
-    train_lp_BR = rt.group.run_all(
-        PolicyWorker.logprobs, tokens_BS, cfg.prompt_len, timeout_s=timeout
-    )[0]
-    metrics = rt.group.run_all(
-        PolicyWorker.train_step, tokens_BS, cfg.prompt_len, advantages_B, timeout_s=timeout
-    )[0]
+    train_lp_BR, metrics = _train(cfg, rt, tokens_BS, group_advantages(rewards_PG).flatten())
     train_s = time.perf_counter() - t0
 
     stats = sync(step + 1)
@@ -65,6 +57,17 @@ def run_step(cfg: DemoConfig, step: int, sync: SyncFn, rt: DemoRuntime) -> StepR
         sync=_as_dict(stats),
         engine_version=rt.engine_version(),
     )
+
+
+def _train(cfg: DemoConfig, rt: DemoRuntime, tokens_BS: torch.Tensor, advantages_B: torch.Tensor):
+    """Trainer logprobs of the rollout tokens, then one GRPO step; both on every rank."""
+    run_all, timeout = rt.group.run_all, cfg.timeout_s
+    # Before the update: the trainer holds the weights the engine sampled with.
+    logprobs_BR = run_all(PolicyWorker.logprobs, tokens_BS, cfg.prompt_len, timeout_s=timeout)[0]
+    metrics = run_all(
+        PolicyWorker.train_step, tokens_BS, cfg.prompt_len, advantages_B, timeout_s=timeout
+    )[0]
+    return logprobs_BR, metrics
 
 
 def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = True) -> Report:

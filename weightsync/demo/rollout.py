@@ -47,7 +47,17 @@ class RolloutClient:
             self._pool.submit(one, list(p), n, max_tokens, seed + i) for i, p in enumerate(prompts)
         ]
         deadline = time.monotonic() + self.timeout_s
-        return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        groups = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        for group in groups:
+            for s in group:
+                # Fixed lengths keep the batch rectangular; an engine ignoring min/ignore_eos
+                # would silently misalign tokens and logprobs.
+                if len(s.tokens) != max_tokens or len(s.logprobs) != max_tokens:
+                    raise RuntimeError(
+                        f"{self.engine} returned {len(s.tokens)} tokens and {len(s.logprobs)} "
+                        f"logprobs for a sample, asked for exactly {max_tokens}"
+                    )
+        return groups
 
     def _post(self, path: str, body: dict) -> dict:
         r = self._http.post(self.url + path, json=body, timeout=self.timeout_s)
