@@ -33,6 +33,8 @@ class Case:
     """Config overrides from ``VARIANTS`` (the weights change: own checkpoint)."""
     bf16: bool = False
     from_state_dict: bool = False
+    train: bool = False
+    """Take one SGD step after loading: the export must follow weights that moved."""
     """Load from transformers' in-memory state_dict (fused experts, tied lm_head) not the dir."""
 
     def hf_config(self) -> object:
@@ -56,6 +58,7 @@ class Case:
         parts += ["bf16"] if self.bf16 else []
         parts += [self.rope] if self.rope else []
         parts += [self.variant] if self.variant else []
+        parts += ["train"] if self.train else []
         return "-".join(parts)
 
 
@@ -93,6 +96,8 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
         mb.load_hf_weights(chunks, state, cfg)
     elif case.load:
         mb.load_hf_weights(chunks, checkpoint, cfg)
+    if case.train:
+        _sgd_step(chunks[0])
     vocab = chunks[-1].vocab_size
     logits = _to_rank0(megatron_logits(chunks, TOKENS), (*TOKENS.shape, vocab), dtype, case.pp)
     meta = mb.hf_weight_metadata(chunks, cfg)
@@ -112,6 +117,19 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
         "logits": logits[..., : cfg.vocab_size].float().cpu(),
         "inv_freq": _inv_freq(chunks[0]),
     }
+
+
+def _sgd_step(chunk: torch.nn.Module, lr: float = 0.5) -> None:
+    """One real megatron forward/backward and a plain SGD update (single chunk, PP=1)."""
+    chunk.train()
+    tokens = TOKENS[:, :-1]
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    chunk(tokens, positions, None, labels=TOKENS[:, 1:]).float().mean().backward()
+    with torch.no_grad():
+        for p in chunk.parameters():
+            assert p.grad is not None
+            p -= lr * p.grad
+            p.grad = None
 
 
 def _inv_freq(chunk: torch.nn.Module) -> torch.Tensor | None:

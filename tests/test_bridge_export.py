@@ -37,6 +37,9 @@ CASES = [
     Case("llama", tp=2, rope="llama3"),
     Case("deepseek_v3", tp=2, rope="yarn"),
     Case("deepseek_v3", tp=2, variant="no_q_lora"),
+    Case("llama", tp=2, train=True),
+    Case("qwen3_moe", ep=2, dispatcher="alltoall", train=True),  # MoE trains at TP=1 on CPU
+    Case("deepseek_v3", ep=2, dispatcher="alltoall", train=True),
     *(Case(f) for f in ("mistral", "qwen2", "qwen3", *MOE)),  # TP=1 (and a DP replica)
 ]
 CASES_4 = [  # 4 ranks on 2 cores: the layouts that need both a pipeline and another dimension
@@ -120,7 +123,11 @@ def check_case(out: dict, checkpoints: dict, case: Case) -> None:
         reference = {
             k: v if v.dtype == meta_dtype(meta, k) else v.bfloat16() for k, v in reference.items()
         }
-    if case.load:
+    if case.train:
+        moved = [n for n, t in exported.items() if not torch.equal(t, reference[n])]
+        assert len(moved) > len(exported) // 2, "the SGD step left most weights unchanged"
+        ref_logits = hf_logits(cfg, {k: v.float() for k, v in exported.items()}, TOKENS)
+    elif case.load:
         for name, t in exported.items():
             assert torch.equal(t, reference[name]), f"{name} changed in HF->megatron->HF"
         ref_logits = hf_logits(cfg, {k: v.float() for k, v in reference.items()}, TOKENS)
