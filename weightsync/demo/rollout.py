@@ -2,7 +2,8 @@
 
 vLLM: ``/inference/v1/generate`` (``vllm serve --enable-scale-out``) takes token ids with no
 tokenizer and reports, per sample, the weight versions its tokens were generated with.
-SGLang: ``/generate`` with ``input_ids``; ``meta_info.weight_version`` per sample.
+SGLang: ``/generate`` with ``input_ids``; ``meta_info.weight_versions`` spans per sample
+(not exercised on CPU: no SGLang server runs here).
 Prompts are sent concurrently, one request per prompt with ``n`` samples.
 """
 
@@ -79,9 +80,7 @@ class RolloutClient:
         samples = []
         for choice in out["choices"]:
             lps = [entry["logprob"] for entry in choice["logprobs"]["content"]]
-            spans = choice.get("weight_versions") or []
-            versions = {s["version"] for s in spans}
-            version = versions.pop() if len(versions) == 1 else None
+            version = _single(choice.get("weight_versions") or [])
             samples.append(Sample(prompt, list(choice["token_ids"]), lps, version))
         return samples
 
@@ -102,9 +101,17 @@ class RolloutClient:
             # output_token_logprobs: [(logprob, token_id, text), ...]
             lps = [float(e[0]) for e in meta["output_token_logprobs"]]
             tokens = [int(e[1]) for e in meta["output_token_logprobs"]]
-            samples.append(Sample(prompt, tokens, lps, meta.get("weight_version")))
+            spans = meta.get("weight_versions")
+            version = _single(spans) if spans else meta.get("weight_version")
+            samples.append(Sample(prompt, tokens, lps, version))
         return samples
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
+
+
+def _single(spans: list[dict]) -> str | None:
+    """The one weight version of a sample's token spans; None when an update landed mid-sample."""
+    versions = {span["version"] for span in spans}
+    return versions.pop() if len(versions) == 1 else None
