@@ -77,6 +77,8 @@ def _grouped(rows: list[Row]) -> list[list[Row]]:
 
 def layer_locations(config: TransformerConfig) -> dict[int, tuple[int, int, int]]:
     """Global layer index -> (pp_rank, vp_stage, index inside that chunk)."""
+    if config.pipeline_model_parallel_layout is not None:
+        raise ValueError("pipeline_model_parallel_layout is not supported (use the default split)")
     pp = config.pipeline_model_parallel_size
     vpp = config.virtual_pipeline_model_parallel_size
     where: dict[int, tuple[int, int, int]] = {}
