@@ -51,6 +51,8 @@ class SyncStats:
     nbytes: int
     num_buckets: int
     stale: list[str] = field(default_factory=list)
+    verified: bool = False
+    """Every engine's loaded tensors were compared with the sent ones (``verify``)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +84,7 @@ class WeightSync:
         self.int4 = int4
         self.lock = lock or LocalLeaseLock()
         self.owner = owner
-        self.engines = {s.label: s.connect() for s in self.specs}
+        self.engines = {s.label: s.connect(record_digests=config.verify) for s in self.specs}
         self.stale: set[str] = set()
         self._connected = False
 
@@ -134,6 +136,8 @@ class WeightSync:
         self._each(lambda e: e.begin_update())
         send = self._run(TrainerSync.send)[0]
         self._each(lambda e: e.end_update())
+        if self.config.verify:
+            self._each(lambda e: _verify(e, send["digests"]))
         self._each(lambda e: e.set_version(str(version)))
         return send
 
@@ -171,8 +175,20 @@ class WeightSync:
                 engine.close()
 
 
+def _verify(engine, sent: dict[str, str]) -> None:
+    """The engine loaded exactly the bytes that were sent, tensor by tensor."""
+    loaded = engine.loaded_digests()
+    bad = sorted(n for n, d in sent.items() if loaded.get(n) != d)
+    if bad:
+        raise RuntimeError(f"{len(bad)} tensors differ from what was sent, e.g. {bad[:3]}")
+
+
 def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStats:
     keys = ("export_s", "quantize_s", "transfer_s", "engine_load_s", "nbytes", "num_buckets")
     return SyncStats(
-        version=version, pause_s=pause_s, total_s=total_s, **{k: send[k] for k in keys}
+        version=version,
+        pause_s=pause_s,
+        total_s=total_s,
+        verified=bool(send["digests"]),
+        **{k: send[k] for k in keys},
     )

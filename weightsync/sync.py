@@ -15,6 +15,7 @@ the acknowledgement of bucket k is awaited only after bucket k+1 has been handed
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ class SendStats:
     nbytes: int = 0
     num_buckets: int = 0
     engine_errors: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    """sha256 of every tensor sent (``SyncConfig.verify``), to compare with the engines'."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (what engines that verify report for what they loaded)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:
@@ -128,6 +136,8 @@ class WeightSender:
             t0 = time.perf_counter()
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
+            if self.config.verify:
+                stats.digests.update((n, tensor_digest(t)) for n, t in out)
             yield from out
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +43,23 @@ def _state(worker: Any) -> _State:
     return state
 
 
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
-def _node_address() -> str:
+def _node_address(loopback: bool) -> str:
+    # Engines on this host reach the store over loopback; only remote ones need the node IP.
+    if loopback:
+        return "127.0.0.1"
     try:
         import ray
 
@@ -74,8 +84,8 @@ class TrainerSync:
         worker.weightsync = state
 
     @staticmethod
-    def endpoint(worker: Any) -> tuple[str, int] | None:
-        return (_node_address(), _free_port()) if _state(worker).sender.is_source else None
+    def endpoint(worker: Any, loopback: bool) -> tuple[str, int] | None:
+        return (_node_address(loopback), _free_port()) if _state(worker).sender.is_source else None
 
     @staticmethod
     def open_broadcast(
@@ -104,9 +114,9 @@ class TrainerSync:
         from weightsync.transport.shm import ShmRing, ShmSender
 
         state = _state(worker)
+        plan = state.sender.prepare()  # collective: every rank takes part
         if not state.sender.is_source:
             return None
-        plan = state.sender.prepare()
         state.ring = ShmRing.create(
             plan.max_bucket_nbytes, num_slots=2, num_consumers=num_consumers
         )
@@ -147,27 +157,34 @@ class TrainerSync:
         """Driver side of the transport set-up; the engines join beside the source rank."""
         timeout = ws.config.step_timeout_s
         if ws.config.transport == "broadcast":
-            address, port = next(e for e in ws._run(TrainerSync.endpoint) if e is not None)
+            loopback = all(_is_loopback(s.url) for s in ws.specs)
+            address, port = next(e for e in ws._run(TrainerSync.endpoint, loopback) if e)
             world = 1 + sum(s.tp_size for s in ws.specs)
             offsets = [1 + sum(s.tp_size for s in ws.specs[:i]) for i in range(len(ws.specs))]
-            with ThreadPoolExecutor(len(ws.specs)) as pool:
-                joins = [
-                    pool.submit(
-                        join_broadcast,
-                        ws.engines[s.label],
-                        s,
-                        master_address=address,
-                        master_port=port,
-                        world_size=world,
-                        rank_offset=off,
-                        group_name=GROUP_NAME,
-                        backend="nccl" if torch.cuda.is_available() else "gloo",
-                    )
-                    for s, off in zip(ws.specs, offsets, strict=True)
-                ]
-                ws._run(TrainerSync.open_broadcast, address, port, world, timeout)
-                for j in joins:
-                    j.result(timeout=timeout)
+            pool = ThreadPoolExecutor(len(ws.specs) + 1, thread_name_prefix="join")
+            joins = [
+                pool.submit(
+                    join_broadcast,
+                    ws.engines[s.label],
+                    s,
+                    master_address=address,
+                    master_port=port,
+                    world_size=world,
+                    rank_offset=off,
+                    group_name=GROUP_NAME,
+                    backend="nccl" if torch.cuda.is_available() else "gloo",
+                )
+                for s, off in zip(ws.specs, offsets, strict=True)
+            ]
+            host = pool.submit(ws._run, TrainerSync.open_broadcast, address, port, world, timeout)
+            pool.shutdown(wait=False)
+            # An engine that refuses to join fails the set-up now, not at the store timeout.
+            done, pending = wait([host, *joins], timeout=timeout, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()
+            if pending:
+                raise TimeoutError(f"broadcast group set-up not done within {timeout:.0f} s")
         elif ws.config.transport == "ipc":
             if any(s.kind != "vllm" for s in ws.specs):
                 raise ValueError(

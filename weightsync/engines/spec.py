@@ -71,7 +71,7 @@ def join_broadcast(
             master_address=master_address,
             master_port=master_port,
             world_size=world_size,
-            rank=rank_offset,
+            rank_offset=rank_offset,
             group_name=group_name,
         )
     else:
