@@ -16,6 +16,7 @@ import torch
 
 from tests.vllm_helpers import (
     PROMPTS,
+    TIMEOUT_S,
     broadcast_link,
     build_tiny_qwen2,
     generate,
@@ -44,10 +45,13 @@ def served(tmp_path_factory):
         api_key=API_KEY,
         max_model_len=2048,
         extra_args=("--enable-scale-out",),
+        startup_timeout_s=4 * TIMEOUT_S,
     )
     with VllmServer(cfg) as server:
         engine = VllmEngine(
-            VllmEngineConfig(url=server.url, api_key=API_KEY, timeout_s=60, record_digests=True)
+            VllmEngineConfig(
+                url=server.url, api_key=API_KEY, timeout_s=TIMEOUT_S, record_digests=True
+            )
         )
         baseline = {p_i: generate(server.url, p, api_key=API_KEY) for p_i, p in enumerate(PROMPTS)}
         yield server, engine, state, baseline, tmp / "model"
@@ -64,7 +68,9 @@ def _outputs(server):
 
 
 def _checksums(server) -> dict[str, str]:
-    r = requests.post(f"{server.url}/weight_checker", json={"action": "checksum"}, timeout=60)
+    r = requests.post(
+        f"{server.url}/weight_checker", json={"action": "checksum"}, timeout=TIMEOUT_S
+    )
     r.raise_for_status()
     return r.json()["checksums"]
 
@@ -72,7 +78,9 @@ def _checksums(server) -> dict[str, str]:
 def test_launcher_serves_with_api_key(served):
     server, engine, _, baseline, _ = served
     assert server.alive() and engine.health()
-    r = requests.post(f"{server.url}/inference/v1/generate", json={"token_ids": [1, 2]}, timeout=30)
+    r = requests.post(
+        f"{server.url}/inference/v1/generate", json={"token_ids": [1, 2]}, timeout=TIMEOUT_S
+    )
     assert r.status_code == 401
     tokens, logprobs = baseline[0]
     assert len(tokens) == 8 and len(logprobs) == len(PROMPTS[0]) - 1
@@ -84,7 +92,7 @@ def test_engine_errors_come_back_with_their_text(served):
     # /update_weights outside start/finish: vLLM refuses, and the adapter says why.
     pending = engine.update_bucket(plan.buckets[0], Ticket(0, 0))
     with pytest.raises(RuntimeError, match="start_weight_update"):
-        pending.wait(30)
+        pending.wait(TIMEOUT_S)
     assert not engine.is_paused()
 
 
@@ -137,7 +145,7 @@ def _stream(url: str, prompt: list[int], n: int, started: threading.Event, out: 
     }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{url}/inference/v1/generate"
-    with requests.post(url, json=body, headers=headers, stream=True, timeout=120) as r:
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
         r.raise_for_status()
         for line in r.iter_lines(chunk_size=None):
             if line.startswith(b"data: ") and line != b"data: [DONE]":
@@ -156,9 +164,9 @@ def test_inflight_request_survives_the_update(served, broadcast_sender, mode):
         started, tokens = threading.Event(), []
         worker = threading.Thread(target=_stream, args=(server.url, prompt, n, started, tokens))
         worker.start()
-        assert started.wait(timeout=60)
+        assert started.wait(timeout=TIMEOUT_S)
         push(engine, broadcast_sender, plan_for(new, 1 << 20), new, f"bf16-{mode}", mode=mode)
-        worker.join(timeout=120)
+        worker.join(timeout=TIMEOUT_S)
         fresh = generate(server.url, prompt, n, API_KEY, ignore_eos=True)[0]
         # First token the new weights chose (those before it may come from either).
         j = next((i for i, (a, b) in enumerate(zip(tokens, old, strict=False)) if a != b), n)
@@ -186,7 +194,7 @@ def test_shm_update_then_restore(served):
     plans = [plan_for(u, bucket_bytes=96 << 10) for u in updates]
     ring = ShmRing.create(max(p.max_bucket_nbytes for p in plans), num_slots=2)
     engine.init_shm(ring.spec)
-    sender = ShmSender(ring, timeout_s=60)
+    sender = ShmSender(ring, timeout_s=TIMEOUT_S)
     try:
         outputs = []
         for i, (new, plan) in enumerate(zip(updates, plans, strict=True)):

@@ -9,6 +9,7 @@ import torch
 
 from tests.vllm_helpers import (
     PROMPTS,
+    TIMEOUT_S,
     broadcast_link,
     build_tiny_qwen2,
     generate,
@@ -43,7 +44,7 @@ def _dequantized(state, packed, cfg):
 
 
 def _checksums(url: str) -> dict[str, str]:
-    r = requests.post(f"{url}/weight_checker", json={"action": "checksum"}, timeout=60)
+    r = requests.post(f"{url}/weight_checker", json={"action": "checksum"}, timeout=TIMEOUT_S)
     r.raise_for_status()
     return r.json()["checksums"]
 
@@ -64,9 +65,12 @@ def served(request, tmp_path_factory):
         model_dir=str(tmp / "int4"),
         log_path=str(tmp / "server.log"),
         extra_args=("--enable-scale-out",),
+        startup_timeout_s=4 * TIMEOUT_S,
     )
     with VllmServer(server_cfg) as server:
-        engine = VllmEngine(VllmEngineConfig(url=server.url, timeout_s=60, record_digests=True))
+        engine = VllmEngine(
+            VllmEngineConfig(url=server.url, timeout_s=TIMEOUT_S, record_digests=True)
+        )
         name = f"ws-test-int4-{'sym' if cfg.symmetric else 'asym'}"
         with broadcast_link(engine, name) as sender:
             baseline = [generate(server.url, p) for p in PROMPTS]

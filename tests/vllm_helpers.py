@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+# Every wait of the engine tests; generous because the CI machine is shared and loaded.
+TIMEOUT_S = 120.0
 PROMPTS = [[1, 5, 9, 33, 77, 101, 3], [200, 17, 42, 8], [64, 64, 2, 150, 9, 11]]
 
 
@@ -105,7 +107,7 @@ def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tenso
     return [(n, named[n]) for b in plan.buckets for n in b.names()]
 
 
-def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=60.0):
+def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=TIMEOUT_S):
     """One full update the way the orchestrator drives it; returns the wall seconds."""
     import time
 
@@ -143,7 +145,7 @@ def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos
             "ignore_eos": ignore_eos,
         },
     }
-    r = requests.post(f"{url}/inference/v1/generate", json=body, headers=headers, timeout=60)
+    r = requests.post(f"{url}/inference/v1/generate", json=body, headers=headers, timeout=TIMEOUT_S)
     r.raise_for_status()
     out = r.json()
     logprobs = [
@@ -154,7 +156,7 @@ def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos
 
 
 @contextmanager
-def broadcast_link(engine, group_name: str, timeout_s: float = 60.0):
+def broadcast_link(engine, group_name: str, timeout_s: float = TIMEOUT_S):
     """A trainer-side BroadcastSender (rank 0) with ``engine`` joined as rank 1."""
     from weightsync.engines.vllm_launcher import free_port
     from weightsync.transport.broadcast import (

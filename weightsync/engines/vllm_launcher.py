@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-BACKEND_NAME = "weightsync"
+from weightsync.engines.vllm_plugin import BACKEND_NAME
 
 
 def require_plugin() -> None:
@@ -30,7 +30,8 @@ def require_plugin() -> None:
     the server would die at start with 'Invalid weight transfer backend'."""
     from importlib.metadata import entry_points
 
-    if not any(ep.name == BACKEND_NAME for ep in entry_points(group="vllm.general_plugins")):
+    eps = entry_points(group="vllm.general_plugins")
+    if not any(ep.value.startswith("weightsync.engines.vllm_plugin") for ep in eps):
         raise RuntimeError(
             "the weightsync vLLM plugin is not installed: pyproject.toml needs "
             '[project.entry-points."vllm.general_plugins"] '

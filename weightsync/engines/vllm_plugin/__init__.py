@@ -6,15 +6,17 @@ starts; it adds the ``weightsync`` backend to vLLM's weight-transfer factory so 
 itself (and with it torch.distributed and vLLM internals) is imported lazily by the factory.
 """
 
+import contextlib
+
 BACKEND_NAME = "weightsync"
 
 
 def register() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    # vLLM may load general plugins more than once per process; the factory refuses
-    # duplicate names.
-    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
+    # vLLM may load general plugins more than once per process, and the factory refuses a
+    # name it already holds (ValueError).
+    with contextlib.suppress(ValueError):
         WeightTransferEngineFactory.register_engine(
             BACKEND_NAME, "weightsync.engines.vllm_plugin.backend", "WeightsyncTransferEngine"
         )
