@@ -242,10 +242,14 @@ class VllmEngine:
         the packed codes, scales and shapes as sent). Needs ``record_digests``; vLLM's own
         ``/weight_checker`` cannot do it on CPU, where linear weights live repacked outside
         any parameter and hash as empty tensors."""
-        if not self.config.record_digests:
-            raise ValueError("check_weights needs VllmEngineConfig(record_digests=True)")
-        loaded = self._rpc("digests")
+        loaded = self.loaded_digests()
         return sorted(n for n, t in expected.items() if loaded.get(n) != sha256(t))
+
+    def loaded_digests(self) -> dict[str, str]:
+        """name -> sha256 of the bytes the backend loaded for it (needs ``record_digests``)."""
+        if not self.config.record_digests:
+            raise ValueError("loaded_digests needs VllmEngineConfig(record_digests=True)")
+        return self._rpc("digests")
 
     def timings(self) -> list[dict]:
         """Engine-side receive/load/finish seconds of the last update, per bucket."""
