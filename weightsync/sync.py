@@ -15,7 +15,6 @@ the acknowledgement of bucket k is awaited only after bucket k+1 has been handed
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import Engine, Pending
+from weightsync.engines.vllm_plugin.wire import sha256
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan, check_plan_identical
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -44,11 +44,6 @@ class SendStats:
     engine_errors: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     """sha256 of every tensor sent (``SyncConfig.verify``), to compare with the engines'."""
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (what engines that verify report for what they loaded)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:
@@ -137,7 +132,7 @@ class WeightSender:
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
             if self.config.verify:
-                stats.digests.update((n, tensor_digest(t)) for n, t in out)
+                stats.digests.update((n, sha256(t)) for n, t in out)
             yield from out
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:

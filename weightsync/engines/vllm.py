@@ -218,7 +218,18 @@ class VllmEngine:
         return False
 
     def begin_update(self) -> None:
-        self._call("POST", "/start_weight_update")
+        """Open a weight-update session. A session left open by an update that died midway
+        (the trainer stopped sending) is closed first: vLLM refuses to start another, which
+        would keep the engine stale for good. Closing it finalizes half-loaded layers, which
+        is safe only because the update that follows rewrites every layer (``validate``
+        insists on full updates unless ``partial``)."""
+        try:
+            self._call("POST", "/start_weight_update")
+        except RuntimeError as e:
+            if "already active" not in str(e):
+                raise
+            self._call("POST", "/finish_weight_update", json={"weight_version": None})
+            self._call("POST", "/start_weight_update")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> _Pending:
         body = {"update_info": asdict(update_info(bucket, ticket))}

@@ -1,0 +1,79 @@
+"""``weightsync demo``: the RL loop with the product's weight sync (``WeightSync``) plugged in."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from weightsync.config import MiB, SyncConfig
+from weightsync.demo.config import DemoConfig
+from weightsync.demo.loop import run
+from weightsync.demo.model import int4_config
+from weightsync.demo.report import Report
+from weightsync.orchestrator import WeightSync
+
+log = logging.getLogger("weightsync.demo")
+
+
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
+        steps=args.steps,
+        int4=args.int4,
+        engine=args.engine,
+        engine_url=args.engine_url,
+        api_key=args.api_key,
+        ray_address=args.ray_address,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+
+
+def sync_config(args: argparse.Namespace) -> SyncConfig:
+    # Verification reads the engine's digests of what it loaded: the vLLM backend records them.
+    return SyncConfig(
+        transport=args.transport,
+        pause_mode=args.pause_mode,
+        bucket_bytes=args.bucket_mib * MiB,
+        verify=args.engine == "vllm",
+    )
+
+
+def run_with_weightsync(args: argparse.Namespace) -> Report:
+    cfg, sync_cfg = demo_config(args), sync_config(args)
+    syncs: list[WeightSync] = []
+
+    def make_sync(rt):
+        ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg), owner="demo")
+        syncs.append(ws)
+        return ws.update
+
+    try:
+        report = run(cfg, make_sync)
+    finally:
+        for ws in syncs:
+            ws.close()
+    for problem in report_problems(report):
+        log.error("%s", problem)
+    return report
+
+
+def report_problems(report: Report) -> list[str]:
+    """What the main job promises, checked on its report: empty means every promise held."""
+    problems = []
+    for i, step in enumerate(report.steps):
+        want = i + 1
+        if step.sync.get("version") != want or step.engine_version != str(want):
+            problems.append(
+                f"step {i}: synced version {step.sync.get('version')}, engine "
+                f"reports {step.engine_version!r}, expected {want}"
+            )
+        if not step.sync.get("verified", False) and report.config.get("engine") == "vllm":
+            problems.append(f"step {i}: engine weights were not verified after the sync")
+        if step.rollout_version not in (None, str(i)) and i > 0:
+            problems.append(f"step {i}: rollouts ran on version {step.rollout_version}, not {i}")
+    summary = report.summary()
+    if report.steps and not summary["reward_last"] > summary["reward_first"]:
+        problems.append(
+            f"reward did not rise: {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}"
+        )
+    return problems
