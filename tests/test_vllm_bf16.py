@@ -20,11 +20,13 @@ from tests.vllm_helpers import (
     broadcast_link,
     build_tiny_qwen2,
     generate,
+    ordered,
     perturbed,
     plan_for,
     push,
     reference_logprobs,
 )
+from weightsync.plan import fill_bucket
 from weightsync.transport.base import Ticket
 
 pytestmark = pytest.mark.slow
@@ -217,6 +219,28 @@ def test_shm_update_then_restore(served):
         assert _checksums(server) == initial_checksums
     finally:
         sender.close()
+
+
+def test_update_after_one_that_died_midway(served, broadcast_sender):
+    server, engine, state, baseline, _ = served
+    new = perturbed(state, seed=9)
+    plan = plan_for(new, 96 << 10)
+    engine.validate(plan)
+    engine.pause("abort")
+    engine.begin_update()
+    # The trainer sends two buckets and dies; the orchestrator resumes the engine (stale).
+    stream = iter(ordered(new, plan))
+    for bucket in plan.buckets[:2]:
+        bufs = broadcast_sender.buffers(bucket)
+        fill_bucket(bucket, bufs, [next(stream) for _ in range(bucket.num_tensors)])
+        ticket = broadcast_sender.send(bucket, bufs)
+        engine.update_bucket(bucket, ticket).wait(TIMEOUT_S)
+    broadcast_sender.flush()
+    engine.resume()
+    # The next full update goes through and the engine serves exactly its weights.
+    push(engine, broadcast_sender, plan_for(state, 96 << 10), state, version="bf16-v0")
+    assert engine.check_weights(state) == []
+    assert _outputs(server) == baseline
 
 
 def _bad_updates(state):
