@@ -18,7 +18,7 @@ def pyproject_pins() -> dict[str, str]:
     deps = project["dependencies"] + [
         d for ds in project["optional-dependencies"].values() for d in ds
     ]
-    return dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups() for d in deps)
+    return dict(re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[\w,]+\])?==(\S+)", d).groups() for d in deps)
 
 
 def test_dockerfile_pins_match_pyproject():
