@@ -106,6 +106,7 @@ def test_expected_params_are_the_checkpoint(served):
 
 @pytest.fixture(scope="module")
 def broadcast_sender(served):
+    # Its tests come first in the file: the shm tests later point the engine at a ring.
     with broadcast_link(served[1], "ws-test-bf16") as sender:
         yield sender
 
@@ -221,26 +222,32 @@ def test_shm_update_then_restore(served):
         sender.close()
 
 
-def test_update_after_one_that_died_midway(served, broadcast_sender):
+def test_update_after_one_that_died_midway(served):
+    from weightsync.transport.shm import ShmRing, ShmSender
+
     server, engine, state, baseline, _ = served
     new = perturbed(state, seed=9)
     plan = plan_for(new, 96 << 10)
-    engine.validate(plan)
-    engine.pause("abort")
-    engine.begin_update()
-    # The trainer sends two buckets and dies; the orchestrator resumes the engine (stale).
-    stream = iter(ordered(new, plan))
-    for bucket in plan.buckets[:2]:
-        bufs = broadcast_sender.buffers(bucket)
-        fill_bucket(bucket, bufs, [next(stream) for _ in range(bucket.num_tensors)])
-        ticket = broadcast_sender.send(bucket, bufs)
-        engine.update_bucket(bucket, ticket).wait(TIMEOUT_S)
-    broadcast_sender.flush()
-    engine.resume()
-    # The next full update goes through and the engine serves exactly its weights.
-    push(engine, broadcast_sender, plan_for(state, 96 << 10), state, version="bf16-v0")
-    assert engine.check_weights(state) == []
-    assert _outputs(server) == baseline
+    ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2)
+    engine.init_shm(ring.spec)
+    sender = ShmSender(ring, timeout_s=TIMEOUT_S)
+    try:
+        engine.validate(plan)
+        engine.pause("abort")
+        engine.begin_update()
+        # The trainer sends two buckets and dies; the orchestrator resumes the engine (stale).
+        stream = iter(ordered(new, plan))
+        for bucket in plan.buckets[:2]:
+            bufs = sender.buffers(bucket)
+            fill_bucket(bucket, bufs, [next(stream) for _ in range(bucket.num_tensors)])
+            engine.update_bucket(bucket, sender.send(bucket, bufs)).wait(TIMEOUT_S)
+        engine.resume()
+        # The next full update goes through and the engine serves exactly its weights.
+        push(engine, sender, plan_for(state, 96 << 10), state, version="bf16-v0")
+        assert engine.check_weights(state) == []
+        assert _outputs(server) == baseline
+    finally:
+        sender.close()
 
 
 def _bad_updates(state):
