@@ -279,5 +279,7 @@ def _ensure_ray(address: str | None, local_num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=False)
+    # address="local": a new cluster even when another one runs on this machine (a bare
+    # ray.init() would join that one, whoever started it).
+    ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=False)
     return True

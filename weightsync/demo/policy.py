@@ -9,7 +9,7 @@ Shapes: B sequences, S tokens per sequence, R response tokens, V/tp local vocabu
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,9 +22,17 @@ class PolicyWorker(TrainerWorker):
     """Call its methods on every rank with ``group.run_all(PolicyWorker.method, ...)``."""
 
     def build_policy(
-        self, hf_dir: str, hf_config: dict, lr: float, int4: Int4Config | None, tp: int
+        self,
+        hf_weights: Mapping[str, torch.Tensor],
+        hf_config: dict,
+        lr: float,
+        int4: Int4Config | None,
+        tp: int,
     ) -> int:
-        """Build this rank's shards from ``hf_dir``; returns the local parameter count."""
+        """Build this rank's shards from HF tensors; returns the local parameter count.
+
+        The tensors travel with the call (not as a path): on a multi-node cluster the
+        driver's files are not on the actors' nodes."""
         import megatron_bridge
 
         self.hf_config = hf_config
@@ -37,7 +45,7 @@ class PolicyWorker(TrainerWorker):
         # dtype: cast parameters only (the rotary inv_freq buffer stays fp32, as in vLLM).
         for p in self.params:
             p.data = p.data.to(torch.bfloat16)
-        megatron_bridge.load_hf_weights(self.model_chunks, Path(hf_dir), hf_config)
+        megatron_bridge.load_hf_weights(self.model_chunks, hf_weights, hf_config)
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.optimizer = torch.optim.Adam(self.masters, lr=lr, betas=(0.9, 0.99))
         self.qat_handles = []
@@ -70,6 +78,11 @@ class PolicyWorker(TrainerWorker):
     ) -> dict[str, float]:
         """One GRPO step (on-policy, so the policy-gradient ratio is 1: REINFORCE with
         group-normalized advantages, averaged over tokens)."""
+        if advantages_B.shape != tokens_BS.shape[:1]:
+            raise ValueError(
+                f"advantages shape {tuple(advantages_B.shape)}: expected one per sequence, "
+                f"({tokens_BS.shape[0]},)"
+            )
         model = self.model_chunks[0]
         model.train()
         for p in self.params:
@@ -83,7 +96,7 @@ class PolicyWorker(TrainerWorker):
         with torch.no_grad():
             for p, m in zip(self.params, self.masters, strict=True):
                 p.copy_(m)
-        return {"loss": float(loss.detach()), "entropy_proxy": float(-logp_BR.detach().mean())}
+        return {"loss": float(loss.detach()), "sample_nll": float(-logp_BR.detach().mean())}
 
     def release(self) -> None:
         for h in getattr(self, "qat_handles", []):

@@ -42,35 +42,20 @@ class DemoRuntime:
         out = Path(cfg.out_dir)
         dirs = write_model_dirs(cfg, out / "models")
         hf_config = as_hf_dict(tiny_qwen2_config(cfg))
-        server, group = None, None
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Both take ~30 s on 2 cores: the engine starts while the trainer actors do.
             pending = pool.submit(_launch_vllm, cfg, dirs, out) if cfg.engine_url is None else None
             try:
-                group = TrainerGroup.create(
-                    cfg.num_workers,
-                    tp=cfg.tp,
-                    seed=cfg.seed,
-                    worker_cls=PolicyWorker,
-                    ray_address=cfg.ray_address,
-                    timeout_s=cfg.timeout_s,
-                )
-                group.run_all(
-                    PolicyWorker.build_policy,
-                    str(dirs.hf_dir),
-                    hf_config,
-                    cfg.lr,
-                    int4_config(cfg),
-                    cfg.tp,
-                    timeout_s=cfg.timeout_s,
-                )
-                server = pending.result(timeout=cfg.timeout_s) if pending else None
+                group = _start_trainers(cfg, dirs, hf_config)
             except BaseException:
-                if group is not None:
-                    group.shutdown()
                 if pending is not None:
                     with contextlib.suppress(BaseException):
                         pending.result(timeout=cfg.timeout_s).stop()
+                raise
+            try:
+                server = pending.result(timeout=cfg.timeout_s) if pending else None
+            except BaseException:
+                group.shutdown()
                 raise
         url = server.url if server is not None else cfg.engine_url
         spec = EngineSpec(kind=cfg.engine, url=url, api_key=cfg.api_key, timeout_s=cfg.timeout_s)
@@ -96,6 +81,28 @@ class DemoRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_trainers(cfg: DemoConfig, dirs: ModelDirs, hf_config: dict) -> TrainerGroup:
+    from safetensors.torch import load_file
+
+    group = TrainerGroup.create(
+        cfg.num_workers,
+        tp=cfg.tp,
+        seed=cfg.seed,
+        worker_cls=PolicyWorker,
+        ray_address=cfg.ray_address,
+        timeout_s=cfg.timeout_s,
+    )
+    try:
+        weights = load_file(dirs.hf_dir / "model.safetensors")
+        lr, int4 = cfg.lr, int4_config(cfg)
+        build = PolicyWorker.build_policy
+        group.run_all(build, weights, hf_config, lr, int4, cfg.tp, timeout_s=cfg.timeout_s)
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
 
 
 def _launch_vllm(cfg: DemoConfig, dirs: ModelDirs, out: Path) -> Any:
