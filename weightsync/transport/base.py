@@ -18,6 +18,7 @@ Sender loop, per bucket::
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -180,3 +181,14 @@ class Deadline:
                 raise self.expired()
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (segments and temp dirs of dead writers are swept)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from weightsync.plan import Bucket, bucket_views, unpack_bucket
-from weightsync.transport.base import Ticket
+from weightsync.transport.base import Ticket, pid_alive
 
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
@@ -165,19 +165,11 @@ class DiskStore:
 def _sweep_dead_temps(root: Path) -> None:
     for p in root.glob(".tmp-*"):
         pid = p.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".trash-*"):
         shutil.rmtree(p, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from weightsync.plan import Bucket, bucket_views
-from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket
+from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket, pid_alive
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "wsync"
@@ -53,14 +53,6 @@ def _unlink(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -69,7 +61,7 @@ def sweep_dead_segments() -> list[str]:
     swept = []
     for path in SHM_DIR.glob(f"{PREFIX}-*"):
         pid = path.name.split("-")[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             _unlink(path.name)
             swept.append(path.name)
     return swept
