@@ -114,3 +114,4 @@ def test_cli_ignore_and_errors(tmp_path, capsys):
     # A group size that does not divide the hidden size: a clear error naming the tensor.
     assert main(["convert-int4", str(src), str(tmp_path / "bad"), "--group-size", "96"]) == 2
     assert "group_size=96" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused from the headers, before any write

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from weightsync.quant.config import Int4Config
-from weightsync.quant.stream import quantize_named
+from weightsync.quant.stream import packed_meta, quantize_named
 
 INDEX = "model.safetensors.index.json"
 
@@ -34,9 +34,24 @@ def _source_shards(src: Path) -> list[str]:
     return shards
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _validate(src: Path, shards: list[str], cfg: Int4Config) -> None:
+    """Check every targeted tensor from the headers alone: bad input fails before any write."""
+    for shard in shards:
+        with safe_open(str(src / shard), framework="pt") as f:
+            names = list(f.keys())
+            for name in names:
+                view = f.get_slice(name)
+                dtype = _DTYPES.get(view.get_dtype(), torch.float32)
+                if cfg.is_quantized(name, view.get_shape()) and view.get_dtype() not in _DTYPES:
+                    raise ValueError(f"{name}: dtype {view.get_dtype()} cannot be int4-quantized")
+                packed_meta(name, tuple(view.get_shape()), dtype, cfg)
+
+
 def _convert_shard(path: Path, cfg: Int4Config, pool: ThreadPoolExecutor, bar: tqdm):
     with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys())
 
         def one(name: str) -> list[tuple[str, torch.Tensor]]:
             tensor = f.get_tensor(name)
@@ -44,7 +59,11 @@ def _convert_shard(path: Path, cfg: Int4Config, pool: ThreadPoolExecutor, bar: t
             bar.update(tensor.numel() * tensor.element_size())
             return out
 
-        results = list(pool.map(one, names))
+        names = list(f.keys())
+        futures = [pool.submit(one, name) for name in names]
+        # Every worker must be done with the file before it is closed, even when one failed.
+        wait(futures)
+        results = [fut.result() for fut in futures]
     return {name: t.contiguous() for pairs in results for name, t in pairs}
 
 
@@ -60,6 +79,7 @@ def convert_checkpoint(
             "convert an unquantized checkpoint"
         )
     shards = _source_shards(src)
+    _validate(src, shards, cfg)
     total = sum((src / s).stat().st_size for s in shards)
     dst.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
