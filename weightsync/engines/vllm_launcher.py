@@ -23,6 +23,9 @@ from pathlib import Path
 import requests
 
 from weightsync.engines.vllm_plugin import BACKEND_NAME
+from weightsync.engines.vllm_plugin.auth import ENV_KEY as AUTH_ENV_KEY
+
+GUARD_MIDDLEWARE = "weightsync.engines.vllm_plugin.auth.GuardAllRoutes"
 
 
 def require_plugin() -> None:
@@ -127,7 +130,8 @@ class VllmServer:
         if c.skip_tokenizer_init:
             cmd.append("--skip-tokenizer-init")
         if c.api_key:
-            cmd += ["--api-key", c.api_key]
+            # vLLM's --api-key leaves the RL routes (/pause, /update_weights ...) open.
+            cmd += ["--api-key", c.api_key, "--middleware", GUARD_MIDDLEWARE]
         if c.weight_transfer_backend:
             cmd += ["--weight-transfer-config", json.dumps({"backend": c.weight_transfer_backend})]
         return cmd + list(c.extra_args)
@@ -143,6 +147,8 @@ class VllmServer:
                 "HF_HUB_OFFLINE": "1",
             }
         )
+        if self.config.api_key:
+            env[AUTH_ENV_KEY] = self.config.api_key
         env.update(self.config.extra_env)
         return env
 
