@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/weightsync demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/quant_bench.py
+	$(VENV)/bin/weightsync bench --out bench_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

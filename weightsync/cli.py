@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_demo(sub)
+    from weightsync.bench import add_bench_parser  # argparse only; the bench imports lazily
+
+    add_bench_parser(sub)
     return parser
 
 
