@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -99,6 +100,9 @@ def sync_section(cfg: BenchConfig) -> list[dict]:
             results.append(run_case(case))
         except (MemoryError, RuntimeError, TimeoutError) as e:
             results.append({"model": label, "error": str(e)[-2000:]})
+        # Each size as soon as it is done: a long run that dies later still leaves these.
+        with open(os.path.join(cfg.out_dir, f"sync_{label}.json"), "w") as f:
+            json.dump(results[-1], f, indent=1)
         log.info("sync bench: %s done in %.0f s", label, time.perf_counter() - t0)
     return results
 
