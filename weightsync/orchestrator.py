@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from weightsync.config import SyncConfig
 from weightsync.engines.spec import EngineSpec
@@ -110,30 +110,52 @@ class WeightSync:
             t0 = time.perf_counter()
             self._run(TrainerSync.prepare)  # raises before any engine is paused
             paused: list[str] = []
+            begun: list[str] = []
             try:
-                send = self._update_paused(version, paused)
-            except Exception as e:
-                # Partially written weights must never be served as if they were whole.
-                self.stale.update(paused)
-                raise UpdateFailed(f"update to version {version} failed: {e}", paused) from e
-            finally:
-                t_pause, resumed_at = self._resume(paused)
+                send = self._update_paused(version, paused, begun)
+            except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
+                self._fail(version, e, paused, begun)
+            t_pause, resumed_at = self._resume(paused)
             self.stale.difference_update(self.engines)
             return _stats(version, send, resumed_at - t_pause, time.perf_counter() - t0)
 
-    def _update_paused(self, version: int, paused: list[str]) -> dict:
+    def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:
+        # Partially written weights must never be served as if they were whole: an engine
+        # whose session opened, or that the error names, waits for a full resync.
+        hit = sorted(set(begun) | {label for label in self.engines if label in str(error)})
+        self.stale.update(hit)
+        self._resume(paused)  # engines serve again before the slower transport clean-up
+        self._disconnect()
+        if not isinstance(error, Exception):
+            raise error
+        raise UpdateFailed(f"update to version {version} failed: {error}", hit) from error
+
+    def _disconnect(self) -> None:
+        """After a failed update the transport's state is unknown (a bucket half on the wire,
+        a peer gone): tear it down on both sides; the next update builds it afresh."""
+        self._connected = False
+        try:
+            # Twice the step deadline: a rank may still sit in a collective until its own
+            # deadline fires, and a Ray actor runs one call at a time.
+            self.trainers.run_all(TrainerSync.reset, timeout_s=2 * self.config.step_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
+            log.warning("weightsync: trainer-side transport reset failed: %s", e)
+
+    def _update_paused(self, version: int, paused: list[str], begun: list[str]) -> dict:
         self._pause_started = time.perf_counter()
         for label, engine in self.engines.items():
-            engine.pause(self.config.pause_mode)
+            _named(label, engine.pause, self.config.pause_mode)
             paused.append(label)
         if self.config.pause_mode != "in_place":
             for label, engine in self.engines.items():
-                if not engine.flush_cache():
+                if not _named(label, engine.flush_cache):
                     raise RuntimeError(
                         f"engine {label!r} refused to flush its cache after "
                         f"{self.config.flush_retries} retries"
                     )
-        self._each(lambda e: e.begin_update())
+        for label, engine in self.engines.items():
+            begun.append(label)
+            _named(label, engine.begin_update)
         send = self._run(TrainerSync.send)[0]
         self._each(lambda e: e.end_update())
         if self.config.verify:
@@ -143,10 +165,7 @@ class WeightSync:
 
     def _each(self, call: Callable) -> None:
         for label, engine in self.engines.items():
-            try:
-                call(engine)
-            except Exception as e:
-                raise RuntimeError(f"engine {label!r}: {e}") from e
+            _named(label, call, engine)
 
     def _resume(self, paused: list[str]) -> tuple[float, float]:
         start = getattr(self, "_pause_started", time.perf_counter())
@@ -175,6 +194,13 @@ class WeightSync:
         finally:
             for engine in self.engines.values():
                 engine.close()
+
+
+def _named(label: str, call: Callable, *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception as e:
+        raise RuntimeError(f"engine {label!r}: {e}") from e
 
 
 def _verify(engine, sent: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ the transport sender. The worker provides ``model_chunks`` and ``hf_config``.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -77,6 +78,7 @@ class TrainerSync:
     def install(
         worker: Any, specs: Sequence[EngineSpec], config: SyncConfig, int4: Int4Config | None
     ) -> None:
+        TrainerSync.uninstall(worker)  # a reconnect after a failed update replaces the state
         sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
         state = _State(sender=sender, specs=list(specs))
         if sender.is_source:
@@ -136,18 +138,31 @@ class TrainerSync:
         return stats.__dict__.copy()
 
     @staticmethod
+    def reset(worker: Any) -> None:
+        """Drop the transport (group, ring, sender), keep the rest: the next connect rebuilds
+        it. Best effort, as a peer of the group may be gone."""
+        state = getattr(worker, "weightsync", None)
+        if state is None:
+            return
+        # The sender is dropped, not closed: a broadcast sender's close() flushes, which would
+        # wait on a dead peer; a ring's slots may still be held by a consumer that died.
+        ring, group = state.ring, state.group
+        state.transport = state.ring = state.group = None
+        if ring is not None:
+            with contextlib.suppress(Exception):
+                ring.close()
+        if group is not None:
+            from weightsync.transport.broadcast import destroy_weight_group
+
+            with contextlib.suppress(Exception):
+                destroy_weight_group(group)
+
+    @staticmethod
     def uninstall(worker: Any) -> None:
         state = getattr(worker, "weightsync", None)
         if state is None:
             return
-        if state.transport is not None:
-            state.transport.close()
-        if state.ring is not None:
-            state.ring.close()
-        if state.group is not None:
-            from weightsync.transport.broadcast import destroy_weight_group
-
-            destroy_weight_group(state.group)
+        TrainerSync.reset(worker)
         for engine in state.engines:
             engine.close()
         worker.weightsync = None
