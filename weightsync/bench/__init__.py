@@ -38,6 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transports", type=_csv(str), default=("bcast", "shm"))
     p.add_argument("--bucket-mib", type=_csv(int), default=(16, 64, 256))
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
     # BooleanOptionalAction, never type=bool.
     p.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cuda", action="store_true", help="also the Triton int4 kernel on a GPU")
@@ -52,6 +53,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         transports=args.transports,
         bucket_mibs=args.bucket_mib,
         repeats=args.repeats,
+        threads=args.threads,
         vllm=args.vllm,
         cuda=args.cuda,
     )

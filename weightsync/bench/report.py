@@ -105,7 +105,9 @@ def _summary_md(report: dict) -> list[str]:
     s = report.get("summary", {})
     if not s:
         return []
-    return ["", "### Goals", ""] + [f"- {k}: {v:.2f}" for k, v in s.items() if isinstance(v, float)]
+    flat = {k: v for k, v in s.items() if isinstance(v, float)}
+    flat |= {f"pause_over_raw_transfer {k}": v for k, v in s.get("pause_over_transfer", {}).items()}
+    return ["", "### Goals", ""] + [f"- {k}: {v:.2f}" for k, v in flat.items()]
 
 
 def plot(report: dict, path: Path) -> None:

@@ -161,7 +161,23 @@ def summarize(report: dict) -> dict:
         "mem_over_2_buckets_worst": mem(worst(mem)),
         "goals": {"sync_over_raw": 1.25, "pause_over_transfer": 1.2, "mem_over_2_buckets": 1.1},
     }
-    vllm = report.get("vllm", {})
-    if "pause_over_transfer" in vllm:
-        out["pause_over_transfer_vllm"] = vllm["pause_over_transfer"]
+    out["pause_over_transfer"] = _pause_ratios(report.get("vllm", {}), rows)
+    return out
+
+
+def _pause_ratios(vllm: dict, rows: list[dict]) -> dict:
+    """vLLM pause window / the raw transport time of its bytes at this run's measured rate.
+
+    The engine cannot host our raw broadcast, so the rate comes from the receiver-process rows
+    of the same transport (gloo broadcast GiB/s; memcpy GiB/s for the shm ring)."""
+    rates = {
+        t: statistics.median(r["nbytes"] / r["raw_s"] for r in rows if r["transport"] == t)
+        for t in {r["transport"] for r in rows}
+    }
+    out = {}
+    for r in vllm.get("rows", []):
+        if "median_s" in r and r["transport"] in rates:
+            raw_s = r["nbytes"] / rates[r["transport"]]
+            key = f"vllm_{r['transport']}_{'int4' if r['int4'] else 'bf16'}"
+            out[key] = r["median_s"]["pause_s"] / raw_s
     return out
