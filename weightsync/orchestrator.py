@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -104,7 +105,10 @@ class WeightSync:
 
     def update(self, version: int) -> SyncStats:
         """Push the trainer's current weights to every engine as ``version``."""
-        with self.lock.hold(self.owner, lease_s=self.config.step_timeout_s * 4):
+        # One token per request: the lease lets its holder renew, so a bare owner name would
+        # let two updates of this driver in at once.
+        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
+        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4):
             if not self._connected:
                 self.connect()
             t0 = time.perf_counter()
