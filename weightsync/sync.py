@@ -55,13 +55,22 @@ def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorM
     ]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    # min/max propagate NaN and keep Inf: two reductions, no bool temporary of the tensor's
+    # size (isfinite().all() is ~60x slower on CPU and dominated prepare() at 1B params).
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_finite(model_chunks: Sequence[torch.nn.Module]) -> None:
     """ValueError on EVERY rank if any rank holds a NaN/Inf parameter shard (names them)."""
     bad = [
         f"rank {dist.get_rank() if dist.is_initialized() else 0}: {name}"
         for i, chunk in enumerate(model_chunks)
         for name, p in chunk.named_parameters()
-        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        if p.is_floating_point() and not _finite(p)
     ]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list = [None] * dist.get_world_size()
