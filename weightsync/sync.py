@@ -167,11 +167,31 @@ class WeightSender:
                 settle(*in_flight.pop(0))
 
         t0 = time.perf_counter()
-        send_stream(sender, self.plan, named, on_sent)
-        while in_flight:
-            settle(*in_flight.pop(0))
+        try:
+            send_stream(sender, self.plan, named, on_sent)
+            while in_flight:
+                settle(*in_flight.pop(0))
+        except Exception as e:
+            blame = _engine_failures([p for _, pendings in in_flight for p in pendings])
+            if not blame:
+                raise
+            # A transport error ("connection closed by peer") hides which engine broke it.
+            raise RuntimeError(f"{blame}; transport: {type(e).__name__}: {e}") from e
         busy = time.perf_counter() - t0
         stats.transfer_s = max(0.0, busy - stats.export_s - stats.quantize_s - stats.engine_load_s)
+
+
+def _engine_failures(pendings: list[tuple[Engine, Pending]], grace_s: float = 1.0) -> str:
+    """The engines whose bucket request failed (their refusal usually explains the error)."""
+    failed = []
+    for engine, pending in pendings:
+        try:
+            pending.wait(grace_s)
+        except TimeoutError:
+            failed.append(f"engine {engine.name!r}: no acknowledgement")
+        except Exception as e:  # noqa: BLE001 - collected into the one error raised
+            failed.append(f"engine {engine.name!r} failed: {e}")
+    return "; ".join(failed)
 
 
 def _timed(stream: Iterator, stats: SendStats) -> Iterator:
