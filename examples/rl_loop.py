@@ -79,32 +79,35 @@ def main() -> None:
             VllmServerConfig(model_dir=hf_dir, log_path=str(root / "vllm.log"), max_model_len=128)
         ).start()
     url = args.engine_url or server.url
-    with TrainerGroup.create(2, tp=2, worker_cls=Trainer) as trainers:
-        trainers.run_all(Trainer.build, hf_dir, hf_config)
+    try:
+        with TrainerGroup.create(2, tp=2, worker_cls=Trainer) as trainers:
+            trainers.run_all(Trainer.build, hf_dir, hf_config)
 
-        # STEP 1: describe the engines and how to reach them, once.
-        engines = [EngineSpec(kind=args.engine, url=url)]
-        # STEP 2: configure the sync; int4 only if the engine serves a pack-quantized checkpoint
-        # (then take the config from it: Int4Config.from_pretrained(engine_checkpoint_dir)).
-        config = SyncConfig(
-            transport="broadcast", pause_mode="retract", verify=args.engine == "vllm"
-        )
-        int4: Int4Config | None = None
-        sync = WeightSync(trainers, engines, config, int4)
-        try:
-            for step in range(args.steps):
-                # ... rollouts on sync.live_engines, rewards, then the optimizer step:
-                trainers.run_all(Trainer.train_step, step)
-                # STEP 3: after every optimizer step, push the weights as the next version.
-                stats = sync.update(version=step + 1)
-                print(
-                    f"step {step}: {stats.nbytes / 2**20:.1f} MiB in {stats.total_s:.3f} s, "
-                    f"engines paused {stats.pause_s:.3f} s, versions {sync.versions()}"
-                )
-        finally:
-            sync.close()
-    if server is not None:
-        server.stop()
+            # STEP 1: describe the engines and how to reach them, once.
+            engines = [EngineSpec(kind=args.engine, url=url)]
+            # STEP 2: configure the sync; int4 only if the engine serves a pack-quantized checkpoint
+            # (then take the config from it: Int4Config.from_pretrained(engine_checkpoint_dir)).
+            config = SyncConfig(
+                transport="broadcast", pause_mode="retract", verify=args.engine == "vllm"
+            )
+            int4: Int4Config | None = None
+            sync = WeightSync(trainers, engines, config, int4)
+            try:
+                for step in range(args.steps):
+                    # ... rollouts on sync.live_engines, rewards, then the optimizer step:
+                    trainers.run_all(Trainer.train_step, step)
+                    # STEP 3: after every optimizer step, push the weights as the next version.
+                    stats = sync.update(version=step + 1)
+                    print(
+                        f"step {step}: {stats.nbytes / 2**20:.1f} MiB in {stats.total_s:.3f} s, "
+                        f"engines paused {stats.pause_s:.3f} s, versions {sync.versions()}"
+                    )
+            finally:
+                sync.close()
+
+    finally:
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":
