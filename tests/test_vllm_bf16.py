@@ -71,7 +71,10 @@ def _outputs(server):
 
 def _checksums(server) -> dict[str, str]:
     r = requests.post(
-        f"{server.url}/weight_checker", json={"action": "checksum"}, timeout=TIMEOUT_S
+        f"{server.url}/weight_checker",
+        json={"action": "checksum"},
+        headers={"Authorization": f"Bearer {API_KEY}"},  # every route is guarded
+        timeout=TIMEOUT_S,
     )
     r.raise_for_status()
     return r.json()["checksums"]
