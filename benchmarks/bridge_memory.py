@@ -16,40 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from weightsync.bench.peak import PeakRss, rss_bytes
+
 MiB = 1 << 20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """Samples RSS in a thread between ``start()`` and ``stop()``; ``peak`` is the max seen."""
-
-    def __init__(self, period_s: float = 2e-4) -> None:
-        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(self.period_s)
-
-    def start(self) -> PeakRss:
-        self.peak = _rss()
-        self._thread.start()
-        return self
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return max(self.peak, _rss())
 
 
 def measure(rank: int, world: int, dims: dict) -> dict:
@@ -71,7 +44,7 @@ def measure(rank: int, world: int, dims: dict) -> dict:
     for _ in mb.export_hf_weights(chunks, cfg):
         pass  # warm-up: first-touch allocations of the collectives
     gc.collect()
-    baseline = _rss()
+    baseline = rss_bytes()
     sampler = PeakRss().start()
     t0 = time.perf_counter()
     count = 0
