@@ -67,8 +67,14 @@ def rss_and_fds(pids: list[int]) -> tuple[int, int]:
     return sum(p.memory_info().rss for p in procs), sum(p.num_fds() for p in procs)
 
 
-def shm_segments() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+def shm_segments(pids: list[int]) -> set[str]:
+    """Our ring's segments (named ``wsync-*``) plus every /dev/shm file the given processes map:
+    /dev/shm is shared with whatever else runs on the machine, which must not count."""
+    ours = {n for n in os.listdir("/dev/shm") if n.startswith("wsync-")}
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+            ours |= {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" in line}
+    return ours
 
 
 def count_pauses(server) -> int:

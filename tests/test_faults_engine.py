@@ -299,7 +299,7 @@ def test_hundred_updates_do_not_leak(rig):
     pids = trainer_pids + fh.engine_pids(rig.server_a) + fh.engine_pids(rig.server_b)
     for _ in range(10):
         rig.update()
-    shm0 = fh.shm_segments()
+    shm0 = fh.shm_segments(pids)
     rss0, fds0 = fh.rss_and_fds(pids)
     t0 = time.perf_counter()
     for _ in range(100):
@@ -307,7 +307,7 @@ def test_hundred_updates_do_not_leak(rig):
     took = time.perf_counter() - t0
     rss1, fds1 = fh.rss_and_fds(pids)
     growth = (rss1 - rss0) / rss0
-    leaked_shm = fh.shm_segments() - shm0
+    leaked_shm = fh.shm_segments(pids) - shm0
     fh.record(
         "100 consecutive updates",
         rss_growth_pct=round(100 * growth, 3),
