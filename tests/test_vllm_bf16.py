@@ -238,19 +238,41 @@ def test_update_after_one_that_died_midway(served):
         engine.validate(plan)
         engine.pause("abort")
         engine.begin_update()
-        # The trainer sends two buckets and dies; the orchestrator resumes the engine (stale).
+        # The trainer sends two buckets and dies; the orchestrator aborts the session and
+        # resumes the engine (stale). Without the abort, layers still on the meta device
+        # would kill vLLM's EngineCore at the first request.
         stream = iter(ordered(new, plan))
         for bucket in plan.buckets[:2]:
             bufs = sender.buffers(bucket)
             fill_bucket(bucket, bufs, [next(stream) for _ in range(bucket.num_tensors)])
             engine.update_bucket(bucket, sender.send(bucket, bufs)).wait(TIMEOUT_S)
+        engine.abort_update()
         engine.resume()
+        half = _outputs(server)
+        assert half != baseline and all(len(tokens) == 8 for tokens, _ in half.values())
         # The next full update goes through and the engine serves exactly its weights.
         push(engine, sender, plan_for(state, 96 << 10), state, version="bf16-v0")
         assert engine.check_weights(state) == []
         assert _outputs(server) == baseline
     finally:
         sender.close()
+
+
+def test_a_failed_bucket_leaves_an_engine_that_serves(served):
+    server, engine, state, baseline, _ = served
+    plan = plan_for(state, 1 << 20)
+    engine.shutdown_transport()  # the bucket will fail inside vLLM's worker
+    engine.pause("abort")
+    try:
+        engine.begin_update()
+        with pytest.raises(RuntimeError, match="init_weight_transfer_engine was not called"):
+            engine.update_bucket(plan.buckets[0], Ticket(0, 0)).wait(TIMEOUT_S)
+        engine.abort_update()  # already aborted by the backend itself: a no-op
+    finally:
+        engine.resume()
+    assert _outputs(server) == baseline  # nothing was loaded: every layer kept its weights
+    engine.begin_update()  # and no session was left open
+    engine.abort_update()
 
 
 def _bad_updates(state):

@@ -32,6 +32,10 @@ class Pending(Protocol):
         RuntimeError carrying the engine's error text if it failed."""
         ...
 
+    def done(self) -> bool:
+        """The engine answered (``wait`` returns or raises at once)."""
+        ...
+
 
 class Engine(Protocol):
     name: str
@@ -56,6 +60,11 @@ class Engine(Protocol):
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending: ...
 
     def end_update(self) -> None: ...
+
+    def abort_update(self) -> None:
+        """Close a session that an update could not finish, leaving a model that can serve
+        (a stale one); a no-op when no session is open."""
+        ...
 
     def set_version(self, version: str) -> None: ...
 

@@ -247,6 +247,17 @@ class SGLangEngine:
             return  # no session to close on a pre-0.5.21 server
         self._post("/end_weight_update", request_body("EndWeightUpdateReqInput"))
 
+    def abort_update(self) -> None:
+        """Close a session an update could not finish: SGLang's end re-runs the quantized
+        layers' post-processing, without which they cannot serve (the engine is stale)."""
+        if self.legacy:
+            return
+        try:
+            self._post("/end_weight_update", request_body("EndWeightUpdateReqInput"))
+        except RuntimeError as e:
+            if "no weight-update session is open" not in str(e):
+                raise
+
     def set_version(self, version: str) -> None:
         # abort_all_requests defaults to True in SGLang; requests paused in place must survive.
         body = request_body(

@@ -35,6 +35,9 @@ class HttpPending:
     def __init__(self, future: concurrent.futures.Future, what: str) -> None:
         self._future, self.what = future, what
 
+    def done(self) -> bool:
+        return self._future.done()
+
     def wait(self, timeout_s: float) -> dict:
         try:
             response = self._future.result(timeout=timeout_s)

@@ -55,6 +55,9 @@ class _Pending:
     def __init__(self, future: Future, what: str) -> None:
         self._future, self._what = future, what
 
+    def done(self) -> bool:
+        return self._future.done()
+
     def wait(self, timeout_s: float) -> None:
         try:
             self._future.result(timeout=timeout_s)
@@ -238,6 +241,15 @@ class VllmEngine:
 
     def end_update(self, version: str | None = None) -> None:
         self._call("POST", "/finish_weight_update", json={"weight_version": version})
+
+    def abort_update(self) -> None:
+        """Close a session an update could not finish, so the engine can serve again: layers
+        that got all their tensors keep the new weights, the others their old ones (the
+        engine is stale until a full update). A no-op when the engine already aborted it
+        itself after a failed bucket."""
+        if self._rpc("abort")["aborted"]:
+            # Our backend is closed now; this clears vLLM's own session flag.
+            self._call("POST", "/finish_weight_update", json={"weight_version": None})
 
     def set_version(self, version: str) -> None:
         self._call("POST", "/update_weight_version", json={"new_version": version})

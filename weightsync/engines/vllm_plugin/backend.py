@@ -7,8 +7,16 @@ the CPU build repacks linear weights for oneDNN after loading, so a bare ``load_
 start hits zero-sized parameters; layerwise reload restores the checkpoint layout first and
 re-runs the repack (e.g. the WNA16 int4 repack) once a layer is complete.
 
-Read-only queries (expected parameters, digests of what was loaded, load timings) are answered
-by ``__call__`` and reach the trainer over vLLM's dev ``/collective_rpc`` route as
+A session that breaks must still leave a model that can serve: between start and finish the
+layers being reloaded sit on the meta device, and the first forward over them kills vLLM's
+EngineCore (and with it the API server). So a failed bucket aborts the session on the spot
+(vLLM's worker forgets the session when ``update_weights`` raises, but not the reload state),
+and the trainer's driver aborts a session it can no longer finish (``abort``, below). Aborting
+keeps every layer whole: a layer that got all of its tensors holds the new weights, every
+other layer its old ones.
+
+Queries (expected parameters, digests of what was loaded, load timings, ``abort``) are
+answered by ``__call__`` and reach the trainer over vLLM's dev ``/collective_rpc`` route as
 ``{"method": "weight_transfer_engine", "args": [query]}``: the worker resolves the method
 name to this object and calls it.
 """
@@ -37,6 +45,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self.digests: dict[str, str] = {}
         self.timings: list[dict[str, float]] = []
         self._expected: dict[str, list] | None = None
+        self._open = False
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
@@ -50,13 +59,20 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
         self.timings = []
         initialize_layerwise_reload(self.model)
+        self._open = True
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on a
         # machine without an accelerator; CPU copies are synchronous anyway.
-        self.receive_weights(self.parse_update_info(update_info))
+        try:
+            self.receive_weights(self.parse_update_info(update_info))
+        except BaseException:
+            self.abort_weight_update()
+            raise
 
     def receive_weights(self, update_info: UpdateInfo) -> None:
+        if not self._open:
+            raise RuntimeError("weightsync backend: no weight-update session is open")
         if self.source is None:
             raise RuntimeError("weightsync backend: init_weight_transfer_engine was not called")
         bucket, ticket = update_info.to_bucket()
@@ -83,9 +99,25 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        if not self._open:
+            return  # aborted after a failed bucket; vLLM still counted the session as open
         t0 = time.perf_counter()
+        self._open = False
         finalize_layerwise_reload(self.model, self.model_config)
         self.timings.append({"bucket": -1, "finish_s": time.perf_counter() - t0})
+
+    def abort_weight_update(self) -> bool:
+        """Close an open session keeping every layer whole; False if none was open."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        if not self._open:
+            return False
+        self._open = False
+        receive.discard_partial_layers(self.model)
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model, self.model_config)
+        return True
 
     def shutdown(self) -> None:
         if self.source is not None:
@@ -101,4 +133,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return dict(self.digests)
         if query == "timings":
             return {"timings": list(self.timings)}
-        raise ValueError(f"unknown weightsync query {query!r}: expected_params|digests|timings")
+        if query == "abort":
+            return {"aborted": self.abort_weight_update()}
+        raise ValueError(
+            f"unknown weightsync query {query!r}: expected_params|digests|timings|abort"
+        )

@@ -79,6 +79,19 @@ def unalias_pending(model: torch.nn.Module, buffers: list[torch.Tensor]) -> None
                     bound.arguments[key] = value.clone()
 
 
+def discard_partial_layers(model: torch.nn.Module) -> None:
+    """Forget what layerwise reload buffered for layers that did not get all of their
+    tensors, so finalizing puts their previous weights back instead of processing a layer
+    whose other half was never written."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load() and info.load_numel > 0:
+            info.loaded_weights.clear()
+            info.load_numel = 0
+
+
 def checkpoint_params(model_dir: str) -> dict[str, list]:
     """``{name: [dtype, shape]}`` from the safetensors headers the engine was started from:
     the checkpoint-format names and layouts ``load_weights`` accepts."""
