@@ -41,6 +41,17 @@ def test_dead_owner_lease_expires():
     assert lock.acquire("driver", lease_s=5)
 
 
+def test_a_live_holder_keeps_the_lease_past_its_length():
+    # A failed update's clean-up can outlast the lease; the heartbeat renews it meanwhile.
+    lock = LocalLeaseLock()
+    with lock.hold("slow-update", lease_s=0.3):
+        time.sleep(1.0)
+        assert not lock.acquire("other", lease_s=5)
+        assert lock.holder()[0] == "slow-update"
+    assert lock.holder() is None
+    assert lock.acquire("other", lease_s=5)
+
+
 def test_concurrent_requests_never_interleave():
     lock, inside, overlaps, refused = LocalLeaseLock(), [], [], []
 

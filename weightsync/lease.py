@@ -1,8 +1,10 @@
 """A lease lock: one update at a time, and a crashed owner cannot hold it forever.
 
-The holder names itself and gets the lock for ``lease_s`` seconds; it releases it in
+The holder names itself and gets the lock for ``lease_s`` seconds, renewed by a heartbeat
+while it lives (a failed update's clean-up can outlast any fixed lease); it releases it in
 ``finally``. A second request while the lease is live is refused (``LockBusy``), never
-interleaved. If the holder dies, the lease simply runs out and the next request takes over.
+interleaved. If the holder dies, the heartbeat stops, the lease runs out and the next request
+takes over.
 ``RayLeaseLock`` keeps the state in a named Ray actor so that every driver and trainer of a
 cluster shares it.
 """
@@ -63,10 +65,24 @@ class _HoldMixin:
                 f"a weight update is already in progress (held by {who}); "
                 "refusing to interleave a second one"
             )
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._renew, args=(owner, lease_s, stop), daemon=True, name="lease-heartbeat"
+        )
+        beat.start()
         try:
             yield
         finally:
+            stop.set()
+            beat.join()
             self.release(owner)
+
+    def _renew(self, owner: str, lease_s: float, stop: threading.Event) -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                self.acquire(owner, lease_s)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
+                continue
 
 
 class LocalLeaseLock(_HoldMixin):
