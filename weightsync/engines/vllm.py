@@ -78,8 +78,10 @@ class VllmEngine:
         if config.api_key:
             self._http.headers["Authorization"] = f"Bearer {config.api_key}"
         # Bucket requests run beside the transport's send: a gloo broadcast only completes
-        # once the engine, told by the request, joins it.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-bucket")
+        # once the engine, told by the request, joins it. One thread: the engine must see the
+        # buckets in the order they are broadcast; two requests in flight can overtake each
+        # other, and a receive posted for the wrong bucket aborts the worker (gloo enforce).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-bucket")
         self._expected: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self._pause_mode = "abort"
 
