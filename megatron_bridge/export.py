@@ -114,11 +114,13 @@ def _collect(unit: Unit, ex: _Export) -> list[tuple[str, torch.Tensor]]:
 
 
 def iter_hf_units(
-    model_chunks: Sequence[nn.Module], hf_config: Any
+    model_chunks: Sequence[nn.Module], hf_config: Any, every_rank: bool = False
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """One list of (HF name, full tensor) per atomic unit, on the source rank (see module doc).
 
-    Collective: every rank of the job iterates it to the end. Tensors are on the model's device.
+    Collective: every rank of the job iterates it to the end, or every rank stops after the
+    same unit (``every_rank``: the other ranks yield an empty list per unit, so they can count
+    units in step with the source). Tensors are on the model's device.
     """
     cfg, units = _plan(model_chunks, hf_config)
     layout = current_layout()
@@ -134,7 +136,7 @@ def iter_hf_units(
     with torch.no_grad():
         for unit in units:
             named = _collect(unit, ex)
-            if layout.is_source:
+            if layout.is_source or every_rank:
                 yield named
             del named  # hold one unit, not two, while the next one is gathered
 

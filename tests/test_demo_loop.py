@@ -67,6 +67,7 @@ class PushSync:
             transfer_s=max(0.0, wall - load),
             engine_load_s=load,
             pause_s=wall,
+            staged_s=0.0,
             total_s=time.perf_counter() - t0,
             nbytes=plan.total_nbytes,
             num_buckets=len(plan.buckets),

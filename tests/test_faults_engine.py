@@ -23,11 +23,6 @@ from weightsync.lease import LocalLeaseLock, LockBusy
 from weightsync.orchestrator import UpdateFailed, WeightSync
 
 pytestmark = pytest.mark.slow
-VLLM_DIES = (
-    "open: vLLM's EngineCore dies (EngineDeadError) when a weight-transfer RPC raises, so one "
-    "engine's failure in a shared gloo group also kills the engines that only saw the broken "
-    "group; the plugin must report errors without raising in the worker"
-)
 STEP_S = 15.0
 """step_timeout_s and every engine HTTP call: the deadline the faults must hit."""
 
@@ -318,19 +313,26 @@ def test_hundred_updates_do_not_leak(rig):
         data_lost="none",
     )
     assert growth < 0.02, f"RSS grew {100 * growth:.2f}% over 100 updates"
-    assert fds1 <= fds0 and not leaked_shm
+    # A leak costs at least one fd per update (100 here); sockets that Ray, vLLM or uvicorn
+    # happen to hold at the moment of the count move it by one or two either way.
+    assert fds1 - fds0 < 5 and not leaked_shm, (fds0, fds1, leaked_shm)
     assert set(rig.ws.versions().values()) == {str(rig.version)}
 
 
 # --- 4. an engine that returns errors on update ----------------------------------------------
-def _assert_after_failure(rig, failed: UpdateFailed, dead: str | None, t0: float, scenario: str):
+def _assert_after_failure(
+    rig, failed: UpdateFailed, culprit: str, t0: float, scenario: str, culprit_serves: bool
+):
+    """The update failed in time naming the culprit, which is stale; every other engine was
+    resumed and serves, and so does the culprit when it could take its abort and resume
+    calls (its aborted session left whole layers). A dead or frozen one waits, stale, for
+    the repair."""
     detect_s = time.perf_counter() - t0
     assert detect_s < 4 * STEP_S, f"failure took {detect_s:.1f} s to surface"
     assert set(failed.stale) <= {"engine-a", "engine-b"} and set(failed.stale) == rig.ws.stale
-    if dead is not None:
-        assert dead in str(failed) and dead in rig.ws.stale
+    assert culprit in str(failed) and culprit in rig.ws.stale
     assert all(s.label not in rig.ws.stale for s in rig.ws.live_engines)
-    alive = [lb for lb, s in (("engine-a", rig.server_a), ("engine-b", rig.server_b)) if lb != dead]
+    alive = [lb for lb in ("engine-a", "engine-b") if culprit_serves or lb != culprit]
     for label in alive:
         assert not rig.ws.engines[label].is_paused(), f"{label} left paused"
     rollouts = {"engine-a": rig.rollout_a, "engine-b": rig.rollout_b}
@@ -338,7 +340,7 @@ def _assert_after_failure(rig, failed: UpdateFailed, dead: str | None, t0: float
     fh.record(
         scenario,
         time_to_detect_s=round(detect_s, 2),
-        engines_resumed=f"{len(alive)}/{len(alive)} alive",
+        serving_after_failure=f"{len(alive)}/2: {', '.join(alive)}",
         marked_stale=sorted(failed.stale),
         data_lost="none (stale engines resynced in full by the next update)",
     )
@@ -350,6 +352,7 @@ def _repair(rig, scenario: str) -> None:
     rig.update()
     assert not rig.ws.stale and len(rig.ws.live_engines) == 2
     assert set(rig.ws.versions().values()) == {str(rig.version)}
+    assert fh.generates(rig.rollout_a) and fh.generates(rig.rollout_b)
     fh.record(
         f"{scenario}: repair",
         repair_update_s=round(time.perf_counter() - t0, 2),
@@ -357,28 +360,19 @@ def _repair(rig, scenario: str) -> None:
     )
 
 
-@pytest.mark.xfail(reason=VLLM_DIES, strict=False)
 def test_engine_refusing_buckets_is_resumed_and_marked_stale(rig):
     # A real refusal: engine-b's transfer engine is shut down, so /update_weights answers 500.
     rig.ws.engines["engine-b"].shutdown_transport()
     t0 = time.perf_counter()
     with pytest.raises(UpdateFailed, match="engine-b") as info:
         rig.update()
-    # vLLM's EngineCore treats a failed weight-transfer RPC as fatal: the refusing engine may
-    # die with it. Only the other one is required to serve; engine-b must be stale either way.
-    _assert_after_failure(rig, info.value, "engine-b", t0, "engine returns errors on update")
-    try:
-        survived = fh.generates(rig.rollout_b)
-    except Exception:  # noqa: BLE001 - EngineDeadError: recorded, then restarted
-        survived = False
-    fh.record("engine returns errors on update: refusing engine survived", survived=survived)
-    if not survived:
-        rig.server_b = fh.restart(rig.server_b)
+    _assert_after_failure(
+        rig, info.value, "engine-b", t0, "engine returns errors on update", culprit_serves=True
+    )
     _repair(rig, "engine returns errors on update")
 
 
 # --- 2. an engine that stops answering (SIGSTOP) ---------------------------------------------
-@pytest.mark.xfail(reason=VLLM_DIES, strict=False)
 def test_stopped_engine_hits_the_deadline_then_recovers(rig):
     stopped = fh.when_paused(
         rig.ws.engines["engine-b"], lambda: fh.signal_group(rig.server_b, fh.SIGSTOP)
@@ -390,13 +384,13 @@ def test_stopped_engine_hits_the_deadline_then_recovers(rig):
     finally:
         stopped.join(timeout=5)
         fh.signal_group(rig.server_b, fh.SIGCONT)
-    detect = _assert_after_failure(rig, info.value, None, t0, "engine stopped (SIGSTOP)")
-    assert "engine-b" in rig.ws.stale and detect > STEP_S * 0.5
+    scenario = "engine stopped (SIGSTOP)"
+    detect = _assert_after_failure(rig, info.value, "engine-b", t0, scenario, culprit_serves=False)
+    assert detect > STEP_S * 0.5
     _repair(rig, "engine stopped (SIGSTOP)")
 
 
 # --- 1. an engine SIGKILLed mid-update, restarted, repaired -----------------------------------
-@pytest.mark.xfail(reason=VLLM_DIES, strict=False)
 def test_killed_engine_fails_the_update_then_a_restart_is_repaired(rig):
     killed = fh.when_paused(
         rig.ws.engines["engine-b"], lambda: fh.signal_group(rig.server_b, fh.SIGKILL)
@@ -405,13 +399,14 @@ def test_killed_engine_fails_the_update_then_a_restart_is_repaired(rig):
     with pytest.raises(UpdateFailed, match="engine-b") as info:
         rig.update()
     killed.join(timeout=5)
-    _assert_after_failure(rig, info.value, "engine-b", t0, "engine killed (SIGKILL)")
+    _assert_after_failure(
+        rig, info.value, "engine-b", t0, "engine killed (SIGKILL)", culprit_serves=False
+    )
     rig.server_b = fh.restart(rig.server_b)
     _repair(rig, "engine killed (SIGKILL)")
 
 
 # --- 3. a trainer rank killed mid-update (last: the group is gone afterwards) -----------------
-@pytest.mark.xfail(reason=VLLM_DIES, strict=False)
 def test_killed_trainer_rank_releases_the_lock_and_engines_resume(rig):
     import ray
 

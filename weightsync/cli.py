@@ -74,6 +74,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
     p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")
     p.add_argument("--bucket-mib", type=int, default=512)
+    p.add_argument(
+        "--stage-mib",
+        type=int,
+        default=1024,
+        help="export (+ int4) up to this much before pausing the engine (0: all during the pause)",
+    )
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="report.json, report.png, logs")

@@ -38,6 +38,10 @@ class SyncConfig:
     """Bounded retries of the engine cache flush, with exponential backoff."""
     verify: bool = False
     """After the update, compare engine weights against what was sent."""
+    stage_bytes: int = 0
+    """Export and quantize up to this many bytes of the update before the engines are paused,
+    held in the source rank's memory until sent: the pause window then only moves them. 0
+    streams everything during the pause (extra trainer memory: two buckets)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -49,3 +53,4 @@ class SyncConfig:
         _require(self.bucket_bytes >= MiB, "bucket_bytes", self.bucket_bytes, "at least 1 MiB")
         _require(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "must be > 0")
         _require(self.flush_retries >= 0, "flush_retries", self.flush_retries, "must be >= 0")
+        _require(self.stage_bytes >= 0, "stage_bytes", self.stage_bytes, "must be >= 0")

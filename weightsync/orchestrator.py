@@ -2,7 +2,8 @@
 
 The whole contract, driver side (``WeightSync.update``)::
 
-    lease lock -> [trainers] prepare: plan, identical on all ranks, finite, engines accept it
+    lease lock -> [trainers] prepare: plan, identical on all ranks, finite, engines accept it;
+                  export + int4 of the first SyncConfig.stage_bytes
     pause(mode) -> flush cache (not for in_place) -> begin session        <- control plane here
     [trainers] export -> int4 -> buckets -> engines, each bucket acknowledged   <- data plane
     end session (engine post-processing, e.g. the int4 repack) -> stamp version
@@ -48,6 +49,8 @@ class SyncStats:
     engine_load_s: float
     pause_s: float
     """Engines paused: first pause call to last resume returned."""
+    staged_s: float
+    """Export + int4 done before the pause (``SyncConfig.stage_bytes``)."""
     total_s: float
     nbytes: int
     num_buckets: int
@@ -128,8 +131,14 @@ class WeightSync:
         # whose session opened, or that the error names, waits for a full resync.
         hit = sorted(set(begun) | {label for label in self.engines if label in str(error)})
         self.stale.update(hit)
-        self._resume(paused)  # engines serve again before the slower transport clean-up
-        self._disconnect()
+        # The transport comes down while the engines are aborted and resumed: an engine still
+        # waiting for a bucket that will never come returns from it only when the trainer's
+        # side of the group is gone (else at its deadline), and only then takes the abort.
+        # An open session is aborted before the resume: no engine serves half-reloaded layers.
+        with ThreadPoolExecutor(1, thread_name_prefix="teardown") as pool:
+            teardown = pool.submit(self._disconnect)
+            self._resume(paused, abort=begun)
+            teardown.result()
         if not isinstance(error, Exception):
             raise error
         raise UpdateFailed(f"update to version {version} failed: {error}", hit) from error
@@ -147,19 +156,19 @@ class WeightSync:
 
     def _update_paused(self, version: int, paused: list[str], begun: list[str]) -> dict:
         self._pause_started = time.perf_counter()
-        for label, engine in self.engines.items():
-            _named(label, engine.pause, self.config.pause_mode)
-            paused.append(label)
+        # Counted as paused before the call returns: a pause that timed out may still land.
+        paused.extend(self.engines)
+        self._each(lambda e: e.pause(self.config.pause_mode))
         if self.config.pause_mode != "in_place":
-            for label, engine in self.engines.items():
-                if not _named(label, engine.flush_cache):
-                    raise RuntimeError(
-                        f"engine {label!r} refused to flush its cache after "
-                        f"{self.config.flush_retries} retries"
-                    )
-        for label, engine in self.engines.items():
-            begun.append(label)
-            _named(label, engine.begin_update)
+            flushed = self._each(lambda e: e.flush_cache())
+            refused = [label for label, ok in flushed.items() if not ok]
+            if refused:
+                raise RuntimeError(
+                    f"engines {refused} refused to flush their cache after "
+                    f"{self.config.flush_retries} retries"
+                )
+        begun.extend(self.engines)
+        self._each(lambda e: e.begin_update())
         send = self._run(TrainerSync.send)[0]
         self._each(lambda e: e.end_update())
         if self.config.verify:
@@ -167,22 +176,40 @@ class WeightSync:
         self._each(lambda e: e.set_version(str(version)))
         return send
 
-    def _each(self, call: Callable) -> None:
-        for label, engine in self.engines.items():
-            _named(label, call, engine)
-
-    def _resume(self, paused: list[str]) -> tuple[float, float]:
-        start = getattr(self, "_pause_started", time.perf_counter())
-        errors = {}
-        for label in paused:
-            try:
-                self.engines[label].resume()
-            except Exception as e:  # noqa: BLE001 - every paused engine gets its resume call
-                self.stale.add(label)
-                errors[label] = e
+    def _each(self, call: Callable) -> dict[str, Any]:
+        """``call(engine)`` on every engine at once (one slow engine delays no other step of
+        the others); every call has its own deadline. Raises naming each engine that failed."""
+        with ThreadPoolExecutor(len(self.engines), thread_name_prefix="engine") as pool:
+            futures = {lb: pool.submit(_named, lb, call, e) for lb, e in self.engines.items()}
+        errors = [f.exception() for f in futures.values() if f.exception() is not None]
+        if len(errors) == 1:
+            raise errors[0]
         if errors:
-            log.error("could not resume engines %s (marked stale): %s", sorted(errors), errors)
+            raise RuntimeError("; ".join(map(str, errors))) from errors[0]
+        return {label: f.result() for label, f in futures.items()}
+
+    def _resume(self, paused: list[str], abort: Sequence[str] = ()) -> tuple[float, float]:
+        """Resume every paused engine, all at once (one that hangs delays no other), first
+        aborting the sessions named in ``abort``."""
+        start = getattr(self, "_pause_started", time.perf_counter())
+        if paused:
+            with ThreadPoolExecutor(len(paused), thread_name_prefix="resume") as pool:
+                outcomes = {lb: pool.submit(self._recover, lb, lb in abort) for lb in paused}
+            errors = {label: f.result() for label, f in outcomes.items() if f.result()}
+            if errors:
+                self.stale.update(errors)
+                log.error("engines %s may not serve (marked stale): %s", sorted(errors), errors)
         return start, time.perf_counter()
+
+    def _recover(self, label: str, abort: bool) -> list[Exception]:
+        engine, errors = self.engines[label], []
+        steps = [engine.abort_update] if abort else []
+        for step in [*steps, engine.resume]:  # resume even when the abort failed
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - collected, reported by the caller
+                errors.append(e)
+        return errors
 
     def versions(self) -> dict[str, str | None]:
         """The weight version each engine reports."""
@@ -216,7 +243,15 @@ def _verify(engine, sent: dict[str, str]) -> None:
 
 
 def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStats:
-    keys = ("export_s", "quantize_s", "transfer_s", "engine_load_s", "nbytes", "num_buckets")
+    keys = (
+        "export_s",
+        "quantize_s",
+        "staged_s",
+        "transfer_s",
+        "engine_load_s",
+        "nbytes",
+        "num_buckets",
+    )
     return SyncStats(
         version=version,
         pause_s=pause_s,

@@ -6,15 +6,20 @@ rank (global rank 0) holds engines and a transport sender::
     ws = WeightSender(model_chunks, hf_config, sync_config, int4_config)
     ws.prepare(engines)                # all ranks, BEFORE any engine is paused: plan, identical
                                        # on every rank; finite weights; engines accept the plan
+    ws.stage()                         # all ranks: export + int4 of the leading units that fit
+                                       # in SyncConfig.stage_bytes, held until the send
     ... the orchestrator pauses, flushes and opens the engines' update sessions ...
-    stats = ws.send(engines, sender)   # all ranks: export -> int4 -> buckets -> engines
+    stats = ws.send(engines, sender)   # all ranks: [staged +] export -> int4 -> buckets
 
 Bucket k+1 is exported, quantized and copied while bucket k is on the wire and being loaded:
-the acknowledgement of bucket k is awaited only after bucket k+1 has been handed off.
+the acknowledgement of bucket k is awaited only after bucket k+1 has been handed off. What was
+staged before the pause costs trainer memory (``stage_bytes``) but no pause time.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +44,9 @@ class SendStats:
     quantize_s: float = 0.0
     transfer_s: float = 0.0
     engine_load_s: float = 0.0
+    staged_s: float = 0.0
+    """Export + int4 done before the pause (``stage``); also counted in export_s/quantize_s."""
+    staged_bytes: int = 0
     nbytes: int = 0
     num_buckets: int = 0
     engine_errors: dict[str, str] = field(default_factory=dict)
@@ -93,6 +101,10 @@ class WeightSender:
         self.config = config
         self.int4 = int4
         self.plan: Plan | None = None
+        self._metas: list[TensorMeta] = []
+        self._units: Iterator | None = None  # the open export, between stage and send
+        self._staged: list[tuple[str, torch.Tensor]] = []
+        self._stats = SendStats()
 
     @property
     def is_source(self) -> bool:
@@ -104,6 +116,7 @@ class WeightSender:
         """Everything that can fail on bad input, done before any engine is paused."""
         from megatron_bridge import hf_weight_metadata
 
+        self._drop_staged()  # an update that failed between stage and send
         metas = plan_metas(hf_weight_metadata(self.model_chunks, self.hf_config), self.int4)
         plan = build_plan(metas, self.config.bucket_bytes)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -111,27 +124,57 @@ class WeightSender:
         check_finite(self.model_chunks)
         for engine in engines:
             engine.validate(plan)
-        self.plan = plan
+        self.plan, self._metas = plan, metas
         return plan
+
+    def stage(self, budget_bytes: int | None = None) -> int:
+        """All ranks, after ``prepare`` and before the pause: open the export and run it (and
+        int4) over the leading units whose bytes fit in ``budget_bytes`` (default
+        ``SyncConfig.stage_bytes``), holding the result for ``send``. Every rank counts the
+        same units from the identical plan, so the collectives stay in step. Returns the
+        staged bytes."""
+        from megatron_bridge import iter_hf_units
+
+        assert self.plan is not None, "prepare() first"
+        self._drop_staged()
+        budget = self.config.stage_bytes if budget_bytes is None else budget_bytes
+        num_units, nbytes = _leading_units(self._metas, budget)
+        self._stats = SendStats(nbytes=self.plan.total_nbytes, num_buckets=len(self.plan.buckets))
+        self._stats.staged_bytes = nbytes
+        units = iter_hf_units(self.model_chunks, self.hf_config, every_rank=True)
+        self._units = _timed(units, self._stats)
+        t0 = time.perf_counter()
+        named = _flatten(itertools.islice(self._units, num_units))
+        self._staged = list(self._quantized(named, self._stats))
+        self._stats.staged_s = time.perf_counter() - t0
+        return nbytes
+
+    def _drop_staged(self) -> None:
+        # Every rank stops the open export at the same unit: no collective is left half-done.
+        if self._units is not None:
+            self._units.close()
+        self._units, self._staged = None, []
 
     def send(self, engines: Sequence[Engine], sender: Sender | None) -> SendStats:
         """Stream the model to ``engines`` (source rank) or take part in the export (others)."""
-        from megatron_bridge import export_hf_weights
-
         assert self.plan is not None, "prepare() first"
-        stats = SendStats(nbytes=self.plan.total_nbytes, num_buckets=len(self.plan.buckets))
-        stream = _timed(export_hf_weights(self.model_chunks, self.hf_config), stats)
+        if self._units is None:
+            self.stage(0)  # nothing staged: the whole export runs now
+        stats, staged, units = self._stats, self._staged, self._units
+        self._units, self._staged = None, []
+        rest = _flatten(units)
         if not self.is_source:
-            for _ in stream:
+            for _ in rest:
                 pass
             return stats
         assert sender is not None, "the source rank needs a transport sender"
         try:
-            self._send(engines, sender, self._quantized(stream, stats), stats)
+            named = itertools.chain(_drain(staged), self._quantized(rest, stats))
+            self._send(engines, sender, named, stats)
         finally:
             # Peers block in the export's collectives until the source has pulled every unit,
             # so a failed send still drains the stream: every rank then stops the same way.
-            for _ in stream:
+            for _ in rest:
                 pass
         return stats
 
@@ -150,14 +193,13 @@ class WeightSender:
 
         def settle(ticket: Ticket, pendings: list[tuple[Engine, Pending]]) -> None:
             t0 = time.perf_counter()
-            for engine, pending in pendings:
-                try:
-                    pending.wait(timeout)
-                except Exception as e:
-                    stats.engine_errors[engine.name] = f"{type(e).__name__}: {e}"
-                    raise RuntimeError(
-                        f"engine {engine.name!r} failed on bucket {ticket.bucket_index}: {e}"
-                    ) from e
+            try:
+                _await_all(pendings, timeout)
+            except _EngineFailed as f:
+                stats.engine_errors[f.engine] = f"{type(f.error).__name__}: {f.error}"
+                raise RuntimeError(
+                    f"engine {f.engine!r} failed on bucket {ticket.bucket_index}: {f.error}"
+                ) from f.error
             sender.acknowledge(ticket)
             stats.engine_load_s += time.perf_counter() - t0
 
@@ -167,10 +209,12 @@ class WeightSender:
                 settle(*in_flight.pop(0))
 
         t0 = time.perf_counter()
+        before = stats.export_s + stats.quantize_s  # what staging spent, outside this window
         try:
-            send_stream(sender, self.plan, named, on_sent)
+            send_stream(sender, self.plan, named, on_sent, flush=False)
             while in_flight:
                 settle(*in_flight.pop(0))
+            sender.flush()  # every engine answered, so delivery is done: returns at once
         except Exception as e:
             blame = _engine_failures([p for _, pendings in in_flight for p in pendings])
             if not blame:
@@ -178,7 +222,33 @@ class WeightSender:
             # A transport error ("connection closed by peer") hides which engine broke it.
             raise RuntimeError(f"{blame}; transport: {type(e).__name__}: {e}") from e
         busy = time.perf_counter() - t0
-        stats.transfer_s = max(0.0, busy - stats.export_s - stats.quantize_s - stats.engine_load_s)
+        prepared = stats.export_s + stats.quantize_s - before
+        stats.transfer_s = max(0.0, busy - prepared - stats.engine_load_s)
+
+
+class _EngineFailed(Exception):
+    def __init__(self, engine: str, error: Exception) -> None:
+        self.engine, self.error = engine, error
+
+
+def _await_all(
+    pendings: list[tuple[Engine, Pending]], timeout_s: float, poll_s: float = 0.005
+) -> None:
+    """Wait for every engine's answer to one bucket, round robin, and raise the first failure
+    as soon as it arrives: not after the other engines' deadlines, as their receive may wait
+    on a broadcast that the failed engine will never join."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(pendings)
+    while waiting:
+        engine, pending = waiting.pop(0)
+        left = max(deadline - time.monotonic(), 0.0)
+        last = not waiting
+        try:
+            pending.wait(left if last else min(left, poll_s))
+        except Exception as e:
+            if last or left == 0.0 or pending.done():  # else: not answered yet
+                raise _EngineFailed(engine.name, e) from e
+            waiting.append((engine, pending))
 
 
 def _engine_failures(pendings: list[tuple[Engine, Pending]], grace_s: float = 1.0) -> str:
@@ -192,6 +262,33 @@ def _engine_failures(pendings: list[tuple[Engine, Pending]], grace_s: float = 1.
         except Exception as e:  # noqa: BLE001 - collected into the one error raised
             failed.append(f"engine {engine.name!r} failed: {e}")
     return "; ".join(failed)
+
+
+def _leading_units(metas: Sequence[TensorMeta], budget: int) -> tuple[int, int]:
+    """How many leading units of the stream fit in ``budget`` bytes, and their bytes."""
+    sizes: list[int] = []
+    for prev, m in zip([None, *metas], metas, strict=False):
+        if prev is None or m.unit != prev.unit:
+            sizes.append(0)
+        sizes[-1] += math.prod(m.shape) * m.dtype.itemsize
+    total = 0
+    for count, size in enumerate(sizes):
+        if total + size > budget:
+            return count, total
+        total += size
+    return len(sizes), total
+
+
+def _flatten(units: Iterable[list]) -> Iterator[tuple[str, torch.Tensor]]:
+    for unit in units:
+        yield from _drain(unit)
+
+
+def _drain(items: list) -> Iterator:
+    """Yield a list's items front to back, dropping each reference as it goes."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _timed(stream: Iterator, stats: SendStats) -> Iterator:

@@ -129,6 +129,7 @@ class TrainerSync:
     def prepare(worker: Any) -> int:
         state = _state(worker)
         plan = state.sender.prepare(state.engines)
+        state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
         return plan.total_nbytes
 
     @staticmethod

@@ -64,9 +64,9 @@ def _vllm_md(vllm: dict) -> list[str]:
         "",
         f"### Engine pause window vs transfer: {vllm['receiver']}",
         "",
-        "| dtype | transport | MiB | pause s | total s | export s | int4 s | transfer s "
+        "| dtype | transport | staged | MiB | pause s | total s | export s | int4 s | transfer s "
         "| engine load s | pause/transfer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in vllm["rows"]:
         if "error" in r:
@@ -74,7 +74,8 @@ def _vllm_md(vllm: dict) -> list[str]:
             continue
         m = r["median_s"]
         lines.append(
-            f"| {'int4' if r['int4'] else 'bf16'} | {r['transport']} | {r['nbytes'] / MiB:.0f} | "
+            f"| {'int4' if r['int4'] else 'bf16'} | {r['transport']} | "
+            f"{'yes' if r.get('staged') else 'no'} | {r['nbytes'] / MiB:.0f} | "
             f"{m['pause_s']:.3f} | {m['total_s']:.3f} | {m['export_s']:.3f} | "
             f"{m['quantize_s']:.3f} | {m['transfer_s']:.3f} | {m['engine_load_s']:.3f} | "
             f"{m['pause_s'] / max(m['transfer_s'], 1e-9):.2f} |"

@@ -179,5 +179,6 @@ def _pause_ratios(vllm: dict, rows: list[dict]) -> dict:
         if "median_s" in r and r["transport"] in rates:
             raw_s = r["nbytes"] / rates[r["transport"]]
             key = f"vllm_{r['transport']}_{'int4' if r['int4'] else 'bf16'}"
+            key += "_staged" if r.get("staged") else ""
             out[key] = r["median_s"]["pause_s"] / raw_s
     return out

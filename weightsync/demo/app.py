@@ -34,6 +34,7 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
         transport=args.transport,
         pause_mode=args.pause_mode,
         bucket_bytes=args.bucket_mib * MiB,
+        stage_bytes=args.stage_mib * MiB,
         verify=args.engine == "vllm",
     )
 

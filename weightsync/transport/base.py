@@ -142,11 +142,14 @@ def send_stream(
     plan: Plan,
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     on_sent: Callable[[Bucket, Ticket], None],
+    flush: bool = True,
 ) -> None:
     """Drive ``sender`` over a (name, tensor) stream that follows ``plan``'s order.
 
     ``on_sent`` ships each bucket's metadata to the receiver (and may acknowledge). Tensors are
-    copied into staging buffers as they arrive, so at most two buckets' worth is held.
+    copied into staging buffers as they arrive, so at most two buckets' worth is held. Without
+    ``flush`` the caller waits for delivery itself (e.g. on the receivers' answers first, which
+    fail fast where a transport would wait out its deadline on a receiver that gave up).
     """
     stream = iter(named_tensors)
     for bucket in plan.buckets:
@@ -156,7 +159,8 @@ def send_stream(
     extra = next(stream, None)
     if extra is not None:
         raise ValueError(f"tensor {extra[0]!r} is not in the plan (the stream is longer)")
-    sender.flush()
+    if flush:
+        sender.flush()
 
 
 class Deadline:
