@@ -41,18 +41,13 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
 
 def run_with_weightsync(args: argparse.Namespace) -> Report:
     cfg, sync_cfg = demo_config(args), sync_config(args)
-    syncs: list[WeightSync] = []
 
     def make_sync(rt):
         ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg), owner="demo")
-        syncs.append(ws)
+        rt.on_close.append(ws.close)  # while the trainer actors still exist
         return ws.update
 
-    try:
-        report = run(cfg, make_sync)
-    finally:
-        for ws in syncs:
-            ws.close()
+    report = run(cfg, make_sync)
     for problem in report_problems(report):
         log.error("%s", problem)
     return report

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ class DemoRuntime:
     rollout: RolloutClient
     server: Any = None
     """The VllmServer this runtime launched (None for an external engine)."""
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+    """Run first by ``close``, while the trainers and the engine still exist (e.g. the
+    orchestrator's own clean-up on the trainer actors)."""
 
     @classmethod
     def start(cls, cfg: DemoConfig) -> DemoRuntime:
@@ -71,6 +75,11 @@ class DemoRuntime:
                 engine.close()
 
     def close(self) -> None:
+        for fn in reversed(self.on_close):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - the runtime still comes down
+                log.warning("demo runtime: clean-up %r failed: %s", fn, e)
         self.rollout.close()
         self.group.shutdown()
         if self.server is not None:
