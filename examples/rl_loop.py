@@ -87,8 +87,13 @@ def main() -> None:
             engines = [EngineSpec(kind=args.engine, url=url)]
             # STEP 2: configure the sync; int4 only if the engine serves a pack-quantized checkpoint
             # (then take the config from it: Int4Config.from_pretrained(engine_checkpoint_dir)).
+            # stage_bytes: export (+ int4) this much before pausing the engines, so the pause
+            # only moves bytes; it costs that much host/GPU memory on the trainer's rank 0.
             config = SyncConfig(
-                transport="broadcast", pause_mode="retract", verify=args.engine == "vllm"
+                transport="broadcast",
+                pause_mode="retract",
+                stage_bytes=256 << 20,
+                verify=args.engine == "vllm",
             )
             int4: Int4Config | None = None
             sync = WeightSync(trainers, engines, config, int4)
