@@ -10,6 +10,7 @@ needs it. Entry points:
 - ``build_model(hf_config)``: GPTModel chunk(s) for this rank (local spec).
 - ``hf_weight_metadata`` / ``iter_hf_units`` / ``export_hf_weights``: the export stream.
 - ``load_hf_weights``: HF tensors -> this rank's shards.
+- ``check_local_shapes``: this rank's shards fit ``hf_config`` (no communication, no bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY = {
     "iter_hf_units": "megatron_bridge.export",
     "export_hf_weights": "megatron_bridge.export",
     "load_hf_weights": "megatron_bridge.load",
+    "check_local_shapes": "megatron_bridge.load",
     "register_family": "megatron_bridge.families",
 }
 

@@ -126,6 +126,32 @@ def load_hf_weights(
             _copy_into(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
 
 
+def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> None:
+    """ValueError naming the first local parameter whose shape disagrees with ``hf_config``
+    (a model built from another config). No communication and no bytes: the load's own slicing
+    runs on meta tensors. Export and load would fail on it too, but only midway."""
+    cfg = as_hf_config(hf_config)
+    units = plan_units(cfg, unwrap(model_chunks[0]).config)
+    layout = current_layout()
+    d = get_family(cfg).dims(cfg)
+    tensors = local_tensors(model_chunks)
+    check_coverage(units, tensors, model_chunks, layout, d)
+    for unit in units:
+        if not holds(unit, layout):
+            continue
+        for piece in unit.pieces:
+            hf = [torch.empty(s, device="meta") for s in piece.shapes]
+            local = lookup(tensors[unit.vp_stage], piece.mcore)
+            expert = unit.expert_owner is not None
+            try:
+                _local_shard(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
+            except RuntimeError as e:  # a view or cat that the wrong shape cannot make
+                raise ValueError(
+                    f"{piece.mcore}: local shard {tuple(local.shape)} does not fit the HF "
+                    f"shapes {[tuple(s) for s in piece.shapes]} of {piece.hf}: {e}"
+                ) from e
+
+
 def _copy_into(
     local: torch.Tensor,
     to_mcore: Any,
@@ -135,6 +161,20 @@ def _copy_into(
     expert: bool,
     name: str,
 ) -> None:
+    local.copy_(_local_shard(local, to_mcore, hf, d, layout, expert, name))
+
+
+def _local_shard(
+    local: torch.Tensor,
+    to_mcore: Any,
+    hf: list[torch.Tensor],
+    d: Dims,
+    layout: Layout,
+    expert: bool,
+    name: str,
+) -> torch.Tensor:
+    """This rank's shard of the HF tensors, in ``local``'s layout; ValueError if the shapes
+    disagree."""
     rank, world = (layout.etp_rank, layout.etp) if expert else (layout.tp_rank, layout.tp)
     full_shape = list(local.shape)
     if is_sharded(local):
@@ -147,4 +187,4 @@ def _copy_into(
             f"{name}: HF tensors give shape {tuple(full.shape)}, local shard is "
             f"{tuple(local.shape)}"
         )
-    local.copy_(full)
+    return full

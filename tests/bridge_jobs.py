@@ -103,6 +103,8 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     meta = mb.hf_weight_metadata(chunks, cfg)
     metas = [None] * dist.get_world_size()
     dist.all_gather_object(metas, meta)
+    shape_checks = [None] * dist.get_world_size()  # what WeightSender.prepare runs on each rank
+    dist.all_gather_object(shape_checks, _error(lambda: mb.check_local_shapes(chunks, cfg)))
     units = [
         [(n, t.to("cpu", copy=True)) for n, t in unit] for unit in mb.iter_hf_units(chunks, cfg)
     ]
@@ -113,6 +115,7 @@ def run_case(case: Case, checkpoint: str) -> dict | None:
     return {
         "meta": meta,
         "same_meta": all(m == meta for m in metas),
+        "shape_checks": shape_checks,
         "units": units,
         "logits": logits[..., : cfg.vocab_size].float().cpu(),
         "inv_freq": _inv_freq(chunks[0]),
@@ -162,6 +165,9 @@ def error_messages(checkpoint: str) -> dict[str, str]:
         "missing": _error(lambda: mb.load_hf_weights(chunks, missing, cfg)),
         "extra": _error(lambda: mb.load_hf_weights(chunks, good | {"foo.w": torch.ones(1)}, cfg)),
     }
+    out["local_shape_ok"] = _error(lambda: mb.check_local_shapes(chunks, cfg))
+    wider = hf_config("qwen2", intermediate_size=64)  # not the config the model was built from
+    out["local_shape"] = _error(lambda: mb.check_local_shapes(chunks, wider))
     chunks[0].decoder.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.ones(1)))
     out["unknown_param"] = _error(lambda: list(mb.export_hf_weights(chunks, cfg)))
     return out

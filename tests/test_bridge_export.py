@@ -109,6 +109,7 @@ def check_case(out: dict, checkpoints: dict, case: Case) -> None:
 
     meta = out["meta"]
     assert out["same_meta"], "metadata differs between ranks"
+    assert set(out["shape_checks"]) == {"no error"}, out["shape_checks"]
     assert [(m.name, m.shape, m.dtype) for m in meta] == [
         (k, tuple(v.shape), v.dtype) for k, v in exported.items()
     ]
@@ -183,3 +184,5 @@ def test_bad_input_raises_value_error_naming_it(bridge_runs) -> None:
     assert "'model.norm.weight' is missing" in errors["missing"]
     assert "foo.w" in errors["extra"]
     assert "decoder.layers.0.mlp.extra" in errors["unknown_param"]
+    assert errors["local_shape_ok"] == "no error"
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in errors["local_shape"], errors["local_shape"]

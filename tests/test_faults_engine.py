@@ -99,7 +99,7 @@ def _poison(worker, suffix: str, how: str):
         [p for _, p in worker.model_chunks[0].named_parameters()]
         if how == "dtype"
         else [_param(worker, suffix)]
-        if how == "nan"
+        if how in ("nan", "local_shape")
         else []
     )
     worker._saved = [(p, p.data) for p in params]
@@ -108,10 +108,11 @@ def _poison(worker, suffix: str, how: str):
             p.data = p.data.clone().fill_(float("nan"))
         elif how == "dtype":
             p.data = p.data.float()
+        elif how == "local_shape":  # one shard two rows short: a model that is not hf_config's
+            p.data = p.data[:-2].clone()
     if how == "shape":
-        # The trainer's model differs from the served one (a wider MLP): every planned shape
-        # of the MLP is off. (A single trainer tensor of the wrong size is only seen by the
-        # export, after the pause: see the report.)
+        # A config that is neither the trainer model's nor the served one's (a wider MLP):
+        # the trainer's own shards are checked against it first, before the engines see it.
         sender = worker.weightsync.sender
         worker._saved_config = sender.hf_config
         sender.hf_config = {**sender.hf_config, "intermediate_size": 2 * 256}
@@ -133,7 +134,8 @@ def _set_int4(worker, int4):
 BAD_INPUTS = {
     "nan": (_poison, ("final_layernorm.weight", "nan"), "non-finite"),
     "dtype": (_poison, ("final_layernorm.weight", "dtype"), "engine expects"),
-    "shape": (_poison, ("final_layernorm.weight", "shape"), "engine expects"),
+    "shape": (_poison, ("final_layernorm.weight", "shape"), "do not match the model config"),
+    "local_shape": (_poison, ("linear_fc1.weight", "local_shape"), "linear_fc1.weight"),
 }
 
 

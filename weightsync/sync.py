@@ -72,20 +72,45 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def check_finite(model_chunks: Sequence[torch.nn.Module]) -> None:
-    """ValueError on EVERY rank if any rank holds a NaN/Inf parameter shard (names them)."""
-    bad = [
-        f"rank {dist.get_rank() if dist.is_initialized() else 0}: {name}"
-        for i, chunk in enumerate(model_chunks)
-        for name, p in chunk.named_parameters()
-        if p.is_floating_point() and not _finite(p)
-    ]
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _on_every_rank(bad: list[str]) -> list[str]:
+    """Every rank's findings, on every rank: all of them raise, none enters the export."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, bad)
         bad = [b for rank_bad in everyone for b in rank_bad]
+    return bad
+
+
+def check_finite(model_chunks: Sequence[torch.nn.Module]) -> None:
+    """ValueError on EVERY rank if any rank holds a NaN/Inf parameter shard (names them)."""
+    bad = _on_every_rank(
+        [
+            f"rank {_rank()}: {name}"
+            for chunk in model_chunks
+            for name, p in chunk.named_parameters()
+            if p.is_floating_point() and not _finite(p)
+        ]
+    )
     if bad:
         raise ValueError(f"non-finite weights (NaN/Inf), nothing was sent: {bad[:5]}")
+
+
+def check_shapes(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> None:
+    """ValueError on EVERY rank if any rank's shards do not fit ``hf_config`` (names them)."""
+    from megatron_bridge import check_local_shapes
+
+    try:
+        check_local_shapes(model_chunks, hf_config)
+        mine = []
+    except ValueError as e:
+        mine = [f"rank {_rank()}: {e}"]
+    bad = _on_every_rank(mine)
+    if bad:
+        raise ValueError(f"trainer shards do not match the model config: {bad[:3]}")
 
 
 class WeightSender:
@@ -121,6 +146,7 @@ class WeightSender:
         plan = build_plan(metas, self.config.bucket_bytes)
         if dist.is_initialized() and dist.get_world_size() > 1:
             check_plan_identical(plan)
+        check_shapes(self.model_chunks, self.hf_config)
         check_finite(self.model_chunks)
         for engine in engines:
             engine.validate(plan)
