@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ SEEDS = (1, 2)  # two updates through the same persistent buffers
 BUCKET_BYTES = 4096
 
 
-def _sender(port: int, conns: list) -> dict:
+def _sender(port: int, conns: list, via_ticket: bool) -> dict:
     world = 1 + len(conns)
     group = init_weight_group("127.0.0.1", port, world, 0, "wsync_test", "gloo", timeout_s=60)
     channels = [PipeChannel(c, timeout_s=60) for c in conns]
@@ -41,6 +43,9 @@ def _sender(port: int, conns: list) -> dict:
 
         def on_sent(bucket, ticket):
             staging.add(sender._staging.buffers[ticket.slot].data_ptr())
+            following = plan.buckets[bucket.index + 1 : bucket.index + 2]
+            if via_ticket and following:  # as WeightSender tells the engines
+                ticket = replace(ticket, next_nbytes=following[0].nbytes)
             for channel in channels:
                 channel.put(BucketMsg(bucket, ticket))
 
@@ -52,20 +57,21 @@ def _sender(port: int, conns: list) -> dict:
     return {"buckets": len(plan.buckets), "staging_buffers": len(staging)}
 
 
-def _receiver(port: int, conn, rank: int, world: int) -> dict:
+def _receiver(port: int, conn, rank: int, world: int, via_ticket: bool) -> dict:
     group = init_weight_group("127.0.0.1", port, world, rank, "wsync_test", "gloo", timeout_s=60)
     channel = PipeChannel(conn, timeout_s=60)
     receiver = BroadcastReceiver(group, timeout_s=60)
-    report = {"bad": [], "received": 0}
+    report = {"bad": [], "received": 0, "posted_ahead": 0}
     for _ in SEEDS:
         plan_msg = channel.get()
         assert isinstance(plan_msg, PlanMsg)
         seed, msg = int(plan_msg.version), channel.get()
         while isinstance(msg, BucketMsg):
             bufs = receiver.recv(msg.bucket, msg.ticket)
+            report["posted_ahead"] += msg.bucket.index + 1 in receiver._busy
             following = channel.get()
-            if isinstance(following, BucketMsg):  # post the next receive before "loading"
-                receiver.prefetch(following.bucket, following.ticket)
+            if isinstance(following, BucketMsg) and not via_ticket:
+                receiver.prefetch(following.bucket, following.ticket)  # before "loading"
             named = unpack_bucket(msg.bucket, bufs)
             report["bad"] += mismatches(named, mixed_metas(), seed)
             report["received"] += len(named)
@@ -77,17 +83,24 @@ def _receiver(port: int, conn, rank: int, world: int) -> dict:
     return report
 
 
-@pytest.mark.parametrize("receivers", [1, 2], ids=["2-procs", "3-procs"])
-def test_broadcast_round_trip_bit_exact_mixed_dtypes(receivers):
+@pytest.mark.parametrize(
+    ("receivers", "via_ticket"),
+    [(1, False), (2, False), (2, True)],
+    ids=["2-procs", "3-procs", "3-procs-next-in-ticket"],
+)
+def test_broadcast_round_trip_bit_exact_mixed_dtypes(receivers, via_ticket):
     pipes = [CTX.Pipe() for _ in range(receivers)]
     port, world = free_port(), 1 + receivers
-    jobs = [(_sender, (port, [a for a, _ in pipes]))]
-    jobs += [(_receiver, (port, b, r + 1, world)) for r, (_, b) in enumerate(pipes)]
+    jobs = [(_sender, (port, [a for a, _ in pipes], via_ticket))]
+    jobs += [(_receiver, (port, b, r + 1, world, via_ticket)) for r, (_, b) in enumerate(pipes)]
     sent, *got = run_workers(jobs)
     metas = mixed_metas()
     assert sent["buckets"] > 3  # several buckets, so both staging slots and prefetch are used
     assert sent["staging_buffers"] == 2  # persistent: the second update reused them
-    assert got == [{"bad": [], "received": len(SEEDS) * len(metas)}] * receivers
+    # With the next size in the ticket, recv posts every following bucket's receive itself.
+    ahead = len(SEEDS) * (sent["buckets"] - 1) if via_ticket else 0
+    want = {"bad": [], "received": len(SEEDS) * len(metas), "posted_ahead": ahead}
+    assert got == [want] * receivers
     assert {m.dtype for m in metas} == {torch.bfloat16, torch.float32, torch.int32, torch.int64}
 
 

@@ -22,7 +22,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -230,6 +230,8 @@ class WeightSender:
             stats.engine_load_s += time.perf_counter() - t0
 
         def on_sent(bucket: Bucket, ticket: Ticket) -> None:
+            following = self.plan.buckets[bucket.index + 1 : bucket.index + 2]
+            ticket = replace(ticket, next_nbytes=following[0].nbytes if following else 0)
             in_flight.append((ticket, [(e, e.update_bucket(bucket, ticket)) for e in engines]))
             if len(in_flight) > 1:  # keep one bucket in flight while the next is prepared
                 settle(*in_flight.pop(0))

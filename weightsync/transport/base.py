@@ -41,6 +41,9 @@ class Ticket:
     """Staging/ring slot holding the bytes; -1 where the transport has none."""
     payloads: tuple[str, ...] = ()
     """Transport-specific handles: one serialized IPC payload per TP rank, a shard path ..."""
+    next_nbytes: int = 0
+    """Size of the bucket sent after this one (0: this is the last): a receiver can post that
+    receive before it loads this bucket, so the next bytes move during the load."""
 
 
 class Sender(Protocol):
@@ -65,7 +68,9 @@ class Sender(Protocol):
 
 class Receiver(Protocol):
     def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
-        """The bucket's per-dtype buffers (see ``unpack_bucket``), valid until ``release``."""
+        """The bucket's per-dtype buffers (see ``unpack_bucket``), valid until ``release``;
+        where the transport allows, the next bucket's receive (``ticket.next_nbytes``) is
+        posted first."""
         ...
 
     def release(self, ticket: Ticket) -> None:

@@ -170,8 +170,8 @@ class BroadcastSender:
 class BroadcastReceiver:
     """A non-zero rank of the weight group (our CPU engines, tests, benchmarks).
 
-    ``prefetch`` posts the next bucket's receive before the current one is loaded, so the
-    sender's next broadcast is not held up by the load.
+    ``recv`` posts the next bucket's receive (``Ticket.next_nbytes``) before it returns the
+    current one to be loaded, so the sender's next broadcast is not held up by the load.
     """
 
     def __init__(
@@ -189,24 +189,31 @@ class BroadcastReceiver:
         self._busy: dict[int, int] = {}  # bucket index -> slot, until released
 
     def prefetch(self, bucket: Bucket, ticket: Ticket) -> None:
-        if bucket.index in self._busy:
+        self._post(bucket.index, bucket.nbytes)
+
+    def _post(self, index: int, nbytes: int) -> None:
+        if index in self._busy:
             return
         free = [s for s in range(NUM_SLOTS) if s not in self._busy.values()]
         if not free:
             raise RuntimeError(
-                f"bucket {bucket.index}: both receive slots are held; release "
+                f"bucket {index}: both receive slots are held; release "
                 f"buckets {sorted(self._busy)} first"
             )
         slot = free[0]
         self._staging.wait(slot, Deadline(self.timeout_s, f"receive into slot {slot}"))
-        flat = self._staging.get(slot, bucket.nbytes)
+        flat = self._staging.get(slot, nbytes)
         self._staging.work[slot] = dist.broadcast(
             flat, group_src=0, group=self.group, async_op=True
         )
-        self._busy[bucket.index] = slot
+        self._busy[index] = slot
 
     def recv(self, bucket: Bucket, ticket: Ticket) -> dict[torch.dtype, torch.Tensor]:
         self.prefetch(bucket, ticket)
+        if ticket.next_nbytes:
+            # Broadcasts on a group complete in order: posting the next one now lets its
+            # bytes arrive while this bucket is loaded.
+            self._post(bucket.index + 1, ticket.next_nbytes)
         slot = self._busy[bucket.index]
         self._staging.wait(slot, Deadline(self.timeout_s, f"receive of bucket {bucket.index}"))
         return bucket_views(bucket, self._staging.get(slot, bucket.nbytes))

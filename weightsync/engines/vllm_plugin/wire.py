@@ -73,6 +73,7 @@ class UpdateInfo:
     nbytes: int = 0
     slot: int = -1
     payloads: list[str] = field(default_factory=list)
+    next_nbytes: int = 0
 
     def to_bucket(self) -> tuple[Bucket, Ticket]:
         groups = []
@@ -89,7 +90,7 @@ class UpdateInfo:
                     )
             groups.append(DtypeGroup(dtype, slots, int(g["numel"]), int(g["byte_offset"])))
         bucket = Bucket(self.bucket, tuple(groups), self.nbytes)
-        return bucket, Ticket(self.bucket, self.slot, tuple(self.payloads))
+        return bucket, Ticket(self.bucket, self.slot, tuple(self.payloads), self.next_nbytes)
 
 
 def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
@@ -102,7 +103,9 @@ def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
         }
         for g in bucket.groups
     ]
-    return UpdateInfo(groups, bucket.index, bucket.nbytes, ticket.slot, list(ticket.payloads))
+    return UpdateInfo(
+        groups, bucket.index, bucket.nbytes, ticket.slot, list(ticket.payloads), ticket.next_nbytes
+    )
 
 
 def sha256(t: torch.Tensor) -> str:
