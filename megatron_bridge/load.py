@@ -7,7 +7,8 @@ a checkpoint directory) and slices its own shard locally, which sidesteps scatte
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,34 @@ def _read(source: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...])
     return t
 
 
+@dataclass(frozen=True)
+class _Local:
+    """This rank's side of a load: the units, its layout and its parameters by name."""
+
+    units: list
+    layout: Layout
+    d: Dims
+    tensors: list[dict[str, torch.Tensor]]
+
+    def held_pieces(self) -> Iterator[tuple[Any, torch.Tensor, bool]]:
+        """(piece, local parameter, is expert) for every piece of a unit this rank holds."""
+        for unit in self.units:
+            if holds(unit, self.layout):
+                for piece in unit.pieces:
+                    local = lookup(self.tensors[unit.vp_stage], piece.mcore)
+                    yield piece, local, unit.expert_owner is not None
+
+
+def _local(model_chunks: Sequence[nn.Module], hf_config: Any) -> _Local:
+    cfg = as_hf_config(hf_config)
+    units = plan_units(cfg, unwrap(model_chunks[0]).config)
+    layout = current_layout()
+    d = get_family(cfg).dims(cfg)
+    tensors = local_tensors(model_chunks)
+    check_coverage(units, tensors, model_chunks, layout, d)
+    return _Local(units, layout, d, tensors)
+
+
 def load_hf_weights(
     model_chunks: Sequence[nn.Module],
     hf_weights: Mapping[str, torch.Tensor] | str | Path,
@@ -96,14 +125,10 @@ def load_hf_weights(
 
     Extra HF tensors raise ``ValueError``, except ``lm_head.weight`` of a tied model.
     """
-    cfg = as_hf_config(hf_config)
-    units = plan_units(cfg, unwrap(model_chunks[0]).config)
-    layout = current_layout()
-    d = get_family(cfg).dims(cfg)
-    tensors = local_tensors(model_chunks)
-    check_coverage(units, tensors, model_chunks, layout, d)
+    here = _local(model_chunks, hf_config)
+    d, layout = here.d, here.layout
     source = _source(hf_weights)
-    known = {n for u in units for p in u.pieces for n in p.hf}
+    known = {n for u in here.units for p in u.pieces for n in p.hf}
     known |= {f for n in known for f in _fused_names(n)} | ({"lm_head.weight"} if d.tied else set())
     extra = sorted(set(source) - known)
     if extra:
@@ -111,16 +136,11 @@ def load_hf_weights(
             f"HF tensors with no megatron parameter: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
         )
     with torch.no_grad():
-        for unit in units:
-            if not holds(unit, layout):
-                continue
-            expert = unit.expert_owner is not None
-            for piece in unit.pieces:
-                hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
-                local = lookup(tensors[unit.vp_stage], piece.mcore)
-                _copy_into(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
+        for piece, local, expert in here.held_pieces():
+            hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
+            _copy_into(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
         # Under pipeline parallelism the last stage keeps its own copy of a tied output layer.
-        head = tensors[-1].get("output_layer.weight")
+        head = here.tensors[-1].get("output_layer.weight")
         if d.tied and head is not None and layout.pp_rank == layout.pp - 1:
             embed = [_read(source, "model.embed_tokens.weight", (d.vocab, d.hidden))]
             _copy_into(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
@@ -130,26 +150,16 @@ def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> Non
     """ValueError naming the first local parameter whose shape disagrees with ``hf_config``
     (a model built from another config). No communication and no bytes: the load's own slicing
     runs on meta tensors. Export and load would fail on it too, but only midway."""
-    cfg = as_hf_config(hf_config)
-    units = plan_units(cfg, unwrap(model_chunks[0]).config)
-    layout = current_layout()
-    d = get_family(cfg).dims(cfg)
-    tensors = local_tensors(model_chunks)
-    check_coverage(units, tensors, model_chunks, layout, d)
-    for unit in units:
-        if not holds(unit, layout):
-            continue
-        for piece in unit.pieces:
-            hf = [torch.empty(s, device="meta") for s in piece.shapes]
-            local = lookup(tensors[unit.vp_stage], piece.mcore)
-            expert = unit.expert_owner is not None
-            try:
-                _local_shard(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
-            except RuntimeError as e:  # a view or cat that the wrong shape cannot make
-                raise ValueError(
-                    f"{piece.mcore}: local shard {tuple(local.shape)} does not fit the HF "
-                    f"shapes {[tuple(s) for s in piece.shapes]} of {piece.hf}: {e}"
-                ) from e
+    here = _local(model_chunks, hf_config)
+    for piece, local, expert in here.held_pieces():
+        hf = [torch.empty(s, device="meta") for s in piece.shapes]
+        try:
+            _local_shard(local, piece.kind.to_mcore, hf, here.d, here.layout, expert, piece.mcore)
+        except RuntimeError as e:  # a view or cat that the wrong shape cannot make
+            raise ValueError(
+                f"{piece.mcore}: local shard {tuple(local.shape)} does not fit the HF "
+                f"shapes {[tuple(s) for s in piece.shapes]} of {piece.hf}: {e}"
+            ) from e
 
 
 def _copy_into(
