@@ -26,6 +26,11 @@ class ScriptedEngine:
     def __init__(self, name: str, fail: dict[str, Exception] | None = None, barrier=None) -> None:
         self.name, self.fail, self.barrier = name, fail or {}, barrier
         self.calls: list[str] = []
+        self.versions: list[str] = []
+        self.served = None  # what model_config answers
+
+    def model_config(self):
+        return self.served
 
     def _step(self, step: str, result=None):
         self.calls.append(step)
@@ -51,6 +56,7 @@ class ScriptedEngine:
         return self._step("abort")
 
     def set_version(self, version):
+        self.versions.append(version)
         return self._step("version")
 
     def resume(self):
@@ -109,7 +115,8 @@ def test_a_failed_send_aborts_every_session_before_resuming():
     assert sorted(info.value.stale) == ["e0", "e1"] == sorted(ws.stale)
     assert ws.live_engines == []
     for e in engines:
-        assert e.calls == ["pause", "flush", "begin", "abort", "resume"]
+        assert e.calls == ["pause", "flush", "begin", "abort", "version", "resume"]
+        assert e.versions == ["partial-1"]  # serving a mix of versions, and saying so
     assert trainers.calls[-1] == "reset" and not ws._connected  # the next update reconnects
 
 
@@ -118,7 +125,7 @@ def test_an_engine_that_cannot_abort_is_still_resumed():
     ws = _sync([broken, ScriptedEngine("e1")], ScriptedTrainers())
     with pytest.raises(UpdateFailed, match="e0"):
         ws.update(1)
-    assert broken.calls[-2:] == ["abort", "resume"] and ws.stale == {"e0", "e1"}
+    assert broken.calls[-3:] == ["abort", "version", "resume"] and ws.stale == {"e0", "e1"}
 
 
 def test_a_failure_before_the_session_names_the_engine_and_resumes_all():
@@ -162,3 +169,61 @@ def test_one_engines_refusal_surfaces_without_waiting_for_the_others():
     with pytest.raises(_EngineFailed) as info:
         _await_all([pendings[0], pendings[2]], timeout_s=0.05)
     assert info.value.engine == "a" and isinstance(info.value.error, TimeoutError)
+
+
+def test_an_engine_that_fails_to_resume_stays_out_of_live_engines():
+    engines = [ScriptedEngine("e0", fail={"resume": TimeoutError("still paused")})]
+    engines.append(ScriptedEngine("e1"))
+    ws = _sync(engines, ScriptedTrainers())
+    ws.update(1)  # the weights landed everywhere; e0 may still be paused
+    assert ws.stale == {"e0"} and [s.label for s in ws.live_engines] == ["e1"]
+
+
+def test_a_model_config_mismatch_is_refused_before_any_pause():
+    from weightsync.model_config import summary
+
+    cfg = dict(vocab_size=32, hidden_size=128, num_attention_heads=2, num_hidden_layers=2)
+    engines = [ScriptedEngine("e0"), ScriptedEngine("e1")]
+    engines[1].served = summary(cfg | {"tie_word_embeddings": True})
+    engines[0].served = summary(cfg)
+    ws = _sync(engines, ScriptedTrainers())
+    ws._model = summary(cfg)
+    with pytest.raises(ValueError, match=r"e1.*tie_word_embeddings: trainer False, engine True"):
+        ws.update(1)
+    assert all(e.calls == [] for e in engines)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        EngineSpec(kind="sglang", url="http://127.0.0.1:9", name="sg"),
+        EngineSpec(kind="vllm", url="http://127.0.0.1:9", name="tp2", tp_size=2),
+    ],
+)
+def test_verify_is_refused_up_front_where_the_engine_cannot_read_back(spec):
+    with pytest.raises(ValueError, match=f"verify.*{spec.name}"):
+        WeightSync(ScriptedTrainers(), [spec], SyncConfig(verify=True))
+
+
+def test_a_session_left_open_is_recovered_through_abort():
+    from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
+
+    engine = VllmEngine(VllmEngineConfig(url="http://127.0.0.1:9"))
+    calls = []
+
+    def call(method, path, timeout_s=None, **kw):
+        calls.append(path if path != "/collective_rpc" else kw["json"]["args"][0])
+        if path == "/start_weight_update" and calls.count(path) == 1:
+            raise RuntimeError("start_weight_update called while a weight update is already active")
+        return {"results": [{"aborted": True}]}
+
+    engine._call = call
+    engine.begin_update()
+    # half-loaded layers discarded (abort), never finalized as they are
+    assert calls == [
+        "/start_weight_update",
+        "abort",
+        "/finish_weight_update",
+        "/start_weight_update",
+    ]
+    engine.close()

@@ -66,11 +66,19 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.5):
 
 
 def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
-    """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute)."""
+    """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute).
+    ``state`` is saved as a checkpoint beside the config and loaded the way users load one,
+    so transformers' own checkpoint conversion (MoE experts, tied heads) applies."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    model.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(Path(model_dir) / "config.json", tmp)
+        save_file({n: t.contiguous() for n, t in state.items()}, f"{tmp}/model.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
     model = model.float().eval()
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0]

@@ -18,6 +18,7 @@ leaves the engines serving the old weights. A stale engine is excluded from ``li
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any, NoReturn, Protocol
 from weightsync.config import SyncConfig
 from weightsync.engines.spec import EngineSpec
 from weightsync.lease import LeaseLock, LocalLeaseLock
+from weightsync.model_config import mismatches
 from weightsync.quant import Int4Config
 from weightsync.trainer_side import TrainerSync
 
@@ -82,6 +84,8 @@ class WeightSync:
     ) -> None:
         if not engines:
             raise ValueError("engines: at least one EngineSpec")
+        if config.verify:
+            _check_verifiable(engines)
         self.trainers = trainers
         self.specs = list(engines)
         self.config = config
@@ -91,6 +95,7 @@ class WeightSync:
         self.engines = {s.label: s.connect(record_digests=config.verify) for s in self.specs}
         self.stale: set[str] = set()
         self._connected = False
+        self._model: dict | None = None  # the trainer's model_config summary
 
     @property
     def live_engines(self) -> list[EngineSpec]:
@@ -103,8 +108,17 @@ class WeightSync:
     def connect(self) -> None:
         """Set up the transport between the source rank and every engine (once)."""
         self._run(TrainerSync.install, self.specs, self.config, self.int4)
+        self._model = self._run(TrainerSync.model_summary)[0]
         TrainerSync.connect(self)
         self._connected = True
+
+    def _check_models(self) -> None:
+        """Every engine serves the trainer's model: same config fields, before any pause."""
+        served = self._each(lambda e: e.model_config())
+        bad = {lb: mismatches(self._model, cfg) for lb, cfg in served.items() if cfg is not None}
+        bad = {lb: m for lb, m in bad.items() if m}
+        if bad:
+            raise ValueError(f"engines serve another model than the trainer's: {bad}")
 
     def update(self, version: int) -> SyncStats:
         """Push the trainer's current weights to every engine as ``version``."""
@@ -115,15 +129,18 @@ class WeightSync:
             if not self._connected:
                 self.connect()
             t0 = time.perf_counter()
-            self._run(TrainerSync.prepare)  # raises before any engine is paused
+            self._check_models()
+            seed = secrets.randbits(31)  # fresh probe columns for verify, every update
+            self._run(TrainerSync.prepare, seed)  # raises before any engine is paused
             paused: list[str] = []
             begun: list[str] = []
             try:
-                send = self._update_paused(version, paused, begun)
+                send = self._update_paused(version, seed, paused, begun)
             except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
                 self._fail(version, e, paused, begun)
-            t_pause, resumed_at = self._resume(paused)
+            # Every engine now holds this version; one that fails to resume is stale again.
             self.stale.difference_update(self.engines)
+            t_pause, resumed_at = self._resume(paused)
             return _stats(version, send, resumed_at - t_pause, time.perf_counter() - t0)
 
     def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:
@@ -137,7 +154,7 @@ class WeightSync:
         # An open session is aborted before the resume: no engine serves half-reloaded layers.
         with ThreadPoolExecutor(1, thread_name_prefix="teardown") as pool:
             teardown = pool.submit(self._disconnect)
-            self._resume(paused, abort=begun)
+            self._resume(paused, abort=begun, label=f"partial-{version}")
             teardown.result()
         if not isinstance(error, Exception):
             raise error
@@ -154,7 +171,7 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
 
-    def _update_paused(self, version: int, paused: list[str], begun: list[str]) -> dict:
+    def _update_paused(self, version: int, seed: int, paused: list[str], begun: list[str]) -> dict:
         self._pause_started = time.perf_counter()
         # Counted as paused before the call returns: a pause that timed out may still land.
         paused.extend(self.engines)
@@ -172,7 +189,7 @@ class WeightSync:
         send = self._run(TrainerSync.send)[0]
         self._each(lambda e: e.end_update())
         if self.config.verify:
-            self._each(lambda e: _verify(e, send["digests"]))
+            self._each(lambda e: _verify(e, send["digests"], seed))
         self._each(lambda e: e.set_version(str(version)))
         return send
 
@@ -188,22 +205,28 @@ class WeightSync:
             raise RuntimeError("; ".join(map(str, errors))) from errors[0]
         return {label: f.result() for label, f in futures.items()}
 
-    def _resume(self, paused: list[str], abort: Sequence[str] = ()) -> tuple[float, float]:
+    def _resume(
+        self, paused: list[str], abort: Sequence[str] = (), label: str = ""
+    ) -> tuple[float, float]:
         """Resume every paused engine, all at once (one that hangs delays no other), first
-        aborting the sessions named in ``abort``."""
+        aborting the sessions named in ``abort`` and stamping them ``label``: what they serve
+        mixes two versions, and every client must be able to tell."""
         start = getattr(self, "_pause_started", time.perf_counter())
         if paused:
             with ThreadPoolExecutor(len(paused), thread_name_prefix="resume") as pool:
-                outcomes = {lb: pool.submit(self._recover, lb, lb in abort) for lb in paused}
+                outcomes = {
+                    lb: pool.submit(self._recover, lb, label if lb in abort else "")
+                    for lb in paused
+                }
             errors = {label: f.result() for label, f in outcomes.items() if f.result()}
             if errors:
                 self.stale.update(errors)
                 log.error("engines %s may not serve (marked stale): %s", sorted(errors), errors)
         return start, time.perf_counter()
 
-    def _recover(self, label: str, abort: bool) -> list[Exception]:
+    def _recover(self, label: str, stamp: str) -> list[Exception]:
         engine, errors = self.engines[label], []
-        steps = [engine.abort_update] if abort else []
+        steps = [engine.abort_update, lambda: engine.set_version(stamp)] if stamp else []
         for step in [*steps, engine.resume]:  # resume even when the abort failed
             try:
                 step()
@@ -234,12 +257,29 @@ def _named(label: str, call: Callable, *args: Any) -> Any:
         raise RuntimeError(f"engine {label!r}: {e}") from e
 
 
-def _verify(engine, sent: dict[str, str]) -> None:
-    """The engine loaded exactly the bytes that were sent, tensor by tensor."""
-    loaded = engine.loaded_digests()
-    bad = sorted(n for n, d in sent.items() if loaded.get(n) != d)
+def _check_verifiable(specs: Sequence[EngineSpec]) -> None:
+    """verify reads weights back through the engine's kernels: only our vLLM backend can, and
+    only on an engine that holds whole tensors (TP=1)."""
+    bad = [s.label for s in specs if s.kind != "vllm" or s.tp_size != 1]
     if bad:
-        raise RuntimeError(f"{len(bad)} tensors differ from what was sent, e.g. {bad[:3]}")
+        raise ValueError(
+            f"SyncConfig.verify=True needs vLLM engines with tp_size=1 (kernel read-back); "
+            f"not possible for {bad}: set verify=False for them"
+        )
+
+
+def _verify(engine, sent: dict[str, str], seed: int) -> None:
+    """The engine's kernels compute with exactly the weights that were sent: every weight,
+    aliases included, read back through the kernel on the columns ``seed`` picks."""
+    live = engine.live_digests(seed)
+    bad = sorted(n for n, d in sent.items() if live.get(n) != d)
+    if bad:
+        missing = [n for n in bad if n not in live]
+        absent = f"; not found in the engine: {missing[:3]}" if missing else ""
+        raise RuntimeError(
+            f"{len(bad)} weights the engine computes with differ from the trainer's "
+            f"(verify), e.g. {bad[:3]}{absent}"
+        )
 
 
 def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStats:

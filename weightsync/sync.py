@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import Engine, Pending
-from weightsync.engines.vllm_plugin.wire import sha256
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan, check_plan_identical
+from weightsync.probe import digest, int4_columns, probe_columns, probe_digest
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.transport.base import Sender, Ticket, send_stream
 
@@ -51,7 +51,8 @@ class SendStats:
     num_buckets: int = 0
     engine_errors: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
-    """sha256 of every tensor sent (``SyncConfig.verify``), to compare with the engines'."""
+    """Probe digest of every weight sent, HF names, aliases included (``SyncConfig.verify``;
+    ``weightsync.probe``), to compare with what the engines' kernels read back."""
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:
@@ -130,6 +131,8 @@ class WeightSender:
         self._units: Iterator | None = None  # the open export, between stage and send
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._stats = SendStats()
+        self.probe_seed = 0
+        """Which columns ``verify`` probes this update (``weightsync.probe``)."""
 
     @property
     def is_source(self) -> bool:
@@ -137,10 +140,11 @@ class WeightSender:
 
         return not dist.is_initialized() or dist.get_rank() == EXPORT_SOURCE_RANK
 
-    def prepare(self, engines: Sequence[Engine] = ()) -> Plan:
+    def prepare(self, engines: Sequence[Engine] = (), probe_seed: int = 0) -> Plan:
         """Everything that can fail on bad input, done before any engine is paused."""
         from megatron_bridge import hf_weight_metadata
 
+        self.probe_seed = probe_seed
         self._drop_staged()  # an update that failed between stage and send
         metas = plan_metas(hf_weight_metadata(self.model_chunks, self.hf_config), self.int4)
         plan = build_plan(metas, self.config.bucket_bytes)
@@ -210,8 +214,26 @@ class WeightSender:
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
             if self.config.verify:
-                stats.digests.update((n, sha256(t)) for n, t in out)
+                stats.digests[name] = self._probe(name, tensor, out)
+                self._aliases(name, stats.digests)
             yield from out
+
+    def _probe(self, name: str, tensor: torch.Tensor, sent: list) -> str:
+        """The probe digest of the weight the engine will compute with: the tensor itself,
+        or for int4 its dequantized columns, taken from the packed bytes that were sent."""
+        if len(sent) == 1:
+            return probe_digest(sent[0][1], self.probe_seed)
+        parts = {n.rpartition(".")[2]: t for n, t in sent}
+        cols = probe_columns(self.probe_seed, tensor.shape[-1])
+        assert self.int4 is not None
+        return digest(int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric))
+
+    def _aliases(self, name: str, digests: dict[str, str]) -> None:
+        # A tied LM head computes with the embedding: the engine reads it back under its own
+        # name, through its own kernel.
+        tied = getattr(self.hf_config, "tie_word_embeddings", False)
+        if tied and name == "model.embed_tokens.weight":
+            digests["lm_head.weight"] = digests[name]
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[Engine, Pending]]]] = []

@@ -126,9 +126,18 @@ class TrainerSync:
         return state.ring.spec
 
     @staticmethod
-    def prepare(worker: Any) -> int:
+    def model_summary(worker: Any) -> dict:
+        """The trainer model's config fields every engine must share (``model_config``)."""
+        from weightsync.model_config import summary
+
+        sender = _state(worker).sender
+        qc = sender.int4.to_quantization_config() if sender.int4 else {}
+        return summary(worker.hf_config, qc)
+
+    @staticmethod
+    def prepare(worker: Any, probe_seed: int = 0) -> int:
         state = _state(worker)
-        plan = state.sender.prepare(state.engines)
+        plan = state.sender.prepare(state.engines, probe_seed)
         state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
         return plan.total_nbytes
 

@@ -29,7 +29,7 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
 
 
 def sync_config(args: argparse.Namespace) -> SyncConfig:
-    # Verification reads the engine's digests of what it loaded: the vLLM backend records them.
+    # verify reads the weights back through the engine's kernels: the vLLM backend does it.
     return SyncConfig(
         transport=args.transport,
         pause_mode=args.pause_mode,

@@ -164,6 +164,20 @@ class SGLangEngine:
                 self._manifest = None
         return self._manifest
 
+    def model_config(self) -> dict | None:
+        """The served model's config fields (``weightsync.model_config``) from the engine's
+        checkpoint ``config.json``, or None where it cannot be read from here."""
+        import json
+
+        from weightsync.model_config import summary
+
+        model_dir = self.config.model_dir or self.model_info().get("model_path")
+        path = os.path.join(model_dir or "", "config.json")
+        if not model_dir or not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return summary(json.load(f))
+
     # -- validation, before anything is paused -------------------------------------------
     def validate(
         self, plan: Plan, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None

@@ -225,15 +225,14 @@ class VllmEngine:
     def begin_update(self) -> None:
         """Open a weight-update session. A session left open by an update that died midway
         (the trainer stopped sending) is closed first: vLLM refuses to start another, which
-        would keep the engine stale for good. Closing it finalizes half-loaded layers, which
-        is safe only because the update that follows rewrites every layer (``validate``
-        insists on full updates unless ``partial``)."""
+        would keep the engine stale for good. It is closed the way an abort closes it:
+        layers that did not get all their tensors keep their old weights."""
         try:
             self._call("POST", "/start_weight_update")
         except RuntimeError as e:
             if "already active" not in str(e):
                 raise
-            self._call("POST", "/finish_weight_update", json={"weight_version": None})
+            self.abort_update()  # half-loaded layers are discarded, not finalized
             self._call("POST", "/start_weight_update")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> _Pending:
@@ -269,6 +268,15 @@ class VllmEngine:
         any parameter and hash as empty tensors."""
         loaded = self.loaded_digests()
         return sorted(n for n, t in expected.items() if loaded.get(n) != sha256(t))
+
+    def model_config(self) -> dict:
+        """The served model's config fields (``weightsync.model_config``)."""
+        return self._rpc("model_config")
+
+    def live_digests(self, seed: int) -> dict[str, str]:
+        """Probe digests of the weights the engine's kernels compute with, HF names, aliases
+        included (``weightsync.probe``)."""
+        return self._rpc(f"readback:{seed}")
 
     def loaded_digests(self) -> dict[str, str]:
         """name -> sha256 of the bytes the backend loaded for it (needs ``record_digests``)."""

@@ -15,20 +15,26 @@ and the trainer's driver aborts a session it can no longer finish (``abort``, be
 keeps every layer whole: a layer that got all of its tensors holds the new weights, every
 other layer its old ones.
 
-Queries (expected parameters, digests of what was loaded, load timings, ``abort``) are
-answered by ``__call__`` and reach the trainer over vLLM's dev ``/collective_rpc`` route as
-``{"method": "weight_transfer_engine", "args": [query]}``: the worker resolves the method
-name to this object and calls it.
+Finalizing also redoes what the reload leaves undone (``repair``: a tied LM head, the CPU MoE
+experts' prepack), and ``readback`` digests the weights the kernels then compute with.
+
+Queries (expected parameters, the model config, digests of what was loaded or of what the
+kernels read, load timings, ``abort``) are answered by ``__call__`` and reach the trainer over
+vLLM's dev ``/collective_rpc`` route as ``{"method": "weight_transfer_engine", "args":
+[query]}``: the worker resolves the method name to this object and calls it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any
 
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import receive
+from weightsync.engines.vllm_plugin.repair import ReloadRepair
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, sha256
 from weightsync.plan import unpack_bucket
 
@@ -46,6 +52,10 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self.timings: list[dict[str, float]] = []
         self._expected: dict[str, list] | None = None
         self._open = False
+        self._repair: ReloadRepair | None = None
+        self._faults: dict = {}  # test-only, see inject_faults
+        self._untied: list = []
+        self._session_faults: dict = {}
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
@@ -58,6 +68,10 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         self.timings = []
+        self._session_faults, self._faults = self._faults, {}
+        _retie(self._untied)  # a stale_alias fault lasts one session
+        self._untied = _untie(self.model) if self._session_faults.get("stale_alias") else []
+        self._repair = ReloadRepair(self.model)  # before the reload swaps in meta tensors
         initialize_layerwise_reload(self.model)
         self._open = True
 
@@ -81,6 +95,9 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         t1 = time.perf_counter()
         try:
             named = unpack_bucket(bucket, buffers)
+            skip = tuple(self._session_faults.get("skip", ()))
+            if skip:
+                named = [(n, t) for n, t in named if not n.startswith(skip)]
             if self.record_digests:
                 self.digests.update((name, sha256(t)) for name, t in named)
             self.model.load_weights(named)
@@ -103,7 +120,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return  # aborted after a failed bucket; vLLM still counted the session as open
         t0 = time.perf_counter()
         self._open = False
-        finalize_layerwise_reload(self.model, self.model_config)
+        self._finalize(finalize_layerwise_reload)
         self.timings.append({"bucket": -1, "finish_s": time.perf_counter() - t0})
 
     def abort_weight_update(self) -> bool:
@@ -116,8 +133,18 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._open = False
         receive.discard_partial_layers(self.model)
         with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model, self.model_config)
+            self._finalize(finalize_layerwise_reload)
         return True
+
+    def _finalize(self, finalize) -> None:
+        repair, faults = self._repair, self._session_faults
+        reloaded = repair.reloaded(repair.candidates()) if repair else set()
+        finalize(self.model, self.model_config)
+        if repair is not None:
+            repair.apply(reloaded)
+            if faults.get("post_twice"):
+                repair.apply(reloaded & set(repair.moe), skip_aliases=True)
+        self._repair, self._session_faults = None, {}
 
     def shutdown(self) -> None:
         if self.source is not None:
@@ -135,6 +162,74 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return {"timings": list(self.timings)}
         if query == "abort":
             return {"aborted": self.abort_weight_update()}
+        if query == "model_config":
+            return receive.served_config(self.model_config.hf_config)
+        kind, _, arg = query.partition(":")
+        if kind == "readback" and arg.isdigit():
+            return self.readback(int(arg))
+        if kind == "fault":
+            return self.inject_faults(json.loads(arg))
         raise ValueError(
-            f"unknown weightsync query {query!r}: expected_params|digests|timings|abort"
+            f"unknown weightsync query {query[:80]!r}: expected_params|model_config|digests|"
+            "timings|abort|readback:<seed>"
         )
+
+    def readback(self, seed: int) -> dict[str, str]:
+        """Probe digests of the weights the kernels compute with (``weightsync.probe``)."""
+        from weightsync.engines.vllm_plugin.readback import live_digests
+        from weightsync.probe import logical_name
+
+        if self._open:
+            raise RuntimeError("weightsync backend: readback during an open update session")
+        if self.parallel_config.world_size > 1:
+            raise RuntimeError("weightsync backend: readback needs a TP=1 engine")
+        expected = self("expected_params")
+        wanted = {logical_name(n) for n in expected} - {None}
+        if getattr(self.model_config.hf_config, "tie_word_embeddings", False):
+            wanted.add("lm_head.weight")  # read through the head's own kernel
+        return live_digests(self.model, seed, wanted)
+
+    def inject_faults(self, faults: dict) -> dict:
+        """Test-only (the engine must run with WEIGHTSYNC_FAULT_INJECTION=1): break the next
+        session the way real bugs do, so tests can see ``verify`` catch it. ``skip``: names
+        (prefixes) never loaded; ``stale_alias``: a tied head keeps a private copy of the old
+        embedding; ``post_twice``: the MoE kernels' post-processing applied twice."""
+        if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
+            raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
+        allowed = {"skip", "stale_alias", "post_twice"}
+        if not isinstance(faults, dict) or set(faults) - allowed:
+            raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
+        self._faults = faults
+        return {"armed": sorted(faults)}
+
+
+def _untie(model) -> list:
+    """Fault injection: every alias of a shared parameter gets a private copy of it (the
+    old weights, never updated). Returns what ``_retie`` needs to undo it."""
+    import torch
+
+    from weightsync.engines.vllm_plugin.repair import alias_groups
+
+    undo = []
+    for group in alias_groups(model):
+        shared = {id(p) for p in group[0]._parameters.values() if p is not None}
+        for module in group[1:]:
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) in shared:
+                    copy = torch.nn.Parameter(p.data.clone(), requires_grad=False)
+                    copy.__dict__.update(p.__dict__)
+                    module.register_parameter(name, copy)
+                    undo.append((module, name, p))
+            _reprocess(module)
+    return undo
+
+
+def _retie(undo: list) -> None:
+    for module, name, shared in undo:
+        module.register_parameter(name, shared)
+        _reprocess(module)
+
+
+def _reprocess(module) -> None:
+    if hasattr(module, "quant_method"):
+        module.quant_method.process_weights_after_loading(module)

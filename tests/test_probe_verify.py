@@ -1,0 +1,132 @@
+"""verify's pure pieces: probe columns and digests, int4 columns, the model-config check, the
+post-reload repair's bookkeeping, AMX permission in every engine process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsync.model_config import mismatches, summary
+from weightsync.probe import int4_columns, logical_name, probe_columns, probe_digest
+from weightsync.quant import pack_int4, unpack_int4
+
+
+def test_probe_columns_are_fixed_by_the_seed_and_differ_between_seeds():
+    a, b = probe_columns(7, 4096), probe_columns(8, 4096)
+    assert torch.equal(a, probe_columns(7, 4096)) and not torch.equal(a, b)
+    assert len(a) == 8 and a.unique().numel() == 8 and int(a.max()) < 4096
+    assert torch.equal(probe_columns(3, 5), torch.arange(5))
+
+
+def test_probe_digest_sees_one_changed_probed_column_and_the_dtype():
+    w = torch.randn(64, 256).to(torch.bfloat16)
+    col = int(probe_columns(5, 256)[3])
+    changed = w.clone()
+    changed[17, col] += 1
+    assert probe_digest(changed, 5) != probe_digest(w, 5)
+    assert probe_digest(w.float(), 5) != probe_digest(w, 5)
+    assert probe_digest(torch.ones(3), 0) == probe_digest(torch.ones(3), 99)  # vectors: whole
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_int4_columns_equal_the_full_dequantization(symmetric, group_size):
+    w = torch.randn(48, 128).to(torch.bfloat16)
+    parts = pack_int4(w, group_size, symmetric)
+    cols = probe_columns(11, 128)
+    full = unpack_int4(parts, group_size, symmetric)
+    got = int4_columns(parts, cols, group_size, symmetric)
+    assert got.dtype == full.dtype and torch.equal(got, full[:, cols])
+
+
+def test_logical_names_fold_int4_parts_into_their_weight():
+    assert logical_name("a.q_proj.weight_packed") == "a.q_proj.weight"
+    assert logical_name("a.q_proj.weight_scale") is None
+    assert logical_name("a.q_proj.weight_shape") is None
+    assert logical_name("model.norm.weight") == "model.norm.weight"
+
+
+def _cfg(**kw):
+    base = dict(
+        vocab_size=32,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+    )
+    return base | kw
+
+
+def test_model_config_summary_fills_defaults_and_names_each_mismatch():
+    s = summary(_cfg())
+    assert s["head_dim"] == 64 and s["num_experts"] == 0 and s["quantization"] is None
+    assert summary(_cfg(num_local_experts=8))["num_experts"] == 8
+    assert mismatches(s, summary(_cfg())) == []
+    bad = mismatches(s, summary(_cfg(tie_word_embeddings=True, head_dim=32)))
+    assert [b.split(":")[0] for b in bad] == ["tie_word_embeddings", "head_dim"]
+    from weightsync.quant import Int4Config
+
+    q32 = Int4Config(group_size=32).to_quantization_config()
+    q128 = Int4Config(group_size=128).to_quantization_config()
+    assert mismatches(summary(_cfg(), q32), summary(_cfg(quantization_config=q32))) == []
+    assert mismatches(summary(_cfg(), q32), summary(_cfg(quantization_config=q128)))
+    assert mismatches(summary(_cfg()), summary(_cfg(quantization_config=q32)))
+
+
+class _Method:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def process_weights_after_loading(self, layer):
+        self.log.append(self.name)
+
+
+def test_reload_repair_reprocesses_aliases_of_reloaded_modules_and_reloaded_moe_once():
+    from types import SimpleNamespace
+
+    from weightsync.engines.vllm_plugin.repair import ReloadRepair
+
+    log: list[str] = []
+    shared = torch.nn.Parameter(torch.zeros(4, 2))
+    model = torch.nn.Module()
+    model.embed, model.head, model.moe = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+    model.embed.weight = model.head.weight = shared
+    model.embed.quant_method = _Method(log, "embed")
+    model.head.quant_method = _Method(log, "head")
+    model.moe.quant_method = SimpleNamespace(
+        moe_kernel=SimpleNamespace(fused_experts=_Method(log, "moe"))
+    )
+    repair = ReloadRepair(model)
+    assert repair.aliases == [[model.embed, model.head]] and repair.moe == [model.moe]
+    repair.apply({model.embed, model.moe})
+    assert log == ["head", "moe"]  # the tied head, and the experts' prepack exactly once
+    log.clear()
+    repair.apply(set())  # nothing reloaded: nothing may be processed twice
+    assert log == []
+
+
+def test_every_vllm_process_asks_for_amx_when_the_plugin_registers(monkeypatch):
+    pytest.importorskip("vllm")
+    import weightsync.engines.vllm_plugin as plugin
+
+    asked = []
+    monkeypatch.setattr(plugin, "request_amx", lambda: asked.append(1) or True)
+    plugin.register()
+    assert asked == [1]
+
+
+def test_amx_permission_is_granted_on_amx_cpus():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if "amx_tile" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("no AMX on this CPU: nothing to request")
+    code = (
+        "import ctypes; from weightsync.engines.vllm_plugin import request_amx; "
+        "libc = ctypes.CDLL(None); perm = ctypes.c_uint64(); "
+        "assert request_amx(); libc.syscall(158, 0x1022, ctypes.byref(perm)); "
+        "assert perm.value & (1 << 18), hex(perm.value)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,76 @@
+"""What vLLM's layerwise reload leaves undone, redone once a session is finalized.
+
+Layerwise reload re-runs each *loaded* layer's post-processing on freshly materialized tensors
+and copies the result into the layer's original storage. Two kinds of state escape it:
+
+- **Aliases.** A tied ``lm_head`` shares its Parameter with ``embed_tokens`` but receives no
+  tensor of its own, so it is never processed: on CPU its GEMM keeps the weight it packed at
+  start-up (``cpu_linear`` holds a oneDNN/sgl-kernel copy) and the engine samples with the old
+  head. Every module that shares a Parameter with a reloaded module is processed again.
+- **Post-processing owned by the kernel.** The CPU MoE experts prepack ``w13``/``w2`` into a
+  blocked layout in the *kernel's* ``process_weights_after_loading``, which vLLM runs once, when
+  the kernel is built, not on a weight update. The reload copies checkpoint-layout bytes into
+  storage the kernel reads as prepacked: every sync scrambles the experts. Each reloaded MoE
+  layer's kernel post-processing is run again, exactly once.
+
+``verify`` (``readback``) reads the weights back through the kernels, so a repair missed here
+shows up there as a mismatch, not as silently wrong rollouts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def experts_kernel(module: torch.nn.Module):
+    """The modular MoE kernel's experts object of a FusedMoE layer, else None."""
+    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    return getattr(kernel, "fused_experts", None)
+
+
+def alias_groups(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """Modules that share a Parameter object (a tied LM head and its embedding)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(module)
+    return [group for group in owners.values() if len(group) > 1]
+
+
+class ReloadRepair:
+    """Taken before ``initialize_layerwise_reload`` (which swaps parameters for meta tensors)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.aliases = alias_groups(model)
+        self.moe = [m for m in model.modules() if experts_kernel(m) is not None]
+
+    @staticmethod
+    def reloaded(modules: list[torch.nn.Module]) -> set[torch.nn.Module]:
+        """Of ``modules``, those whose new weights the finalize will have processed: done
+        during the session (their reload info was reset) or loaded in part (finalize processes
+        them). Call after partial layers were discarded, before finalizing."""
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        out = set()
+        for m in modules:
+            info = LAYERWISE_INFO.get(m)
+            if info is not None and (not info.can_load() or info.load_numel > 0):
+                out.add(m)
+        return out
+
+    def candidates(self) -> list[torch.nn.Module]:
+        return [m for group in self.aliases for m in group] + self.moe
+
+    def apply(self, reloaded: set[torch.nn.Module], skip_aliases: bool = False) -> None:
+        """After finalize: process the aliases of reloaded modules, re-run the MoE kernels'
+        post-processing of reloaded MoE layers."""
+        if not skip_aliases:
+            for group in self.aliases:
+                if reloaded.intersection(group):
+                    for m in group:
+                        if m not in reloaded and hasattr(m, "quant_method"):
+                            m.quant_method.process_weights_after_loading(m)
+        for m in self.moe:
+            if m in reloaded:
+                experts_kernel(m).process_weights_after_loading(m)
