@@ -24,9 +24,19 @@ FIELDS = (
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
+def field(hf_config: Any, key: str, default: Any = None) -> Any:
+    """One field of an HF config given as a PretrainedConfig or as its dict."""
+    if isinstance(hf_config, Mapping):
+        return hf_config.get(key, default)
+    return getattr(hf_config, key, default)
+
+
 def summary(hf_config: Any, quantization_config: Mapping | None = None) -> dict[str, Any]:
     """The compared fields of an HF config (object or dict), JSON-friendly."""
-    get = hf_config.get if isinstance(hf_config, Mapping) else lambda k: getattr(hf_config, k, None)
+
+    def get(key: str) -> Any:
+        return field(hf_config, key)
+
     out = {k: get(k) for k in FIELDS if k != "num_experts"}
     if out["head_dim"] is None and out["hidden_size"] and out["num_attention_heads"]:
         out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]

@@ -231,7 +231,9 @@ class WeightSender:
     def _aliases(self, name: str, digests: dict[str, str]) -> None:
         # A tied LM head computes with the embedding: the engine reads it back under its own
         # name, through its own kernel.
-        tied = getattr(self.hf_config, "tie_word_embeddings", False)
+        from weightsync.model_config import field
+
+        tied = field(self.hf_config, "tie_word_embeddings", False)
         if tied and name == "model.embed_tokens.weight":
             digests["lm_head.weight"] = digests[name]
 

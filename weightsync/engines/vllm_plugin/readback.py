@@ -83,13 +83,15 @@ def _act_dtype(module: torch.nn.Module) -> torch.dtype:
 
 def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Probe]:
     parent, _, leaf = prefix.rpartition(".")
-    sizes = list(module.output_partition_sizes)
+    # ReplicatedLinear subclasses (the MoE router) keep only the unsharded sizes.
+    sizes = list(getattr(module, "output_partition_sizes", None) or [module.output_size])
+    in_features = getattr(module, "input_size_per_partition", None) or module.input_size
     parts = packed.get(leaf, [leaf]) if len(sizes) > 1 else [leaf]
     if len(parts) != len(sizes):
         parts = [leaf]
         sizes = [sum(sizes)]
     names = [f"{parent}.{p}" if parent else p for p in parts]
-    w_OC = _through_kernel(module, module.input_size_per_partition, seed)
+    w_OC = _through_kernel(module, in_features, seed)
     for name, w in zip(names, w_OC.split(sizes), strict=True):
         yield f"{name}.weight", w
     bias = getattr(module, "bias", None)
@@ -100,6 +102,10 @@ def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Probe]:
 
 
 def _experts(prefix: str, module, seed: int) -> Iterator[Probe]:
+    # The weights may sit on a child of the checkpoint's ``mlp.experts`` (vLLM's routed-experts
+    # module): the HF names hang off the ``experts`` level.
+    cut = prefix.find(".experts")
+    prefix = prefix[: cut + len(".experts")] if cut >= 0 else prefix
     w13_EJH, w2_EHI = _model_layout(module)
     inter = w2_EHI.shape[-1]
     for e in range(w13_EJH.shape[0]):
