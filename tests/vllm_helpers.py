@@ -65,10 +65,10 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.5):
     return out
 
 
-def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
-    """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute).
-    ``state`` is saved as a checkpoint beside the config and loaded the way users load one,
-    so transformers' own checkpoint conversion (MoE experts, tied heads) applies."""
+def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):
+    """A transformers model holding ``state`` (fp32 compute): saved as a checkpoint beside the
+    config and loaded the way users load one, so transformers' own checkpoint conversion (MoE
+    experts, tied heads, compressed-tensors int4) applies."""
     import shutil
     import tempfile
 
@@ -79,7 +79,12 @@ def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: 
         shutil.copy(Path(model_dir) / "config.json", tmp)
         save_file({n: t.contiguous() for n, t in state.items()}, f"{tmp}/model.safetensors")
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
-    model = model.float().eval()
+    return model.float().eval()
+
+
+def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
+    """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute)."""
+    model = reference_model(model_dir, state)
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0]
     logp = torch.log_softmax(logits, dim=-1)

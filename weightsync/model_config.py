@@ -24,7 +24,7 @@ FIELDS = (
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def field(hf_config: Any, key: str, default: Any = None) -> Any:
+def config_field(hf_config: Any, key: str, default: Any = None) -> Any:
     """One field of an HF config given as a PretrainedConfig or as its dict."""
     if isinstance(hf_config, Mapping):
         return hf_config.get(key, default)
@@ -35,7 +35,7 @@ def summary(hf_config: Any, quantization_config: Mapping | None = None) -> dict[
     """The compared fields of an HF config (object or dict), JSON-friendly."""
 
     def get(key: str) -> Any:
-        return field(hf_config, key)
+        return config_field(hf_config, key)
 
     out = {k: get(k) for k in FIELDS if k != "num_experts"}
     if out["head_dim"] is None and out["hidden_size"] and out["num_attention_heads"]:

@@ -92,7 +92,7 @@ class WeightSync:
         self.int4 = int4
         self.lock = lock or LocalLeaseLock()
         self.owner = owner
-        self.engines = {s.label: s.connect(record_digests=config.verify) for s in self.specs}
+        self.engines = {s.label: s.connect() for s in self.specs}
         self.stale: set[str] = set()
         self._connected = False
         self._model: dict | None = None  # the trainer's model_config summary

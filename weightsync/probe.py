@@ -13,9 +13,9 @@ Legend: ``w_OI`` a weight [out, in]; ``cols_C`` the probed input columns.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from weightsync.engines.vllm_plugin.wire import sha256
 
 PROBE_COLUMNS = 8
 """Columns read back per weight: each is a full output row's worth of the kernel's weight."""
@@ -38,11 +38,8 @@ def probe_view(t: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def digest(t: torch.Tensor) -> str:
-    """sha256 over dtype, shape and bytes."""
-    t = t.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """dtype, shape and the sha256 of the bytes: equal only for the same values stored alike."""
+    return f"{t.dtype}{tuple(t.shape)}:{sha256(t)}"
 
 
 def probe_digest(t: torch.Tensor, seed: int) -> str:

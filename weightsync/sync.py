@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import Engine, Pending
+from weightsync.model_config import config_field
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan, check_plan_identical
 from weightsync.probe import digest, int4_columns, probe_columns, probe_digest
 from weightsync.quant import Int4Config, packed_meta, quantize_named
@@ -133,6 +134,13 @@ class WeightSender:
         self._stats = SendStats()
         self.probe_seed = 0
         """Which columns ``verify`` probes this update (``weightsync.probe``)."""
+        # A tied LM head computes with the embedding: the engine reads it back under its own
+        # name, through its own kernel.
+        self._aliases = (
+            {"model.embed_tokens.weight": "lm_head.weight"}
+            if config_field(hf_config, "tie_word_embeddings", False)
+            else {}
+        )
 
     @property
     def is_source(self) -> bool:
@@ -215,7 +223,8 @@ class WeightSender:
             stats.quantize_s += time.perf_counter() - t0
             if self.config.verify:
                 stats.digests[name] = self._probe(name, tensor, out)
-                self._aliases(name, stats.digests)
+                if name in self._aliases:
+                    stats.digests[self._aliases[name]] = stats.digests[name]
             yield from out
 
     def _probe(self, name: str, tensor: torch.Tensor, sent: list) -> str:
@@ -227,15 +236,6 @@ class WeightSender:
         cols = probe_columns(self.probe_seed, tensor.shape[-1])
         assert self.int4 is not None
         return digest(int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric))
-
-    def _aliases(self, name: str, digests: dict[str, str]) -> None:
-        # A tied LM head computes with the embedding: the engine reads it back under its own
-        # name, through its own kernel.
-        from weightsync.model_config import field
-
-        tied = field(self.hf_config, "tie_word_embeddings", False)
-        if tied and name == "model.embed_tokens.weight":
-            digests["lm_head.weight"] = digests[name]
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[Engine, Pending]]]] = []

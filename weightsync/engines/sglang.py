@@ -149,10 +149,13 @@ class SGLangEngine:
     def get_version(self) -> str | None:
         return self.model_info().get("weight_version")
 
+    def _model_dir(self) -> str | None:
+        return self.config.model_dir or self.model_info().get("model_path")
+
     def manifest(self) -> dict[str, TensorSpec] | None:
         """The engine checkpoint's tensors (cached), or None where it cannot be read here."""
         if self._manifest is False:
-            model_dir = self.config.model_dir or self.model_info().get("model_path")
+            model_dir = self._model_dir()
             if model_dir and os.path.isdir(model_dir):
                 self._manifest = manifest_from_checkpoint(model_dir)
             else:
@@ -171,7 +174,7 @@ class SGLangEngine:
 
         from weightsync.model_config import summary
 
-        model_dir = self.config.model_dir or self.model_info().get("model_path")
+        model_dir = self._model_dir()
         path = os.path.join(model_dir or "", "config.json")
         if not model_dir or not os.path.isfile(path):
             return None

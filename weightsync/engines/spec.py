@@ -31,7 +31,7 @@ class EngineSpec:
     def label(self) -> str:
         return self.name or f"{self.kind}@{self.url}"
 
-    def connect(self, *, record_digests: bool = False) -> Engine:
+    def connect(self) -> Engine:
         """The adapter for this engine (imports only that adapter)."""
         if self.kind == "vllm":
             from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
@@ -40,7 +40,6 @@ class EngineSpec:
                 url=self.url,
                 api_key=self.api_key,
                 timeout_s=self.timeout_s,
-                record_digests=record_digests,
             )
             return VllmEngine(cfg, name=self.label)
         from weightsync.engines.sglang import SGLangConfig, SGLangEngine

@@ -36,6 +36,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from weightsync.engines.vllm_plugin import receive
 from weightsync.engines.vllm_plugin.repair import ReloadRepair
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, sha256
+from weightsync.model_config import config_field, summary
 from weightsync.plan import unpack_bucket
 
 
@@ -138,12 +139,12 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def _finalize(self, finalize) -> None:
         repair, faults = self._repair, self._session_faults
-        reloaded = repair.reloaded(repair.candidates()) if repair else set()
+        reloaded = repair.reloaded() if repair else set()
         finalize(self.model, self.model_config)
         if repair is not None:
             repair.apply(reloaded)
             if faults.get("post_twice"):
-                repair.apply(reloaded & set(repair.moe), skip_aliases=True)
+                repair.apply(reloaded, skip_aliases=True)
         self._repair, self._session_faults = None, {}
 
     def shutdown(self) -> None:
@@ -163,7 +164,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if query == "abort":
             return {"aborted": self.abort_weight_update()}
         if query == "model_config":
-            return receive.served_config(self.model_config.hf_config)
+            return summary(self.model_config.hf_config)
         kind, _, arg = query.partition(":")
         if kind == "readback" and arg.isdigit():
             return self.readback(int(arg))
@@ -185,7 +186,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise RuntimeError("weightsync backend: readback needs a TP=1 engine")
         expected = self("expected_params")
         wanted = {logical_name(n) for n in expected} - {None}
-        if getattr(self.model_config.hf_config, "tie_word_embeddings", False):
+        if config_field(self.model_config.hf_config, "tie_word_embeddings", False):
             wanted.add("lm_head.weight")  # read through the head's own kernel
         return live_digests(self.model, seed, wanted)
 

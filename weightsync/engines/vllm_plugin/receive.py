@@ -106,10 +106,3 @@ def checkpoint_params(model_dir: str) -> dict[str, list]:
     if not out:
         raise ValueError(f"no safetensors weights found in {model_dir!r}")
     return out
-
-
-def served_config(hf_config) -> dict:
-    """The fields of the served model's config that the trainer's must match."""
-    from weightsync.model_config import summary
-
-    return summary(hf_config)

@@ -45,22 +45,20 @@ class ReloadRepair:
         self.aliases = alias_groups(model)
         self.moe = [m for m in model.modules() if experts_kernel(m) is not None]
 
-    @staticmethod
-    def reloaded(modules: list[torch.nn.Module]) -> set[torch.nn.Module]:
-        """Of ``modules``, those whose new weights the finalize will have processed: done
-        during the session (their reload info was reset) or loaded in part (finalize processes
-        them). Call after partial layers were discarded, before finalizing."""
+    def reloaded(self) -> set[torch.nn.Module]:
+        """Of the modules repairs may touch, those whose new weights the finalize will have
+        processed: done during the session (their reload info was reset) or loaded in part
+        (finalize processes them). Call after partial layers were discarded, before
+        finalizing."""
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
+        watched = [m for group in self.aliases for m in group] + self.moe
         out = set()
-        for m in modules:
+        for m in watched:
             info = LAYERWISE_INFO.get(m)
             if info is not None and (not info.can_load() or info.load_numel > 0):
                 out.add(m)
         return out
-
-    def candidates(self) -> list[torch.nn.Module]:
-        return [m for group in self.aliases for m in group] + self.moe
 
     def apply(self, reloaded: set[torch.nn.Module], skip_aliases: bool = False) -> None:
         """After finalize: process the aliases of reloaded modules, re-run the MoE kernels'
