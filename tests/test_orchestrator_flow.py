@@ -16,7 +16,7 @@ from weightsync.orchestrator import UpdateFailed, WeightSync
 from weightsync.trainer_side import TrainerSync
 
 SEND_STATS = dict.fromkeys(
-    ("export_s", "quantize_s", "staged_s", "transfer_s", "engine_load_s"), 0.0
+    ("export_s", "quantize_s", "staged_s", "transfer_s", "engine_load_s", "probe_s"), 0.0
 ) | {"nbytes": 1, "num_buckets": 1, "digests": {}}
 
 

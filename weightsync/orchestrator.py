@@ -58,7 +58,11 @@ class SyncStats:
     num_buckets: int
     stale: list[str] = field(default_factory=list)
     verified: bool = False
-    """Every engine's loaded tensors were compared with the sent ones (``verify``)."""
+    """Every engine's weights, read back through its kernels, equal the trainer's (``verify``)."""
+    verify_s: float = 0.0
+    """The engines' read-back and the comparison, inside the pause window."""
+    probe_s: float = 0.0
+    """The source rank digesting the probed columns of what it sent (during the send)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +193,9 @@ class WeightSync:
         send = self._run(TrainerSync.send)[0]
         self._each(lambda e: e.end_update())
         if self.config.verify:
+            t0 = time.perf_counter()
             self._each(lambda e: _verify(e, send["digests"], seed))
+            send["verify_s"] = time.perf_counter() - t0
         self._each(lambda e: e.set_version(str(version)))
         return send
 
@@ -291,11 +297,13 @@ def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStat
         "engine_load_s",
         "nbytes",
         "num_buckets",
+        "probe_s",
     )
     return SyncStats(
         version=version,
         pause_s=pause_s,
         total_s=total_s,
         verified=bool(send["digests"]),
+        verify_s=send.get("verify_s", 0.0),
         **{k: send[k] for k in keys},
     )

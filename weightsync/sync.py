@@ -51,6 +51,8 @@ class SendStats:
     nbytes: int = 0
     num_buckets: int = 0
     engine_errors: dict[str, str] = field(default_factory=dict)
+    probe_s: float = 0.0
+    """Digesting the probed columns of what was sent (``SyncConfig.verify``)."""
     digests: dict[str, str] = field(default_factory=dict)
     """Probe digest of every weight sent, HF names, aliases included (``SyncConfig.verify``;
     ``weightsync.probe``), to compare with what the engines' kernels read back."""
@@ -222,9 +224,11 @@ class WeightSender:
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
             if self.config.verify:
+                t0 = time.perf_counter()
                 stats.digests[name] = self._probe(name, tensor, out)
                 if name in self._aliases:
                     stats.digests[self._aliases[name]] = stats.digests[name]
+                stats.probe_s += time.perf_counter() - t0
             yield from out
 
     def _probe(self, name: str, tensor: torch.Tensor, sent: list) -> str:
