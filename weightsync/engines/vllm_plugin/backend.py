@@ -200,6 +200,9 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         allowed = {"skip", "stale_alias", "post_twice"}
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
+        skip = faults.get("skip", [])
+        if not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
+            raise ValueError("faults.skip: a list of tensor names or name prefixes")
         self._faults = faults
         return {"armed": sorted(faults)}
 
