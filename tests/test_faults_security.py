@@ -139,3 +139,25 @@ def test_guard_middleware_answers_401_without_the_key(monkeypatch, path, header,
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     asyncio.run(GuardAllRoutes(app)(scope, None, send))
     assert sent[0]["status"] == status
+
+
+def test_guard_middleware_accepts_a_non_ascii_key(monkeypatch):
+    import asyncio
+
+    from weightsync.engines.vllm_plugin.auth import GuardAllRoutes
+
+    monkeypatch.setenv("WEIGHTSYNC_API_KEY", "clé-ü-鍵")
+    statuses: list[int] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for token in ("clé-ü-鍵".encode(), b"cle-u"):
+        headers = [(b"authorization", b"Bearer " + token)]
+        scope = {"type": "http", "method": "POST", "path": "/pause", "headers": headers}
+        asyncio.run(GuardAllRoutes(app)(scope, None, send))
+    assert statuses == [200, 401]

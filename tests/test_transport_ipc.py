@@ -252,3 +252,30 @@ def test_cuda_ipc_payload_round_trip_bit_exact():
         [(_cuda_payload_sender, (a, with_sglang)), (_cuda_payload_receiver, (b, with_sglang))]
     )
     assert got == {"bad": [], "received": len(mixed_metas()), "devices": {"cuda"}}
+
+
+@pytest.mark.parametrize(
+    "name", ["../../tmp/victim", "/tmp/victim", "wsync-1-zz-0", "wsync-1-0123456789ab-0/../x", ""]
+)
+def test_ring_names_other_than_ours_are_refused_before_any_open(tmp_path, name):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    with pytest.raises(ValueError, match=r"RingSpec\.names"):
+        ShmRing.attach(RingSpec((name,), 4096, 1), unlink=True)
+    assert victim.read_bytes() == b"keep"
+
+
+def test_a_ring_name_planted_as_a_symlink_is_not_followed(tmp_path):
+    import errno
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"k" * (4096 + 8192))
+    name = f"wsync-{os.getpid()}-0123456789ab-0"
+    (SHM_DIR / name).symlink_to(victim)
+    try:
+        with pytest.raises(OSError) as info:
+            ShmRing.attach(RingSpec((name,), 8192, 1), unlink=True)
+        assert info.value.errno == errno.ELOOP
+    finally:
+        (SHM_DIR / name).unlink()
+    assert victim.read_bytes() == b"k" * (4096 + 8192)

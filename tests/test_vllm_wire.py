@@ -70,7 +70,15 @@ def test_wrong_shape_in_entry_is_refused():
         ),
         (dict(transport="broadcast", master_port=1, group_name="g", world_size=2), "master"),
         (dict(transport="shm"), "slot_names"),
-        (dict(transport="shm", slot_names=["s"], slot_bytes=8, consumer_index=1), "consumer"),
+        (
+            dict(
+                transport="shm",
+                slot_names=["wsync-1-0123456789ab-0"],
+                slot_bytes=8,
+                consumer_index=1,
+            ),
+            "consumer",
+        ),
         (dict(transport="shm", slot_names=["s"], slot_bytes=8, timeout_s=0), "timeout_s"),
     ],
 )
@@ -116,3 +124,10 @@ def test_launcher_command_and_env(tmp_path):
     assert json.loads(cmd[cmd.index("--weight-transfer-config") + 1]) == {"backend": "weightsync"}
     assert server.env()["VLLM_SERVER_DEV_MODE"] == "1"
     assert server.url == f"http://127.0.0.1:{server.port}" and server.pid is None
+
+
+def test_shm_init_info_refuses_names_that_are_not_ring_names():
+    with pytest.raises(ValueError, match=r"RingSpec\.names"):
+        InitInfo(transport="shm", slot_names=["../../etc/passwd"], slot_bytes=4096)
+    ok = InitInfo(transport="shm", slot_names=["wsync-12-0123456789ab-0"], slot_bytes=4096)
+    assert ok.slot_names == ["wsync-12-0123456789ab-0"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
+import stat
 import struct
 import uuid
 import weakref
@@ -35,6 +37,9 @@ from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket, pid_a
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "wsync"
+NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]{{12}}-[0-9]+")
+"""The only names a ring has (``ShmRing.create``): names arrive over the network
+(``/init_weight_transfer_engine``), so anything else is refused, never joined to a path."""
 HEADER = mmap.PAGESIZE
 _SENT, _INDEX, _NBYTES, _CONSUMERS, _ACK0 = 0, 1, 2, 3, 8
 MAX_CONSUMERS = HEADER // 8 - _ACK0
@@ -48,12 +53,33 @@ class RingSpec:
     slot_bytes: int
     num_consumers: int
 
+    def __post_init__(self) -> None:
+        bad = [n for n in self.names if not (isinstance(n, str) and NAME.fullmatch(n))]
+        if bad or not self.names:
+            raise ValueError(
+                f"RingSpec.names: ring segment names like 'wsync-<pid>-<hex12>-<i>'"
+                f", got {bad[:3] or 'none'}"
+            )
+        if self.slot_bytes <= 0 or not 1 <= self.num_consumers <= MAX_CONSUMERS:
+            raise ValueError(
+                f"RingSpec: slot_bytes={self.slot_bytes} must be > 0 and num_consumers="
+                f"{self.num_consumers} in 1..{MAX_CONSUMERS}"
+            )
+
+
+@contextlib.contextmanager
+def _shm_dir():
+    """/dev/shm as a directory fd: names are opened and unlinked relative to it."""
+    fd = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
 
 def _unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(SHM_DIR / name)
-
-    return True
+    with _shm_dir() as d, contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=d)
 
 
 def sweep_dead_segments() -> list[str]:
@@ -69,9 +95,13 @@ def sweep_dead_segments() -> list[str]:
 
 class _Segment:
     def __init__(self, name: str, size: int, create: bool) -> None:
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(SHM_DIR / name, flags, 0o600)
+        # Never through a link: a name planted as a symlink would map another file.
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
+        with _shm_dir() as d:
+            fd = os.open(name, flags, 0o600, dir_fd=d)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"shm segment {name}: not a regular file")
             if create:
                 # Allocate the tmpfs pages now: a sparse file would fault on every first write.
                 os.posix_fallocate(fd, 0, size)

@@ -27,10 +27,12 @@ class GuardAllRoutes:
         self._digest = hashlib.sha256(key.encode()).digest() if key else None
 
     def _authorized(self, scope) -> bool:
+        # Bytes throughout: ASGI hands raw header bytes, the key is compared as its UTF-8
+        # bytes (decoding the header as latin-1 and re-encoding it broke non-ASCII keys).
         headers = dict(scope.get("headers") or [])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        given = hashlib.sha256(token.encode()).digest()
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, self._digest)
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        given = hashlib.sha256(token).digest()
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given, self._digest)
 
     async def __call__(self, scope, receive, send) -> None:
         guarded = (

@@ -61,6 +61,11 @@ class InitInfo:
             raise ValueError(
                 f"consumer_index={self.consumer_index} not in [0, {self.num_consumers})"
             )
+        if self.transport == "shm":
+            from weightsync.transport.shm import RingSpec
+
+            # The names come from the network: only ring names, checked before any open.
+            RingSpec(tuple(self.slot_names), self.slot_bytes, self.num_consumers)
 
 
 @dataclass
