@@ -79,12 +79,13 @@ def main() -> None:
             VllmServerConfig(model_dir=hf_dir, log_path=str(root / "vllm.log"), max_model_len=128)
         ).start()
     url = args.engine_url or server.url
+    api_key = server.api_key if server is not None else None  # the launcher made one
     try:
         with TrainerGroup.create(2, tp=2, worker_cls=Trainer) as trainers:
             trainers.run_all(Trainer.build, hf_dir, hf_config)
 
             # STEP 1: describe the engines and how to reach them, once.
-            engines = [EngineSpec(kind=args.engine, url=url)]
+            engines = [EngineSpec(kind=args.engine, url=url, api_key=api_key)]
             # STEP 2: configure the sync; int4 only if the engine serves a pack-quantized checkpoint
             # (then take the config from it: Int4Config.from_pretrained(engine_checkpoint_dir)).
             # stage_bytes: export (+ int4) this much before pausing the engines, so the pause

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.slow
 STEPS = 14  # the count-up reward leaves its random-policy level after ~8 steps
 
 
-@pytest.mark.parametrize("flags", [[], ["--int4"]], ids=["bf16", "int4"])
+SECRET = "demo-secret-key"
+
+
+@pytest.mark.parametrize("flags", [["--api-key", SECRET], ["--int4"]], ids=["bf16", "int4"])
 def test_demo_report(tmp_path, flags):
     out = tmp_path / "demo"
     cmd = [
@@ -32,7 +35,9 @@ def test_demo_report(tmp_path, flags):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    assert SECRET not in text and SECRET not in result.stdout + result.stderr
+    report = json.loads(text)
     steps = report["steps"]
     assert len(steps) == STEPS
     versions = [int(s["engine_version"]) for s in steps]

@@ -109,7 +109,8 @@ def test_vllm_launcher_defaults_to_loopback_and_guards_every_route(tmp_path, mon
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--middleware") + 1].endswith("GuardAllRoutes")
     assert "k" not in cmd[cmd.index("--middleware") :]
-    assert server.env()["WEIGHTSYNC_API_KEY"] == "k"
+    assert "k" not in cmd and "--api-key" not in cmd  # /proc/<pid>/cmdline is world-readable
+    assert server.env()["WEIGHTSYNC_API_KEY"] == server.env()["VLLM_API_KEY"] == "k"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,8 @@ from tests.vllm_helpers import (
 
 pytestmark = pytest.mark.slow
 
+KEY = "ws-int4-key"
+
 
 def _packed(state, cfg):
     from weightsync.quant import quantize_stream
@@ -44,7 +46,10 @@ def _dequantized(state, packed, cfg):
 
 
 def _checksums(url: str) -> dict[str, str]:
-    r = requests.post(f"{url}/weight_checker", json={"action": "checksum"}, timeout=TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {KEY}"}  # every route is guarded
+    r = requests.post(
+        f"{url}/weight_checker", json={"action": "checksum"}, headers=headers, timeout=TIMEOUT_S
+    )
     r.raise_for_status()
     return r.json()["checksums"]
 
@@ -64,16 +69,17 @@ def served(request, tmp_path_factory):
     server_cfg = VllmServerConfig(
         model_dir=str(tmp / "int4"),
         log_path=str(tmp / "server.log"),
+        api_key=KEY,
         extra_args=("--enable-scale-out",),
         startup_timeout_s=4 * TIMEOUT_S,
     )
     with VllmServer(server_cfg) as server:
         engine = VllmEngine(
-            VllmEngineConfig(url=server.url, timeout_s=TIMEOUT_S, record_digests=True)
+            VllmEngineConfig(url=server.url, api_key=KEY, timeout_s=TIMEOUT_S, record_digests=True)
         )
         name = f"ws-test-int4-{'sym' if cfg.symmetric else 'asym'}"
         with broadcast_link(engine, name) as sender:
-            baseline = [generate(server.url, p) for p in PROMPTS]
+            baseline = [generate(server.url, p, api_key=KEY) for p in PROMPTS]
             yield server, engine, sender, state, cfg, tmp, baseline
         engine.close()
 
@@ -109,7 +115,7 @@ def test_int4_update_exact_codes_and_restore(served):
 
     # Codes, scales and shapes the engine loaded are bit-identical to the packer's output.
     assert engine.check_weights(new) == []
-    got = [generate(server.url, p) for p in PROMPTS]
+    got = [generate(server.url, p, api_key=KEY) for p in PROMPTS]
     assert got[0][0] != baseline[0][0]
     for (_, logprobs), prompt in zip(got, PROMPTS, strict=True):
         ref = reference_logprobs(tmp / "bf16", _dequantized(new_bf16, new, cfg), prompt)
@@ -118,5 +124,5 @@ def test_int4_update_exact_codes_and_restore(served):
     # The original packed checkpoint restores generations and the engine's repacked state.
     original = _packed(state, cfg)
     push(engine, sender, plan_for(original, 1 << 20), original, version="int4-v0")
-    assert [generate(server.url, p) for p in PROMPTS] == baseline
+    assert [generate(server.url, p, api_key=KEY) for p in PROMPTS] == baseline
     assert _checksums(server.url) == initial_checksums

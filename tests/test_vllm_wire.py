@@ -120,7 +120,7 @@ def test_launcher_command_and_env(tmp_path):
     server = VllmServer(VllmServerConfig(model_dir=str(tmp_path), log_path="l", api_key="k"))
     cmd = server.command()
     assert cmd[cmd.index("--model") + 1] == str(tmp_path)
-    assert cmd[cmd.index("--api-key") + 1] == "k"
+    assert "k" not in cmd and server.env()["VLLM_API_KEY"] == "k"  # not in /proc/*/cmdline
     assert json.loads(cmd[cmd.index("--weight-transfer-config") + 1]) == {"backend": "weightsync"}
     assert server.env()["VLLM_SERVER_DEV_MODE"] == "1"
     assert server.url == f"http://127.0.0.1:{server.port}" and server.pid is None

@@ -74,7 +74,8 @@ def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = Tr
     """``cfg.steps`` RL steps; prints a per-step table under a progress bar."""
     from tqdm import tqdm
 
-    report = Report(config=asdict(cfg))
+    # The key opens the engine's routes: it has no place in a report on disk.
+    report = Report(config=asdict(cfg) | {"api_key": "<redacted>" if cfg.api_key else None})
     t0 = time.perf_counter()
     if rt.server is None:
         # An external engine serves some checkpoint of its own: start it on the trainer's

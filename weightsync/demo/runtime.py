@@ -62,8 +62,9 @@ class DemoRuntime:
                 group.shutdown()
                 raise
         url = server.url if server is not None else cfg.engine_url
-        spec = EngineSpec(kind=cfg.engine, url=url, api_key=cfg.api_key, timeout_s=cfg.timeout_s)
-        rollout = RolloutClient(url, cfg.engine, cfg.api_key, cfg.timeout_s)
+        key = server.api_key if server is not None else cfg.api_key  # generated if not given
+        spec = EngineSpec(kind=cfg.engine, url=url, api_key=key, timeout_s=cfg.timeout_s)
+        rollout = RolloutClient(url, cfg.engine, key, cfg.timeout_s)
         return cls(cfg, dirs, hf_config, group, spec, rollout, server)
 
     def engine_version(self) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -69,6 +70,8 @@ class VllmServerConfig:
     port: int = 0
     """0 picks a free port."""
     api_key: str | None = None
+    """Guards every route; None generates one (``VllmServer.api_key``): the dev routes that
+    rewrite weights are never served open."""
     dtype: str = "bfloat16"
     max_model_len: int = 256
     enforce_eager: bool = True
@@ -94,6 +97,7 @@ class VllmServer:
     def __init__(self, config: VllmServerConfig) -> None:
         self.config = config
         self.port = config.port or free_port(config.host)
+        self.api_key = config.api_key or secrets.token_urlsafe(24)
         self._proc: subprocess.Popen | None = None
         self._log = None
 
@@ -129,9 +133,10 @@ class VllmServer:
             cmd.append("--enforce-eager")
         if c.skip_tokenizer_init:
             cmd.append("--skip-tokenizer-init")
-        if c.api_key:
-            # vLLM's --api-key leaves the RL routes (/pause, /update_weights ...) open.
-            cmd += ["--api-key", c.api_key, "--middleware", GUARD_MIDDLEWARE]
+        # vLLM's own key guard leaves the RL routes (/pause, /update_weights ...) open. The key
+        # itself travels in the environment (VLLM_API_KEY): a command line is readable by every
+        # local user in /proc/<pid>/cmdline.
+        cmd += ["--middleware", GUARD_MIDDLEWARE]
         if c.weight_transfer_backend:
             cmd += ["--weight-transfer-config", json.dumps({"backend": c.weight_transfer_backend})]
         return cmd + list(c.extra_args)
@@ -147,8 +152,7 @@ class VllmServer:
                 "HF_HUB_OFFLINE": "1",
             }
         )
-        if self.config.api_key:
-            env[AUTH_ENV_KEY] = self.config.api_key
+        env[AUTH_ENV_KEY] = env["VLLM_API_KEY"] = self.api_key
         env.update(self.config.extra_env)
         return env
 
