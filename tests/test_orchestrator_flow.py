@@ -227,3 +227,15 @@ def test_a_session_left_open_is_recovered_through_abort():
         "/start_weight_update",
     ]
     engine.close()
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+def test_sync_config_deadline_and_retries_reach_every_adapter(kind):
+    config = SyncConfig(step_timeout_s=7.0, flush_retries=2)
+    spec = EngineSpec(kind=kind, url="http://127.0.0.1:9", name="e")
+    ws = WeightSync(ScriptedTrainers(), [spec], config)
+    trainer_side = spec.connect(config)  # what TrainerSync.install builds on the source rank
+    for engine in (ws.engines["e"], trainer_side):
+        assert (engine.config.timeout_s, engine.config.flush_retries) == (7.0, 2)
+    own = EngineSpec(kind=kind, url="http://127.0.0.1:9", timeout_s=3.0).connect(config)
+    assert own.config.timeout_s == 3.0  # an engine's own deadline wins

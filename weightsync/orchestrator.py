@@ -96,7 +96,7 @@ class WeightSync:
         self.int4 = int4
         self.lock = lock or LocalLeaseLock()
         self.owner = owner
-        self.engines = {s.label: s.connect() for s in self.specs}
+        self.engines = {s.label: s.connect(config) for s in self.specs}
         self.stale: set[str] = set()
         self._connected = False
         self._model: dict | None = None  # the trainer's model_config summary

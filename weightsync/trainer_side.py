@@ -82,7 +82,7 @@ class TrainerSync:
         sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
         state = _State(sender=sender, specs=list(specs))
         if sender.is_source:
-            state.engines = [s.connect() for s in specs]
+            state.engines = [s.connect(config) for s in specs]
         worker.weightsync = state
 
     @staticmethod

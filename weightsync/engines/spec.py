@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from weightsync.config import SyncConfig
 from weightsync.engines.base import Engine
 
 EngineKind = Literal["vllm", "sglang"]
@@ -19,36 +20,38 @@ class EngineSpec:
     api_key: str | None = None
     tp_size: int = 1
     """Ranks the engine occupies in a broadcast group (its TP size)."""
-    timeout_s: float = 300.0
+    timeout_s: float | None = None
+    """This engine's deadline for every call; None: ``SyncConfig.step_timeout_s``."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("vllm", "sglang"):
             raise ValueError(f"EngineSpec.kind={self.kind!r}: 'vllm' or 'sglang'")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"EngineSpec.url={self.url!r}: an http(s):// URL")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"EngineSpec.timeout_s={self.timeout_s!r}: > 0, or None")
 
     @property
     def label(self) -> str:
         return self.name or f"{self.kind}@{self.url}"
 
-    def connect(self) -> Engine:
-        """The adapter for this engine (imports only that adapter)."""
+    def connect(self, sync: SyncConfig | None = None) -> Engine:
+        """The adapter for this engine (imports only that adapter), with the deadline and
+        flush retries of ``sync`` (defaults: ``SyncConfig()``): one source for both."""
+        sync = sync or SyncConfig()
+        common = dict(
+            url=self.url,
+            api_key=self.api_key,
+            timeout_s=self.timeout_s or sync.step_timeout_s,
+            flush_retries=sync.flush_retries,
+        )
         if self.kind == "vllm":
             from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
 
-            cfg = VllmEngineConfig(
-                url=self.url,
-                api_key=self.api_key,
-                timeout_s=self.timeout_s,
-            )
-            return VllmEngine(cfg, name=self.label)
+            return VllmEngine(VllmEngineConfig(**common), name=self.label)
         from weightsync.engines.sglang import SGLangConfig, SGLangEngine
 
-        engine = SGLangEngine(
-            SGLangConfig(
-                url=self.url, api_key=self.api_key, tp_size=self.tp_size, timeout_s=self.timeout_s
-            )
-        )
+        engine = SGLangEngine(SGLangConfig(tp_size=self.tp_size, **common))
         engine.name = self.label
         return engine
 
@@ -76,4 +79,4 @@ def join_broadcast(
     else:
         engine.init_group(
             master_address, master_port, rank_offset, world_size, backend=backend
-        ).wait(spec.timeout_s)
+        ).wait(engine.config.timeout_s)
