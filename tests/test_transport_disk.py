@@ -112,3 +112,59 @@ def test_killed_writer_leaves_no_version_and_its_temp_dir_is_swept(tmp_path):
     assert tmp.name.startswith(".tmp-never-") and DiskStore(tmp_path).versions() == []
     _write(str(tmp_path), "next", seed=2)  # the next writer sweeps the dead one's temp dir
     assert [p.name for p in tmp_path.iterdir()] == ["next"]
+
+
+def test_every_file_is_fsynced_before_the_manifest_names_it(tmp_path, monkeypatch):
+    synced: list[int] = []  # inodes, in fsync order
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd))
+    )
+    extra = tmp_path / "config.json"
+    extra.write_text("{}")
+    store = DiskStore(tmp_path / "store")
+    plan = build_plan(mixed_metas(), bucket_bytes=BUCKET_BYTES)
+    stream = ((m.name, make_tensor(m, 3)) for m in mixed_metas())
+    with store.begin("v1", extra_files=[extra]) as writer:
+        send_stream(writer, plan, stream, lambda b, t: None)
+        final = writer.commit()
+    manifest_at = synced.index((final / MANIFEST).stat().st_ino)
+    for p in final.iterdir():
+        if p.name != MANIFEST:
+            assert p.stat().st_ino in synced[:manifest_at], f"{p.name} not fsynced first"
+
+
+def _corrupt(store_root, version: str, **changes) -> None:
+    path = store_root / version / MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | changes))
+
+
+def test_manifest_names_outside_the_version_and_unreadable_manifests_are_refused(tmp_path):
+    _write(str(tmp_path), "a", seed=1, keep_last=5)
+    _write(str(tmp_path), "b", seed=2, keep_last=5)
+    _write(str(tmp_path), "c", seed=3, keep_last=5)
+    store = DiskStore(tmp_path, keep_last=5)
+    shards = json.loads((tmp_path / "b" / MANIFEST).read_text())["shards"]
+    _corrupt(tmp_path, "b", shards=["../a/" + shards[0]])
+    (tmp_path / "c" / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match=r"version 'b': manifest names files outside it"):
+        list(store.read("b", verify=False))
+    with pytest.raises(ValueError, match=r"version 'c': unreadable manifest"):
+        store.verify("c")
+    assert store.versions() == ["a"] and store.latest() == "a"  # the others are skipped
+    _write(str(tmp_path), "d", seed=4, keep_last=5)  # and commit still works
+    assert store.versions() == ["a", "d"]
+
+
+def test_sweep_leaves_other_hosts_temp_dirs_alone(tmp_path):
+    from weightsync.transport.base import host_tag
+
+    dead = 2**22 + 17  # above pid_max's default: no such process here
+    other = "f" * 8 if host_tag() != "f" * 8 else "e" * 8
+    ours = tmp_path / f".tmp-x-{host_tag()}-{dead}-0123abcd"
+    theirs = tmp_path / f".tmp-x-{other}-{dead}-0123abcd"
+    ours.mkdir()
+    theirs.mkdir()
+    _write(str(tmp_path), "v", seed=1)  # a new writer sweeps
+    assert not ours.exists() and theirs.exists()

@@ -18,6 +18,7 @@ from weightsync.transport.base import (
     PlanMsg,
     SetupMsg,
     Ticket,
+    host_tag,
     send_stream,
 )
 from weightsync.transport.ipc import (
@@ -35,7 +36,7 @@ BUCKET_BYTES = 4096
 
 
 def _segments_of(pid: int) -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"wsync-{pid}-*"))
+    return sorted(p.name for p in SHM_DIR.glob(f"wsync-{host_tag()}-{pid}-*"))
 
 
 def _ring_sender(conn) -> dict:
@@ -255,7 +256,14 @@ def test_cuda_ipc_payload_round_trip_bit_exact():
 
 
 @pytest.mark.parametrize(
-    "name", ["../../tmp/victim", "/tmp/victim", "wsync-1-zz-0", "wsync-1-0123456789ab-0/../x", ""]
+    "name",
+    [
+        "../../tmp/victim",
+        "/tmp/victim",
+        "wsync-0123abcd-1-zz-0",
+        "wsync-0123abcd-1-0123456789ab-0/../x",
+        "",
+    ],
 )
 def test_ring_names_other_than_ours_are_refused_before_any_open(tmp_path, name):
     victim = tmp_path / "victim"
@@ -270,7 +278,7 @@ def test_a_ring_name_planted_as_a_symlink_is_not_followed(tmp_path):
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"k" * (4096 + 8192))
-    name = f"wsync-{os.getpid()}-0123456789ab-0"
+    name = f"wsync-{host_tag()}-{os.getpid()}-0123456789ab-0"
     (SHM_DIR / name).symlink_to(victim)
     try:
         with pytest.raises(OSError) as info:
@@ -279,3 +287,20 @@ def test_a_ring_name_planted_as_a_symlink_is_not_followed(tmp_path):
     finally:
         (SHM_DIR / name).unlink()
     assert victim.read_bytes() == b"k" * (4096 + 8192)
+
+
+def test_sweeps_leave_segments_of_other_hosts_alone():
+    dead = 2**22 + 17  # above pid_max's default: no such process here
+    ours = SHM_DIR / f"wsync-{host_tag()}-{dead}-0123456789ab-0"
+    theirs = (
+        SHM_DIR / f"wsync-{'f' * 8 if host_tag() != 'f' * 8 else 'e' * 8}-{dead}-0123456789ab-0"
+    )
+    for p in (ours, theirs):
+        p.write_bytes(b"x")
+    try:
+        swept = sweep_dead_segments()
+        assert ours.name in swept and not ours.exists()
+        assert theirs.exists(), "another host's (or container's) ring is not ours to judge"
+    finally:
+        for p in (ours, theirs):
+            p.unlink(missing_ok=True)

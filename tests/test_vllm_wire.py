@@ -73,7 +73,7 @@ def test_wrong_shape_in_entry_is_refused():
         (
             dict(
                 transport="shm",
-                slot_names=["wsync-1-0123456789ab-0"],
+                slot_names=["wsync-0123abcd-1-0123456789ab-0"],
                 slot_bytes=8,
                 consumer_index=1,
             ),
@@ -129,5 +129,5 @@ def test_launcher_command_and_env(tmp_path):
 def test_shm_init_info_refuses_names_that_are_not_ring_names():
     with pytest.raises(ValueError, match=r"RingSpec\.names"):
         InitInfo(transport="shm", slot_names=["../../etc/passwd"], slot_bytes=4096)
-    ok = InitInfo(transport="shm", slot_names=["wsync-12-0123456789ab-0"], slot_bytes=4096)
-    assert ok.slot_names == ["wsync-12-0123456789ab-0"]
+    name = "wsync-0123abcd-12-0123456789ab-0"
+    assert InitInfo(transport="shm", slot_names=[name], slot_bytes=4096).slot_names == [name]

@@ -17,6 +17,8 @@ Sender loop, per bucket::
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import os
 import time
@@ -190,6 +192,21 @@ class Deadline:
                 raise self.expired()
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
+
+
+@functools.cache
+def host_tag() -> str:
+    """8 hex digits naming this boot of this host and this pid namespace. Segments and temp
+    dirs carry it, and a sweep touches only its own: on a /dev/shm or a file system shared
+    with other hosts or containers, a pid that is dead here may be another one's live writer."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()  # noqa: SIM115
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        import socket
+
+        boot, pidns = socket.gethostname(), 0
+    return hashlib.sha256(f"{boot}:{pidns}".encode()).hexdigest()[:8]
 
 
 def pid_alive(pid: int) -> bool:

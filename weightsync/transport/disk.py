@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -31,8 +32,9 @@ from pathlib import Path
 import torch
 
 from weightsync.plan import Bucket, bucket_views, unpack_bucket
-from weightsync.transport.base import Ticket, pid_alive
+from weightsync.transport.base import Ticket, host_tag, pid_alive
 
+log = logging.getLogger("weightsync")
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 FORMAT = "weightsync-disk/1"
@@ -49,12 +51,21 @@ def _check_version(version: str) -> None:
         raise ValueError(f"version={version!r} must be a plain directory name not starting '.'")
 
 
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,12 +115,17 @@ class DiskStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def versions(self) -> list[str]:
-        """Committed versions, oldest first (by commit sequence)."""
-        found = [
-            (self._manifest(p.name)["seq"], p.name)
-            for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / MANIFEST).is_file()
-        ]
+        """Committed versions, oldest first (by commit sequence). A version whose manifest
+        cannot be read or names files outside its directory is skipped (and logged): one bad
+        directory must not hide the others."""
+        found = []
+        for p in self.root.iterdir():
+            if p.name.startswith(".") or not (p / MANIFEST).is_file():
+                continue
+            try:
+                found.append((self._manifest(p.name)["seq"], p.name))
+            except ValueError as e:
+                log.warning("weightsync disk store: skipping %s: %s", p.name, e)
         return [v for _, v in sorted(found)]
 
     def latest(self) -> str | None:
@@ -121,17 +137,30 @@ class DiskStore:
         return self.root / version
 
     def _manifest(self, version: str) -> dict:
-        with open(self.root / version / MANIFEST) as f:
-            return json.load(f)
+        """The parsed manifest; ValueError naming the version if it is unreadable or names a
+        file that is not a plain name inside the version directory."""
+        try:
+            with open(self.root / version / MANIFEST) as f:
+                manifest = json.load(f)
+            names = [*manifest["files"], *manifest["shards"]]
+            if not isinstance(manifest["seq"], int):
+                raise TypeError("seq is not an integer")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"version {version!r}: unreadable manifest ({e})") from e
+        bad = [n for n in names if not isinstance(n, str) or not _plain_name(n)]
+        if bad:
+            raise ValueError(f"version {version!r}: manifest names files outside it: {bad[:3]}")
+        return manifest
 
     def begin(self, version: str, extra_files: Sequence[Path] = ()) -> DiskSender:
         if self.path(version).exists():
             raise ValueError(f"version {version!r} already exists under {self.root}")
         _sweep_dead_temps(self.root)
-        tmp = self.root / f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f".tmp-{version}-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         for extra in map(Path, extra_files):
             shutil.copyfile(extra, tmp / extra.name)
+            _fsync_file(tmp / extra.name)
         return DiskSender(self, version, tmp)
 
     def verify(self, version: str) -> dict:
@@ -163,14 +192,14 @@ class DiskStore:
 
 
 def _sweep_dead_temps(root: Path) -> None:
+    """Temp dirs of dead writers of this host (on shared storage, others' are not ours to
+    judge), and trash left by an interrupted prune."""
     for p in root.glob(".tmp-*"):
-        pid = p.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        tag, pid = p.name.rsplit("-", 3)[-3:-1]
+        if tag == host_tag() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".trash-*"):
         shutil.rmtree(p, ignore_errors=True)
-
-    return True
 
 
 class DiskSender:
@@ -210,6 +239,7 @@ class DiskSender:
         weight_map = {n: info["file"] for n, info in self._tensors.items()}
         with open(self.tmp / INDEX, "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        _fsync_file(self.tmp / INDEX)  # every file is durable before the manifest names it
         files = {
             p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
             for p in sorted(self.tmp.iterdir())

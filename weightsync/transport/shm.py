@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from weightsync.plan import Bucket, bucket_views
-from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket, pid_alive
+from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket, host_tag, pid_alive
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "wsync"
-NAME = re.compile(rf"{PREFIX}-[0-9]+-[0-9a-f]{{12}}-[0-9]+")
+NAME = re.compile(rf"{PREFIX}-[0-9a-f]{{8}}-[0-9]+-[0-9a-f]{{12}}-[0-9]+")
 """The only names a ring has (``ShmRing.create``): names arrive over the network
 (``/init_weight_transfer_engine``), so anything else is refused, never joined to a path."""
 HEADER = mmap.PAGESIZE
@@ -57,7 +57,7 @@ class RingSpec:
         bad = [n for n in self.names if not (isinstance(n, str) and NAME.fullmatch(n))]
         if bad or not self.names:
             raise ValueError(
-                f"RingSpec.names: ring segment names like 'wsync-<pid>-<hex12>-<i>'"
+                f"RingSpec.names: ring segment names like 'wsync-<host8>-<pid>-<hex12>-<i>'"
                 f", got {bad[:3] or 'none'}"
             )
         if self.slot_bytes <= 0 or not 1 <= self.num_consumers <= MAX_CONSUMERS:
@@ -83,10 +83,11 @@ def _unlink(name: str) -> None:
 
 
 def sweep_dead_segments() -> list[str]:
-    """Unlink ring segments whose creating process no longer exists; return their names."""
+    """Unlink ring segments of this host (``host_tag``) whose creating process no longer
+    exists; return their names."""
     swept = []
-    for path in SHM_DIR.glob(f"{PREFIX}-*"):
-        pid = path.name.split("-")[1]
+    for path in SHM_DIR.glob(f"{PREFIX}-{host_tag()}-*"):
+        pid = path.name.split("-")[2]
         if pid.isdigit() and not pid_alive(int(pid)):
             _unlink(path.name)
             swept.append(path.name)
@@ -142,7 +143,7 @@ class ShmRing:
             )
         sweep_dead_segments()
         token = uuid.uuid4().hex[:12]
-        names = tuple(f"{PREFIX}-{os.getpid()}-{token}-{i}" for i in range(num_slots))
+        names = tuple(f"{PREFIX}-{host_tag()}-{os.getpid()}-{token}-{i}" for i in range(num_slots))
         spec = RingSpec(names, slot_bytes, num_consumers)
         segments: list[_Segment] = []
         try:
