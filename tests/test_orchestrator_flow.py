@@ -239,3 +239,48 @@ def test_sync_config_deadline_and_retries_reach_every_adapter(kind):
         assert (engine.config.timeout_s, engine.config.flush_retries) == (7.0, 2)
     own = EngineSpec(kind=kind, url="http://127.0.0.1:9", timeout_s=3.0).connect(config)
     assert own.config.timeout_s == 3.0  # an engine's own deadline wins
+
+
+class _Joining:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def init_shm(self, spec, consumer_index, unlink):
+        self.calls.append(("shm", consumer_index, unlink))
+
+    def init_broadcast(self, **kw):
+        self.calls.append(("broadcast", kw["rank_offset"]))
+
+
+class _ConnectingSync:
+    """What TrainerSync.connect reads of a WeightSync; the source rank's answers scripted."""
+
+    def __init__(self, transport: str, specs, answers: dict) -> None:
+        self.config = SyncConfig(transport=transport, step_timeout_s=5)
+        self.specs = specs
+        self.engines = {s.label: _Joining() for s in specs}
+        self.answers, self.asked = answers, []
+
+    def _run(self, fn, *args):
+        self.asked.append((fn.__name__, args))
+        return [self.answers[fn.__name__], None]
+
+
+def test_shm_ring_counts_one_consumer_per_engine_rank():
+    specs = [
+        EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a", tp_size=2),
+        EngineSpec(kind="vllm", url="http://127.0.0.1:2", name="b"),
+    ]
+    ws = _ConnectingSync("ipc", specs, {"open_shm": "ring"})
+    TrainerSync.connect(ws)
+    assert ws.asked == [("open_shm", (3, 5))]  # 2 + 1 consumers, not 2 engines
+    assert ws.engines["a"].calls == [("shm", 0, False)]
+    assert ws.engines["b"].calls == [("shm", 2, True)]
+
+
+def test_an_nccl_trainer_is_refused_for_vllm_engines_before_anyone_joins():
+    specs = [EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a")]
+    ws = _ConnectingSync("broadcast", specs, {"endpoint": ("127.0.0.1", 1, "nccl")})
+    with pytest.raises(ValueError, match=r"uses nccl.*joins with gloo.*\['a'\]"):
+        TrainerSync.connect(ws)
+    assert ws.engines["a"].calls == [] and [a[0] for a in ws.asked] == ["endpoint"]

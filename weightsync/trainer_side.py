@@ -57,6 +57,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _ranks(specs: Sequence[EngineSpec], first: int) -> tuple[int, list[int]]:
+    """Ranks (or ring consumers) every engine's workers take from ``first`` on: the total
+    after them, and each engine's first. An engine takes one per TP rank."""
+    offsets, n = [], first
+    for s in specs:
+        offsets.append(n)
+        n += s.tp_size
+    return n, offsets
+
+
 def _node_address(loopback: bool) -> str:
     # Engines on this host reach the store over loopback; only remote ones need the node IP.
     if loopback:
@@ -86,8 +100,11 @@ class TrainerSync:
         worker.weightsync = state
 
     @staticmethod
-    def endpoint(worker: Any, loopback: bool) -> tuple[str, int] | None:
-        return (_node_address(loopback), _free_port()) if _state(worker).sender.is_source else None
+    def endpoint(worker: Any, loopback: bool) -> tuple[str, int, str] | None:
+        """Source rank: where its weight group listens and which backend it will use."""
+        if not _state(worker).sender.is_source:
+            return None
+        return _node_address(loopback), _free_port(), _group_backend()
 
     @staticmethod
     def open_broadcast(
@@ -98,17 +115,11 @@ class TrainerSync:
         state = _state(worker)
         if not state.sender.is_source:
             return
-        cuda = torch.cuda.is_available()
+        backend = _group_backend()
         state.group = init_weight_group(
-            address,
-            port,
-            world_size,
-            0,
-            GROUP_NAME,
-            backend="nccl" if cuda else "gloo",
-            timeout_s=timeout_s,
+            address, port, world_size, 0, GROUP_NAME, backend=backend, timeout_s=timeout_s
         )
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
         state.transport = BroadcastSender(state.group, device=device, timeout_s=timeout_s)
 
     @staticmethod
@@ -183,9 +194,15 @@ class TrainerSync:
         timeout = ws.config.step_timeout_s
         if ws.config.transport == "broadcast":
             loopback = all(_is_loopback(s.url) for s in ws.specs)
-            address, port = next(e for e in ws._run(TrainerSync.endpoint, loopback) if e)
-            world = 1 + sum(s.tp_size for s in ws.specs)
-            offsets = [1 + sum(s.tp_size for s in ws.specs[:i]) for i in range(len(ws.specs))]
+            address, port, backend = next(e for e in ws._run(TrainerSync.endpoint, loopback) if e)
+            vllm = [s.label for s in ws.specs if s.kind == "vllm"]
+            if backend != "gloo" and vllm:
+                raise ValueError(
+                    f"the trainer's weight group uses {backend}, but the weightsync vLLM "
+                    f"plugin joins with gloo (engines {vllm}): use transport='ipc' or "
+                    "CPU trainers for vLLM engines"
+                )
+            world, offsets = _ranks(ws.specs, first=1)  # the source rank is rank 0
             pool = ThreadPoolExecutor(len(ws.specs) + 1, thread_name_prefix="join")
             joins = [
                 pool.submit(
@@ -197,7 +214,7 @@ class TrainerSync:
                     world_size=world,
                     rank_offset=off,
                     group_name=GROUP_NAME,
-                    backend="nccl" if torch.cuda.is_available() else "gloo",
+                    backend=backend,
                 )
                 for s, off in zip(ws.specs, offsets, strict=True)
             ]
@@ -216,10 +233,12 @@ class TrainerSync:
                     "transport='ipc' on CPU (shared memory) is wired for vLLM "
                     "engines; use 'broadcast' for SGLang"
                 )
-            spec = next(r for r in ws._run(TrainerSync.open_shm, len(ws.specs), timeout) if r)
+            # Every worker of an engine consumes every bucket: one consumer per engine rank.
+            consumers, offsets = _ranks(ws.specs, first=0)
+            spec = next(r for r in ws._run(TrainerSync.open_shm, consumers, timeout) if r)
             last = len(ws.specs) - 1
-            for i, s in enumerate(ws.specs):
-                ws.engines[s.label].init_shm(spec, consumer_index=i, unlink=i == last)
+            for i, (s, off) in enumerate(zip(ws.specs, offsets, strict=True)):
+                ws.engines[s.label].init_shm(spec, consumer_index=off, unlink=i == last)
         else:
             raise ValueError(
                 f"transport={ws.config.transport!r} is not wired into WeightSync "
