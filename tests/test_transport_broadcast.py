@@ -124,3 +124,19 @@ def test_plan_mismatch_raises_on_every_rank_naming_the_rank():
     for err in errors:
         assert "bucket plans differ across sending ranks: ranks [1] differ from rank 0" in err
     assert "rank 1 has" in errors[0] and "buckets, rank 0 has" in errors[0]
+
+
+def test_the_weight_groups_store_listens_only_on_the_given_address():
+    import psutil
+
+    from weightsync.engines.vllm_launcher import free_port
+    from weightsync.transport.broadcast import destroy_weight_group, init_weight_group
+
+    port = free_port()
+    group = init_weight_group("127.0.0.1", port, 1, 0, "ws-bind-test", timeout_s=10)
+    try:
+        listening = [c.laddr for c in psutil.Process().net_connections() if c.status == "LISTEN"]
+        store = [a for a in listening if a.port == port]
+        assert [a.ip for a in store] == ["127.0.0.1"], listening  # not 0.0.0.0 / ::
+    finally:
+        destroy_weight_group(group)

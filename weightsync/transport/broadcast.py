@@ -15,6 +15,7 @@ the wire; fresh buffers per bucket would cost more in page faults than the trans
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -57,7 +58,12 @@ def init_weight_group(
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     host = f"[{master_address}]" if ":" in master_address else master_address
     timeout = timedelta(seconds=timeout_s)
-    store, _, _ = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
+    if rank == 0:
+        store = _host_store(master_address, master_port, world_size, timeout)
+    else:
+        store, _, _ = next(
+            rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout)
+        )
     store.set_timeout(timeout)
     pg, _ = _new_process_group_helper(
         world_size,
@@ -73,6 +79,29 @@ def init_weight_group(
     # Group rank == "global" rank inside this group, as on the engine side.
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def _host_store(address: str, port: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The group's TCPStore, listening on ``address`` only: given just a port, TCPStore binds
+    every interface, opening the weight group to the network when the engines are local."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return dist.TCPStore(
+        address,
+        port,
+        world_size,
+        is_master=True,
+        timeout=timeout,
+        multi_tenant=False,
+        master_listen_fd=sock.detach(),  # the store owns the listening socket now
+    )
 
 
 def destroy_weight_group(group: dist.ProcessGroup) -> None:
