@@ -31,6 +31,7 @@ from typing import Literal
 import requests
 import torch
 
+from weightsync.engines.http import DeadlineSession
 from weightsync.engines.sglang_http import HttpPending, checked, error_text
 from weightsync.engines.sglang_payloads import (
     TensorSpec,
@@ -113,7 +114,7 @@ class SGLangEngine:
         self.pause_mode: str | None = None
         self.flush_error = ""
         self._manifest: dict[str, TensorSpec] | bool | None = False  # False: not looked up yet
-        self._http = requests.Session()
+        self._http = DeadlineSession()  # every call's timeout is a deadline, not per read
         if config.api_key:
             self._http.headers["Authorization"] = f"Bearer {config.api_key}"
         # One worker: SGLang must get bucket requests in send order, since each one receives

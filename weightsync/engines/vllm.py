@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import requests
 import torch
 
+from weightsync.engines.http import DeadlineSession
 from weightsync.engines.vllm_plugin.wire import InitInfo, sha256, update_info
 from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
@@ -71,10 +72,9 @@ class VllmEngine:
     def __init__(self, config: VllmEngineConfig, name: str = "vllm") -> None:
         self.config = config
         self.name = name
-        self._http = requests.Session()
-        # uvicorn drops idle keep-alive connections after 5 s; a request that reuses one as it
-        # closes dies with "connection reset". Control calls are few, so use fresh ones.
-        self._http.headers["Connection"] = "close"
+        # Every call's timeout is a deadline, not per read; one fresh connection per call
+        # (uvicorn drops idle keep-alive connections after 5 s, racing a reuse).
+        self._http = DeadlineSession()
         if config.api_key:
             self._http.headers["Authorization"] = f"Bearer {config.api_key}"
         # Bucket requests run beside the transport's send: a gloo broadcast only completes
