@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from weightsync.config import SyncConfig
-from weightsync.lease import LocalLeaseLock, LockBusy
+from weightsync.lease import LeaseLost, LocalLeaseLock, LockBusy
 from weightsync.plan import build_plan
 from weightsync.quant import Int4Config
 from weightsync.sync import plan_metas
@@ -117,3 +117,62 @@ def test_plan_metas_expand_int4_within_the_unit():
         plan_metas(
             [Meta("model.layers.0.self_attn.q_proj.weight", (128, 100))], Int4Config(group_size=64)
         )
+
+
+def _detected_within(lease, seconds: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            lease.check()
+        except LeaseLost:
+            return time.monotonic() - t0
+        time.sleep(0.005)
+    raise AssertionError("the holder never learned it lost the lease")
+
+
+def test_a_holder_learns_when_another_owner_took_its_lease():
+    lock = LocalLeaseLock()
+    with lock.hold("a", lease_s=0.3) as lease:
+        lock._state.expires = 0  # a's lease ran out (e.g. the heartbeat was starved) ...
+        assert lock.acquire("b", lease_s=30)  # ... and b took it
+        seconds = _detected_within(lease, 2.0)
+        print(f"\nlease taken by another owner: holder told in {seconds:.3f} s")
+        with pytest.raises(LeaseLost, match="another owner"):
+            lease.check()
+    assert lock.holder()[0] == "b"  # a's release did not free b's lease
+
+
+class _FlakyLock(LocalLeaseLock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals_fail = False
+        self.release_fails = False
+
+    def acquire(self, owner, lease_s):
+        if self.renewals_fail:
+            raise ConnectionError("lease actor unreachable")
+        return super().acquire(owner, lease_s)
+
+    def release(self, owner):
+        if self.release_fails:
+            raise ConnectionError("lease actor unreachable")
+        super().release(owner)
+
+
+def test_renewals_failing_for_a_whole_lease_lose_it():
+    lock = _FlakyLock()
+    with lock.hold("a", lease_s=0.3) as lease:
+        lock.renewals_fail = True
+        seconds = _detected_within(lease, 3.0)
+        print(f"\nrenewals failing: holder told in {seconds:.3f} s (lease 0.3 s)")
+        assert seconds >= 0.2  # a missed beat alone is not a loss: the lease has slack
+
+
+def test_a_failed_release_never_hides_the_result():
+    lock = _FlakyLock()
+    with pytest.raises(ValueError, match="the update's own error"), lock.hold("a", lease_s=30):
+        lock.release_fails = True
+        raise ValueError("the update's own error")
+    other = _FlakyLock()
+    with other.hold("b", lease_s=30):  # and without an error, it is not raised either
+        other.release_fails = True

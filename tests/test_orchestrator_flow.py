@@ -70,10 +70,12 @@ class ScriptedTrainers:
     def __init__(self, send_error: Exception | None = None) -> None:
         self.send_error = send_error
         self.calls: list[str] = []
+        self.on_send = lambda: None
 
     def run_all(self, fn, *args, timeout_s):
         self.calls.append(fn.__name__)
         if fn is TrainerSync.send:
+            self.on_send()
             if self.send_error is not None:
                 raise self.send_error
             return [dict(SEND_STATS)]
@@ -284,3 +286,25 @@ def test_an_nccl_trainer_is_refused_for_vllm_engines_before_anyone_joins():
     with pytest.raises(ValueError, match=r"uses nccl.*joins with gloo.*\['a'\]"):
         TrainerSync.connect(ws)
     assert ws.engines["a"].calls == [] and [a[0] for a in ws.asked] == ["endpoint"]
+
+
+def test_an_update_that_lost_its_lease_stops_at_the_next_step_and_resumes():
+    import contextlib
+
+    engines, trainers = [ScriptedEngine("e0")], ScriptedTrainers()
+    ws = _sync(engines, trainers)
+    leases, hold = [], ws.lock.hold
+
+    @contextlib.contextmanager
+    def watched_hold(owner, lease_s):
+        with hold(owner, lease_s) as lease:
+            leases.append(lease)
+            yield lease
+
+    ws.lock.hold = watched_hold
+    trainers.on_send = lambda: leases[0].lose("another owner took it")
+    with pytest.raises(UpdateFailed, match="lost the update lease"):
+        ws.update(1)
+    # No end_update or version under a lost lease; the session is aborted and resumed.
+    assert engines[0].calls == ["pause", "flush", "begin", "abort", "version", "resume"]
+    assert engines[0].versions == ["partial-1"]

@@ -7,19 +7,46 @@ interleaved. If the holder dies, the heartbeat stops, the lease runs out and the
 takes over.
 ``RayLeaseLock`` keeps the state in a named Ray actor so that every driver and trainer of a
 cluster shares it.
+
+A holder can lose its lease (renewals failing for a whole lease, or another owner taking an
+expired one): ``hold`` yields a ``Lease`` whose ``check()`` raises ``LeaseLost`` from then on,
+and the orchestrator checks it before every step. A failed release never hides the result of
+the work done under the lease (the lease runs out by itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from typing import Protocol
 
+log = logging.getLogger("weightsync")
+
 
 class LockBusy(RuntimeError):
     pass
+
+
+class LeaseLost(RuntimeError):
+    """The lease ran out or went to another owner while this holder was working."""
+
+
+class Lease:
+    """What ``hold`` yields: the holder asks ``check()`` before each step."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._lost: str | None = None
+
+    def lose(self, why: str) -> None:
+        self._lost = why
+
+    def check(self) -> None:
+        if self._lost is not None:
+            raise LeaseLost(f"{self.owner!r} lost the update lease: {self._lost}")
 
 
 class LeaseLock(Protocol):
@@ -57,7 +84,7 @@ class _LeaseState:
 
 class _HoldMixin:
     @contextlib.contextmanager
-    def hold(self, owner: str, lease_s: float) -> Iterator[None]:
+    def hold(self, owner: str, lease_s: float) -> Iterator[Lease]:
         if not self.acquire(owner, lease_s):
             held = self.holder()
             who = f"{held[0]!r} for {held[1]:.0f} more s" if held else "another owner"
@@ -65,24 +92,33 @@ class _HoldMixin:
                 f"a weight update is already in progress (held by {who}); "
                 "refusing to interleave a second one"
             )
-        stop = threading.Event()
+        lease, stop = Lease(owner), threading.Event()
         beat = threading.Thread(
-            target=self._renew, args=(owner, lease_s, stop), daemon=True, name="lease-heartbeat"
+            target=self._renew, args=(lease, lease_s, stop), daemon=True, name="lease-heartbeat"
         )
         beat.start()
         try:
-            yield
+            yield lease
         finally:
             stop.set()
             beat.join()
-            self.release(owner)
+            try:
+                self.release(owner)
+            except Exception as e:  # noqa: BLE001 - the work's own result matters more
+                log.warning("weightsync: releasing the update lease failed (it expires): %s", e)
 
-    def _renew(self, owner: str, lease_s: float, stop: threading.Event) -> None:
+    def _renew(self, lease: Lease, lease_s: float, stop: threading.Event) -> None:
+        renewed = time.monotonic()
         while not stop.wait(lease_s / 3):
             try:
-                self.acquire(owner, lease_s)
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
-                continue
+                if not self.acquire(lease.owner, lease_s):
+                    lease.lose("another owner took it after it expired")
+                    return
+                renewed = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - a missed beat is retried while it can be
+                if time.monotonic() - renewed >= lease_s:
+                    lease.lose(f"no renewal for {lease_s:.1f} s (last error: {e})")
+                    return
 
 
 class LocalLeaseLock(_HoldMixin):
@@ -109,16 +145,27 @@ class RayLeaseLock(_HoldMixin):
     """Cluster-wide lease lock held by the named Ray actor ``name`` (created on first use)."""
 
     def __init__(self, name: str = "weightsync-lease", timeout_s: float = 30.0) -> None:
+        self._name, self._timeout_s = name, timeout_s
+        self._actor = self._get_or_create()
+
+    def _get_or_create(self):
         import ray
 
         actor_cls = ray.remote(num_cpus=0)(_LeaseState)
-        self._actor = actor_cls.options(name=name, get_if_exists=True, lifetime="detached").remote()
-        self._timeout_s = timeout_s
+        options = dict(name=self._name, get_if_exists=True, lifetime="detached")
+        return actor_cls.options(**options).remote()
 
     def _call(self, method: str, *args):
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
+        try:
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
+        except RayActorError:
+            # The lease actor died (its node went away): a new one starts free, which is
+            # right, since the holder it knew cannot renew against a dead actor either.
+            self._actor = self._get_or_create()
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
 
     def acquire(self, owner: str, lease_s: float) -> bool:
         return self._call("acquire", owner, lease_s)

@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Protocol
 
 from weightsync.config import SyncConfig
 from weightsync.engines.spec import EngineSpec
-from weightsync.lease import LeaseLock, LocalLeaseLock
+from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.quant import Int4Config
 from weightsync.trainer_side import TrainerSync
@@ -129,17 +129,18 @@ class WeightSync:
         # One token per request: the lease lets its holder renew, so a bare owner name would
         # let two updates of this driver in at once.
         token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
-        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4):
+        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4) as lease:
             if not self._connected:
                 self.connect()
             t0 = time.perf_counter()
             self._check_models()
             seed = secrets.randbits(31)  # fresh probe columns for verify, every update
             self._run(TrainerSync.prepare, seed)  # raises before any engine is paused
+            lease.check()
             paused: list[str] = []
             begun: list[str] = []
             try:
-                send = self._update_paused(version, seed, paused, begun)
+                send = self._update_paused(version, seed, lease, paused, begun)
             except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
                 self._fail(version, e, paused, begun)
             # Every engine now holds this version; one that fails to resume is stale again.
@@ -175,7 +176,11 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
 
-    def _update_paused(self, version: int, seed: int, paused: list[str], begun: list[str]) -> dict:
+    def _update_paused(
+        self, version: int, seed: int, lease: Lease, paused: list[str], begun: list[str]
+    ) -> dict:
+        """The paused part of an update; the lease is checked before every step (a holder
+        that lost it stops at the next step, and the failure path resumes its engines)."""
         self._pause_started = time.perf_counter()
         # Counted as paused before the call returns: a pause that timed out may still land.
         paused.extend(self.engines)
@@ -188,14 +193,18 @@ class WeightSync:
                     f"engines {refused} refused to flush their cache after "
                     f"{self.config.flush_retries} retries"
                 )
+        lease.check()
         begun.extend(self.engines)
         self._each(lambda e: e.begin_update())
+        lease.check()
         send = self._run(TrainerSync.send)[0]
+        lease.check()
         self._each(lambda e: e.end_update())
         if self.config.verify:
             t0 = time.perf_counter()
             self._each(lambda e: _verify(e, send["digests"], seed))
             send["verify_s"] = time.perf_counter() - t0
+        lease.check()
         self._each(lambda e: e.set_version(str(version)))
         return send
 
