@@ -131,3 +131,18 @@ def _dies_within(actor, seconds: float) -> bool:
             raise
         time.sleep(0.2)
     return False
+
+
+def _auth_mode(worker):
+    import os
+
+    return os.environ.get("RAY_AUTH_MODE")
+
+
+def test_the_cluster_we_start_keeps_token_auth_on(group):
+    import os
+
+    # Ray 2.60 turns token auth on for a new local cluster unless told "disabled": nothing of
+    # ours may say it, in the driver or in the actors that run the trainer.
+    assert os.environ.get("RAY_AUTH_MODE") != "disabled"
+    assert all(mode != "disabled" for mode in group.run_all(_auth_mode, timeout_s=60))

@@ -166,7 +166,7 @@ class TrainerGroup:
             num_gpus=num_gpus_per_worker,
             max_restarts=0,
             # OMP defaults to the node's cores in every actor: oversubscription on small hosts.
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}},
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
         )
         actors = [remote_cls.remote(**(worker_kwargs or {})) for _ in range(num_workers)]
         group = cls(actors, owns_ray)
@@ -274,7 +274,6 @@ def _ensure_ray(address: str | None, local_num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")  # set under `ray job submit`
     if address:
         ray.init(address=address, log_to_driver=True)

@@ -51,9 +51,7 @@ def main() -> int:
         ]
     )
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}
-    )
+    job_id = client.submit_job(entrypoint=entrypoint)
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     deadline = time.monotonic() + args.timeout_s
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
