@@ -162,3 +162,44 @@ def test_guard_middleware_accepts_a_non_ascii_key(monkeypatch):
         scope = {"type": "http", "method": "POST", "path": "/pause", "headers": headers}
         asyncio.run(GuardAllRoutes(app)(scope, None, send))
     assert statuses == [200, 401]
+
+
+def test_launcher_refuses_a_port_another_process_answers_on(tmp_path):
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    # The port the launcher picked, taken by someone else before vLLM could bind it.
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+
+    class NeverBinds(VllmServer):
+        def command(self):
+            return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    (tmp_path / "config.json").write_text("{}")
+    cfg = VllmServerConfig(
+        model_dir=str(tmp_path),
+        log_path=str(tmp_path / "log"),
+        port=impostor.server_address[1],
+        weight_transfer_backend=None,
+        startup_timeout_s=30,
+    )
+    server = NeverBinds(cfg)
+    try:
+        with pytest.raises(RuntimeError, match="held by another process"):
+            server.start()
+        assert not server.alive()  # and what it started is stopped again
+    finally:
+        impostor.shutdown()

@@ -54,6 +54,13 @@ def _group_gone(pgid: int, timeout_s: float) -> bool:
     return False
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -185,6 +192,7 @@ class VllmServer:
                 raise RuntimeError(f"vllm serve exited early; log tail:\n{self.log_tail()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self._check_listener()
                     return
             except requests.RequestException:
                 pass
@@ -193,6 +201,24 @@ class VllmServer:
             f"vllm serve not ready after {self.config.startup_timeout_s}s; "
             f"log tail:\n{self.log_tail()}"
         )
+
+    def _check_listener(self) -> None:
+        """The port was free when picked, then released for vLLM to bind: another process may
+        have taken it meanwhile and would get our calls, bearer key included. Only our own
+        process group may listen on it."""
+        import psutil
+
+        listeners = [
+            c
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+        ]
+        foreign = [c.pid for c in listeners if c.pid is None or _pgid(c.pid) != self.pid]
+        if foreign or not listeners:
+            raise RuntimeError(
+                f"port {self.port} answers /health but is held by another process "
+                f"(pids {foreign or 'unknown'}), not the vllm serve we started: refusing it"
+            )
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
