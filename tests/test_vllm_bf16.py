@@ -310,3 +310,74 @@ def test_bad_input_fails_before_pause_and_keeps_serving(served):
         assert not engine.is_paused()
     assert engine.get_version() != "bad"
     assert _outputs(server) == baseline
+
+
+_FUZZ = [
+    # (route, body): malformed input for everything weightsync adds to the server
+    ("/init_weight_transfer_engine", {"init_info": {"transport": 5}}),
+    (
+        "/init_weight_transfer_engine",
+        {"init_info": {"transport": "shm", "slot_names": ["../../etc/passwd"], "slot_bytes": 4096}},
+    ),
+    (
+        "/init_weight_transfer_engine",
+        {
+            "init_info": {
+                "transport": "shm",
+                "slot_names": ["wsync-0123abcd-1-0123456789ab-0"],
+                "slot_bytes": 1 << 60,
+            }
+        },
+    ),
+    (
+        "/init_weight_transfer_engine",
+        {
+            "init_info": {
+                "transport": "broadcast",
+                "master_address": "127.0.0.1",
+                "master_port": -1,
+                "world_size": 2,
+                "group_name": "g",
+            }
+        },
+    ),
+    ("/init_weight_transfer_engine", {"init_info": "not a dict"}),
+    ("/update_weights", {"update_info": {"groups": "x"}}),
+    ("/update_weights", {"update_info": {"groups": [{"dtype": "evil", "numel": -1}]}}),
+    ("/update_weights", {"update_info": {"groups": [], "nbytes": 1 << 62}}),
+    (
+        "/collective_rpc",
+        {"method": "weight_transfer_engine", "args": ["readback:99999999999999999999999"]},
+    ),
+    (
+        "/collective_rpc",
+        {"method": "weight_transfer_engine", "args": ['fault:{"skip": ["model."]}']},
+    ),
+    ("/collective_rpc", {"method": "weight_transfer_engine", "args": ["fault:{truncated"]}),
+    ("/collective_rpc", {"method": "weight_transfer_engine", "args": ["x" * 100_000]}),
+    ("/collective_rpc", {"method": "weight_transfer_engine", "args": [{"not": "a string"}]}),
+]
+
+
+def test_malformed_bodies_to_every_weightsync_route_leave_the_weights_alone(served):
+    server, engine, _, baseline, _ = served
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    answers = []
+    for route, body in _FUZZ:
+        r = requests.post(server.url + route, json=body, headers=headers, timeout=TIMEOUT_S)
+        answers.append((route, r.status_code))
+    # Truncated JSON and a slow client (headers, then nothing) on the same routes.
+    r = requests.post(
+        server.url + "/update_weights", data=b'{"update_info": {"gro', headers=headers, timeout=60
+    )
+    answers.append(("truncated", r.status_code))
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+        slow.sendall(
+            b"POST /init_weight_transfer_engine HTTP/1.1\r\nHost: x\r\nContent-Length: 999\r\n\r\n{"
+        )
+        assert engine.health()  # a stalled client holds no one else up
+    assert all(code >= 400 for _, code in answers), answers  # every one refused
+    assert engine.health() and not engine.is_paused()
+    assert _outputs(server) == baseline  # and the weights it serves are untouched

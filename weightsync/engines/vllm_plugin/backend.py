@@ -166,13 +166,13 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if query == "model_config":
             return summary(self.model_config.hf_config)
         kind, _, arg = query.partition(":")
-        if kind == "readback" and arg.isdigit():
+        if kind == "readback" and arg.isdigit() and int(arg) < 1 << 31:
             return self.readback(int(arg))
         if kind == "fault":
             return self.inject_faults(json.loads(arg))
         raise ValueError(
             f"unknown weightsync query {query[:80]!r}: expected_params|model_config|digests|"
-            "timings|abort|readback:<seed>"
+            "timings|abort|readback:<seed below 2**31>"
         )
 
     def readback(self, seed: int) -> dict[str, str]:
