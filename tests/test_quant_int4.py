@@ -8,8 +8,9 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightsync.quant import fake_quant_int4, native, pack_int4, unpack_int4
+from weightsync.quant import fake_quant_int4, pack_int4, unpack_int4
 from weightsync.quant import int4 as ref
+from weightsync.quant.kernels import native
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

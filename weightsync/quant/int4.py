@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from weightsync.quant import native
+from weightsync.quant.kernels import native
 
 SCALE_FLOOR = 1e-5
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,6 +68,10 @@ def check_weight(w: torch.Tensor, group_size: int, symmetric: bool, name: str) -
     return k
 
 
+def _non_finite(name: str) -> ValueError:
+    return ValueError(f"{name}: weight has non-finite values (NaN/Inf); refusing to quantize")
+
+
 def _div(x: torch.Tensor, c: float) -> torch.Tensor:
     # CUDA torch turns division by a Python scalar into a multiply by its reciprocal, which
     # is not correctly rounded; dividing by a tensor keeps IEEE division on every device.
@@ -86,7 +90,7 @@ def _grid_rows(w_RGK: torch.Tensor, symmetric: bool, dtype: torch.dtype, name: s
         scale_RG = _div(hi_RG.sub_(lo_RG), 15.0).clamp_(min=SCALE_FLOOR).to(dtype)
     scale_f_RG = scale_RG.float()
     if not torch.isfinite(scale_f_RG).all():
-        raise ValueError(f"{name}: weight has non-finite values (NaN/Inf); refusing to quantize")
+        raise _non_finite(name)
     if not symmetric:
         zp_RG = torch.round(lo_RG.neg_().div_(scale_f_RG)).clamp_(0, 15)
     return scale_RG, scale_f_RG, zp_RG
@@ -102,7 +106,10 @@ def _codes_rows(w_RGK, scale_f_RG, zp_RG) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, group_size: int, symmetric: bool, name: str = "weight"):
     """Return (codes uint8 [..., O, I] in [0, 15], scale [..., O, G] in w.dtype, zp uint8|None)."""
-    k = check_weight(w, group_size, symmetric, name)
+    return _quantize(w, check_weight(w, group_size, symmetric, name), symmetric, name)
+
+
+def _quantize(w: torch.Tensor, k: int, symmetric: bool, name: str):
     w_RI = w.reshape(-1, w.shape[-1])
     rows, in_dim = w_RI.shape
     g = in_dim // k
@@ -160,16 +167,12 @@ def pack_int4(
     stack), and for asymmetric ``weight_zero_point`` int32 [..., O/8, G].
     """
     w = weight.detach()
-    if w.is_cuda and _triton_supports(w, group_size):
-        from weightsync.quant import triton_int4
-
-        packed, scale, zp = triton_int4.quant_pack(w, group_size, symmetric, name)
-    elif native.supports(w):
-        packed, scale, zp = _pack_native(
-            w, check_weight(w, group_size, symmetric, name), symmetric, name
-        )
+    k = check_weight(w, group_size, symmetric, name)
+    kernel = _kernel(w, k)
+    if kernel is not None:
+        packed, scale, zp = _pack_fused(kernel, w, k, symmetric, name)
     else:
-        codes, scale, zp = quantize(w, group_size, symmetric, name)
+        codes, scale, zp = _quantize(w, k, symmetric, name)
         packed = pack_nibbles(codes)
     out = {
         "weight_packed": packed,
@@ -181,18 +184,21 @@ def pack_int4(
     return out
 
 
-def _triton_supports(w: torch.Tensor, group_size: int) -> bool:
+def _kernel(w: torch.Tensor, k: int):
+    """The fused kernel (``weightsync.quant.kernels``) for ``w``, or None: the torch grid."""
+    if not w.is_cuda:
+        return native if native.supports(w, k) else None
     try:
-        from weightsync.quant import triton_int4
+        from weightsync.quant.kernels import triton_int4
     except ImportError:  # no Triton: the torch reference runs on the GPU instead
-        return False
-    return triton_int4.supports(w, group_size)
+        return None
+    return triton_int4 if triton_int4.supports(w, k) else None
 
 
-def _pack_native(w: torch.Tensor, k: int, symmetric: bool, name: str):
-    packed, scale, zp, bad = native.pack_rows(w.reshape(-1, w.shape[-1]), k, symmetric)
+def _pack_fused(kernel, w: torch.Tensor, k: int, symmetric: bool, name: str):
+    packed, scale, zp, bad = kernel.pack_rows(w.reshape(-1, w.shape[-1]), k, symmetric)
     if bad:
-        raise ValueError(f"{name}: weight has non-finite values (NaN/Inf); refusing to quantize")
+        raise _non_finite(name)
     lead = w.shape[:-1]
     zp = None if zp is None else zp.view(*lead, -1)
     return packed.view(torch.int32).view(*lead, -1), scale.view(*lead, -1), zp

@@ -2,8 +2,8 @@
 
 Eager torch spends most of its time on fp32 temporaries that fall out of cache between ~10
 elementwise passes; the C kernel does one pass per row (see the benchmark). It is an
-accelerator only: ``int4.py`` is the reference, the tests hold both to the same bits, and
-without a compiler (or with WEIGHTSYNC_NATIVE=0) the reference runs instead.
+accelerator only: ``weightsync/quant/int4.py`` is the reference, the tests hold both to the
+same bits, and without a compiler (or with WEIGHTSYNC_NATIVE=0) the reference runs instead.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _pool() -> ThreadPoolExecutor:
     )
 
 
-def supports(w: torch.Tensor) -> bool:
+def supports(w: torch.Tensor, k: int) -> bool:
+    """Any group size; bf16 and fp32 on the CPU, when the kernel builds."""
     return (
         w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float32) and load() is not None
     )

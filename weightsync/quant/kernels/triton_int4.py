@@ -1,10 +1,10 @@
 """Fused int4 quantize + pack on CUDA (Triton): one read of the weight, one write of the codes.
 
-Same grid as ``int4.py``, op for op: fp32 group statistics, the scale rounded to the storage
-dtype (round-to-nearest-even conversion) before codes are computed, codes from a correctly
-rounded division (``div_rn``; Triton's plain ``/`` is approximate and would flip codes) and
-``rint`` (half to even). Each program owns BLOCK_R rows of one group, so the reduction is a
-register-level row max and the nibble pairs are packed before the store.
+Same grid as ``weightsync/quant/int4.py``, op for op: fp32 group statistics, the scale rounded
+to the storage dtype (round-to-nearest-even conversion) before codes are computed, codes from a
+correctly rounded division (``div_rn``; Triton's plain ``/`` is approximate and would flip
+codes) and ``rint`` (half to even). Each program owns BLOCK_R rows of one group, so the
+reduction is a register-level row max and the nibble pairs are packed before the store.
 
 Shape legend: R rows (all leading dims flattened), I in features, K group size, G = I / K.
 """
@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-
-from weightsync.quant.int4 import check_weight
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -69,22 +67,21 @@ def _quant_pack_kernel(
     tl.store(packed_ptr + rows[:, None] * (n_in // 2) + half[None, :], byte_RH, mask=mask)
 
 
-def supports(w: torch.Tensor, group_size: int) -> bool:
-    k = w.shape[-1] if group_size in (-1, None) else group_size
+def supports(w: torch.Tensor, k: int) -> bool:
+    """CUDA, a float dtype, and a power-of-two group of 8..1024 (one program's row block)."""
     return w.is_cuda and w.dtype in _TL_DTYPES and k >= 8 and (k & (k - 1)) == 0 and k <= 1024
 
 
-def quant_pack(w: torch.Tensor, group_size: int, symmetric: bool, name: str = "weight"):
-    """(packed int32 [..., O, I/8], scale [..., O, G], zp uint8 [..., O, G] | None)."""
-    k = check_weight(w, group_size, symmetric, name)
-    w_RI = w.reshape(-1, w.shape[-1]).contiguous()
+def pack_rows(w_RI: torch.Tensor, k: int, symmetric: bool):
+    """(packed bytes uint8 [R, I/2], scale [R, G] in w's dtype, zp uint8 [R, G] | None, bad)."""
+    w_RI = w_RI.contiguous()
     rows, in_dim = w_RI.shape
     g = in_dim // k
-    packed = torch.empty(rows, in_dim // 2, dtype=torch.uint8, device=w.device)
-    scale = torch.empty(rows, g, dtype=w.dtype, device=w.device)
-    zp = None if symmetric else torch.empty(rows, g, dtype=torch.uint8, device=w.device)
+    packed = torch.empty(rows, in_dim // 2, dtype=torch.uint8, device=w_RI.device)
+    scale = torch.empty(rows, g, dtype=w_RI.dtype, device=w_RI.device)
+    zp = None if symmetric else torch.empty(rows, g, dtype=torch.uint8, device=w_RI.device)
     block_r = max(1, min(64, 4096 // k))
-    bad = torch.zeros(1, dtype=torch.int32, device=w.device)
+    bad = torch.zeros(1, dtype=torch.int32, device=w_RI.device)
     grid = (triton.cdiv(rows, block_r), g)
     zp_arg = zp if zp is not None else packed  # unused when symmetric
     _quant_pack_kernel[grid](
@@ -98,10 +95,6 @@ def quant_pack(w: torch.Tensor, group_size: int, symmetric: bool, name: str = "w
         K=k,
         BLOCK_R=block_r,
         SYMMETRIC=symmetric,
-        STORE_DTYPE=_TL_DTYPES[w.dtype],
+        STORE_DTYPE=_TL_DTYPES[w_RI.dtype],
     )
-    if bad.item():
-        raise ValueError(f"{name}: weight has non-finite values (NaN/Inf); refusing to quantize")
-    lead = w.shape[:-1]
-    zp = None if zp is None else zp.view(*lead, g)
-    return packed.view(torch.int32).view(*lead, -1), scale.view(*lead, g), zp
+    return packed, scale, zp, bool(bad.item())
