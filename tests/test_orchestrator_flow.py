@@ -11,13 +11,11 @@ import threading
 import pytest
 
 from weightsync.config import SyncConfig
+from weightsync.engines.base import EngineFailed
 from weightsync.engines.spec import EngineSpec
 from weightsync.orchestrator import UpdateFailed, WeightSync
+from weightsync.sync import SendStats
 from weightsync.trainer_side import TrainerSync
-
-SEND_STATS = dict.fromkeys(
-    ("export_s", "quantize_s", "staged_s", "transfer_s", "engine_load_s", "probe_s"), 0.0
-) | {"nbytes": 1, "num_buckets": 1, "digests": {}}
 
 
 class ScriptedEngine:
@@ -78,7 +76,7 @@ class ScriptedTrainers:
             self.on_send()
             if self.send_error is not None:
                 raise self.send_error
-            return [dict(SEND_STATS)]
+            return [SendStats(nbytes=1, num_buckets=1)]
         return [None, None]
 
 
@@ -154,8 +152,8 @@ def test_a_stale_engine_is_live_again_after_a_full_update():
 def test_one_engines_refusal_surfaces_without_waiting_for_the_others():
     from concurrent.futures import Future
 
-    from weightsync.engines.vllm import _Pending
-    from weightsync.sync import _await_all, _EngineFailed
+    from weightsync.engines.http import InFlight
+    from weightsync.sync import _await_all
 
     class Named:
         def __init__(self, name):
@@ -164,13 +162,13 @@ def test_one_engines_refusal_surfaces_without_waiting_for_the_others():
     stuck, refused, fine = Future(), Future(), Future()
     refused.set_exception(RuntimeError("init_weight_transfer_engine was not called"))
     fine.set_result({})
-    pendings = [(Named(n), _Pending(f, n)) for n, f in (("a", stuck), ("b", refused), ("c", fine))]
-    with pytest.raises(_EngineFailed) as info:
+    pendings = [(Named(n), InFlight(f, n)) for n, f in (("a", stuck), ("b", refused), ("c", fine))]
+    with pytest.raises(EngineFailed) as info:
         _await_all(pendings, timeout_s=60)  # "a" would hold it for a minute
-    assert info.value.engine == "b" and "not called" in str(info.value.error)
-    with pytest.raises(_EngineFailed) as info:
+    assert info.value.engines == ("b",) and "not called" in str(info.value)
+    with pytest.raises(EngineFailed) as info:
         _await_all([pendings[0], pendings[2]], timeout_s=0.05)
-    assert info.value.engine == "a" and isinstance(info.value.error, TimeoutError)
+    assert info.value.engines == ("a",) and isinstance(info.value.__cause__, TimeoutError)
 
 
 def test_an_engine_that_fails_to_resume_stays_out_of_live_engines():
@@ -231,61 +229,73 @@ def test_a_session_left_open_is_recovered_through_abort():
     engine.close()
 
 
-@pytest.mark.parametrize("kind", ["vllm", "sglang"])
-def test_sync_config_deadline_and_retries_reach_every_adapter(kind):
-    config = SyncConfig(step_timeout_s=7.0, flush_retries=2)
-    spec = EngineSpec(kind=kind, url="http://127.0.0.1:9", name="e")
-    ws = WeightSync(ScriptedTrainers(), [spec], config)
-    trainer_side = spec.connect(config)  # what TrainerSync.install builds on the source rank
-    for engine in (ws.engines["e"], trainer_side):
-        assert (engine.config.timeout_s, engine.config.flush_retries) == (7.0, 2)
-    own = EngineSpec(kind=kind, url="http://127.0.0.1:9", timeout_s=3.0).connect(config)
-    assert own.config.timeout_s == 3.0  # an engine's own deadline wins
-
-
 class _Joining:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
+    """A data plane that records the links it was asked to join."""
 
-    def init_shm(self, spec, consumer_index, unlink):
-        self.calls.append(("shm", consumer_index, unlink))
+    def __init__(self, name: str) -> None:
+        self.name, self.links = name, []
 
-    def init_broadcast(self, **kw):
-        self.calls.append(("broadcast", kw["rank_offset"]))
+    def join(self, link):
+        from concurrent.futures import Future
+
+        from weightsync.engines.http import InFlight
+
+        self.links.append(link)
+        done = Future()
+        done.set_result({})
+        return InFlight(done, self.name)
 
 
-class _ConnectingSync:
-    """What TrainerSync.connect reads of a WeightSync; the source rank's answers scripted."""
+class _Planner:
+    is_source = True
 
-    def __init__(self, transport: str, specs, answers: dict) -> None:
-        self.config = SyncConfig(transport=transport, step_timeout_s=5)
-        self.specs = specs
-        self.engines = {s.label: _Joining() for s in specs}
-        self.answers, self.asked = answers, []
+    def prepare(self):
+        from types import SimpleNamespace
 
-    def _run(self, fn, *args):
-        self.asked.append((fn.__name__, args))
-        return [self.answers[fn.__name__], None]
+        return SimpleNamespace(max_bucket_nbytes=1 << 20)
 
 
 def test_shm_ring_counts_one_consumer_per_engine_rank():
+    from weightsync.trainer_side import _open_shm, _State
+
     specs = [
         EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a", tp_size=2),
         EngineSpec(kind="vllm", url="http://127.0.0.1:2", name="b"),
     ]
-    ws = _ConnectingSync("ipc", specs, {"open_shm": "ring"})
-    TrainerSync.connect(ws)
-    assert ws.asked == [("open_shm", (3, 5))]  # 2 + 1 consumers, not 2 engines
-    assert ws.engines["a"].calls == [("shm", 0, False)]
-    assert ws.engines["b"].calls == [("shm", 2, True)]
+    engines = [_Joining("a"), _Joining("b")]
+    state = _State(_Planner(), specs, SyncConfig(transport="ipc"), engines)
+    _open_shm(state)
+    try:
+        (a,), (b,) = engines[0].links, engines[1].links
+        assert a.ring.num_consumers == 3  # 2 + 1 engine ranks, not 2 engines
+        assert (a.consumer_index, a.unlink, b.consumer_index, b.unlink) == (0, False, 2, True)
+    finally:
+        state.ring.close()
 
 
-def test_an_nccl_trainer_is_refused_for_vllm_engines_before_anyone_joins():
-    specs = [EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a")]
-    ws = _ConnectingSync("broadcast", specs, {"endpoint": ("127.0.0.1", 1, "nccl")})
-    with pytest.raises(ValueError, match=r"uses nccl.*joins with gloo.*\['a'\]"):
-        TrainerSync.connect(ws)
-    assert ws.engines["a"].calls == [] and [a[0] for a in ws.asked] == ["endpoint"]
+def test_an_nccl_trainer_is_refused_by_the_vllm_plugin_before_any_request():
+    from weightsync.engines.base import BroadcastLink
+
+    engine = EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a").connect()
+    link = BroadcastLink(
+        master_address="127.0.0.1",
+        master_port=1,
+        world_size=2,
+        rank_offset=1,
+        group_name="g",
+        backend="nccl",
+    )
+    with pytest.raises(ValueError, match=r"'a'.*uses nccl.*joins with gloo"):
+        engine.join(link)  # no server behind the URL: it raised before any request
+    engine.close()
+
+
+def test_transport_combinations_no_update_could_run_are_refused_when_built():
+    sg = EngineSpec(kind="sglang", url="http://127.0.0.1:9", name="sg")
+    with pytest.raises(ValueError, match=r"transport='ipc'.*\['sg'\]"):
+        WeightSync(ScriptedTrainers(), [sg], SyncConfig(transport="ipc"))
+    with pytest.raises(ValueError, match="transport='disk' is invalid"):
+        SyncConfig(transport="disk")
 
 
 def test_an_update_that_lost_its_lease_stops_at_the_next_step_and_resumes():

@@ -87,6 +87,23 @@ def test_remote_exception_names_rank_and_keeps_traceback(group):
     assert group.run_all(_fail_on, 5, timeout_s=60) == ["ok", "ok"]
 
 
+def _engine_fails(worker):
+    from weightsync.engines.base import EngineFailed
+
+    raise EngineFailed(("vllm-b",), "bucket 2: engine 'vllm-b' failed: refused")
+
+
+def test_an_engine_failure_on_a_rank_reaches_the_driver_typed(group):
+    from weightsync.engines.base import EngineFailed
+    from weightsync.orchestrator import _failed_engines
+    from weightsync.ray_group import RankFailed
+
+    with pytest.raises(RankFailed) as info:
+        group.run_all(_engine_fails, timeout_s=60)
+    assert isinstance(info.value.__cause__, EngineFailed)
+    assert _failed_engines(info.value) == {"vllm-b"}  # the names, not a guess from the text
+
+
 def test_deadline_fires(group):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] did not finish within 1.0 s"):

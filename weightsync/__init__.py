@@ -1,5 +1,42 @@
-"""weightsync: move freshly trained Megatron-core weights into SGLang / vLLM rollout engines."""
+"""weightsync: move freshly trained Megatron-core weights into SGLang / vLLM rollout engines.
 
-from weightsync.config import SyncConfig
+The public API::
 
-__all__ = ["SyncConfig"]
+    from weightsync import EngineSpec, Int4Config, SyncConfig, UpdateFailed, WeightSync
+
+Imported on first use, so ``weightsync``'s command line starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from weightsync.config import SyncConfig
+    from weightsync.engines.spec import EngineSpec
+    from weightsync.orchestrator import SyncStats, UpdateFailed, WeightSync
+    from weightsync.quant import Int4Config
+
+_HOMES = {
+    "SyncConfig": "weightsync.config",
+    "EngineSpec": "weightsync.engines.spec",
+    "Int4Config": "weightsync.quant",
+    "SyncStats": "weightsync.orchestrator",
+    "UpdateFailed": "weightsync.orchestrator",
+    "WeightSync": "weightsync.orchestrator",
+}
+__all__ = [
+    "EngineSpec",
+    "Int4Config",
+    "SyncConfig",
+    "SyncStats",
+    "UpdateFailed",
+    "WeightSync",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'weightsync' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -1,4 +1,6 @@
-"""Typed configuration. Built once by the host framework and passed in explicitly.
+"""The one source of deadlines, retries and sizes. Built once by the host framework and passed
+in explicitly; the engine adapters on the driver and on the source rank take their deadline
+and flush retries from it (``EngineSpec.connect``).
 
 Every field is validated in ``__post_init__``; a bad value raises ``ValueError`` naming the
 field, what was given and what is allowed, before anything touches an engine.
@@ -9,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-TransportKind = Literal["broadcast", "ipc", "disk"]
+TransportKind = Literal["broadcast", "ipc"]
 PauseMode = Literal["abort", "retract", "in_place"]
 
-_TRANSPORTS = ("broadcast", "ipc", "disk")
+_TRANSPORTS = ("broadcast", "ipc")
 _PAUSE_MODES = ("abort", "retract", "in_place")
 MiB = 1 << 20
+DEFAULT_TIMEOUT_S = 300.0
+"""The default deadline of every single wait: long enough for a multi-GiB bucket on a slow
+link, short enough that a dead peer is noticed within minutes."""
 
 
 def _require(ok: bool, field: str, value: object, allowed: str) -> None:
@@ -27,15 +32,19 @@ class SyncConfig:
     """How one weight update moves bytes and how long any step may wait."""
 
     transport: TransportKind = "broadcast"
-    """broadcast (NCCL on GPU, gloo on CPU), ipc (CUDA IPC, CPU shared memory) or disk."""
+    """broadcast (NCCL on GPU, gloo on CPU) or ipc (CUDA IPC on GPU, the shared-memory ring
+    on CPU). The disk transport (``weightsync.transport.disk``) is not driven by WeightSync."""
     bucket_bytes: int = 512 * MiB
     """Upper bound of one bucket; an atomic unit larger than this gets a bucket of its own."""
     pause_mode: PauseMode = "retract"
     """How engines stop generating: abort, retract (requeue, prefix recomputed) or in_place."""
-    step_timeout_s: float = 300.0
+    step_timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every single wait (HTTP call, barrier, bucket acknowledgement)."""
     flush_retries: int = 5
     """Bounded retries of the engine cache flush, with exponential backoff."""
+    flush_backoff_s: float = 0.05
+    """First wait after a refused flush; doubles each time up to ``flush_backoff_max_s``."""
+    flush_backoff_max_s: float = 2.0
     verify: bool = False
     """After the update, compare engine weights against what was sent."""
     stage_bytes: int = 0
@@ -53,4 +62,10 @@ class SyncConfig:
         _require(self.bucket_bytes >= MiB, "bucket_bytes", self.bucket_bytes, "at least 1 MiB")
         _require(self.step_timeout_s > 0, "step_timeout_s", self.step_timeout_s, "must be > 0")
         _require(self.flush_retries >= 0, "flush_retries", self.flush_retries, "must be >= 0")
+        _require(
+            0 <= self.flush_backoff_s <= self.flush_backoff_max_s,
+            "flush_backoff_s",
+            self.flush_backoff_s,
+            f"0 <= flush_backoff_s <= flush_backoff_max_s ({self.flush_backoff_max_s})",
+        )
         _require(self.stage_bytes >= 0, "stage_bytes", self.stage_bytes, "must be >= 0")

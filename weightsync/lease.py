@@ -4,9 +4,8 @@ The holder names itself and gets the lock for ``lease_s`` seconds, renewed by a 
 while it lives (a failed update's clean-up can outlast any fixed lease); it releases it in
 ``finally``. A second request while the lease is live is refused (``LockBusy``), never
 interleaved. If the holder dies, the heartbeat stops, the lease runs out and the next request
-takes over.
-``RayLeaseLock`` keeps the state in a named Ray actor so that every driver and trainer of a
-cluster shares it.
+takes over. ``LocalLeaseLock`` serves the drivers of one process; a lock shared across
+processes implements ``LeaseLock`` over whatever store they share.
 
 A holder can lose its lease (renewals failing for a whole lease, or another owner taking an
 expired one): ``hold`` yields a ``Lease`` whose ``check()`` raises ``LeaseLost`` from then on,
@@ -139,39 +138,3 @@ class LocalLeaseLock(_HoldMixin):
     def holder(self) -> tuple[str, float] | None:
         with self._mutex:
             return self._state.holder()
-
-
-class RayLeaseLock(_HoldMixin):
-    """Cluster-wide lease lock held by the named Ray actor ``name`` (created on first use)."""
-
-    def __init__(self, name: str = "weightsync-lease", timeout_s: float = 30.0) -> None:
-        self._name, self._timeout_s = name, timeout_s
-        self._actor = self._get_or_create()
-
-    def _get_or_create(self):
-        import ray
-
-        actor_cls = ray.remote(num_cpus=0)(_LeaseState)
-        options = dict(name=self._name, get_if_exists=True, lifetime="detached")
-        return actor_cls.options(**options).remote()
-
-    def _call(self, method: str, *args):
-        import ray
-        from ray.exceptions import RayActorError
-
-        try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
-        except RayActorError:
-            # The lease actor died (its node went away): a new one starts free, which is
-            # right, since the holder it knew cannot renew against a dead actor either.
-            self._actor = self._get_or_create()
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=self._timeout_s)
-
-    def acquire(self, owner: str, lease_s: float) -> bool:
-        return self._call("acquire", owner, lease_s)
-
-    def release(self, owner: str) -> None:
-        self._call("release", owner)
-
-    def holder(self) -> tuple[str, float] | None:
-        return self._call("holder")

@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from weightsync.config import SyncConfig
+from weightsync.engines.base import ControlPlane, EngineFailed
 from weightsync.engines.spec import EngineSpec
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.quant import Int4Config
+from weightsync.sync import SendStats
 from weightsync.trainer_side import TrainerSync
 
 log = logging.getLogger("weightsync")
@@ -88,15 +90,14 @@ class WeightSync:
     ) -> None:
         if not engines:
             raise ValueError("engines: at least one EngineSpec")
-        if config.verify:
-            _check_verifiable(engines)
+        _check_wiring(engines, config)
         self.trainers = trainers
         self.specs = list(engines)
         self.config = config
         self.int4 = int4
         self.lock = lock or LocalLeaseLock()
         self.owner = owner
-        self.engines = {s.label: s.connect(config) for s in self.specs}
+        self.engines: dict[str, ControlPlane] = {s.label: s.connect(config) for s in self.specs}
         self.stale: set[str] = set()
         self._connected = False
         self._model: dict | None = None  # the trainer's model_config summary
@@ -113,7 +114,7 @@ class WeightSync:
         """Set up the transport between the source rank and every engine (once)."""
         self._run(TrainerSync.install, self.specs, self.config, self.int4)
         self._model = self._run(TrainerSync.model_summary)[0]
-        TrainerSync.connect(self)
+        self._run(TrainerSync.connect)
         self._connected = True
 
     def _check_models(self) -> None:
@@ -151,7 +152,7 @@ class WeightSync:
     def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:
         # Partially written weights must never be served as if they were whole: an engine
         # whose session opened, or that the error names, waits for a full resync.
-        hit = sorted(set(begun) | {label for label in self.engines if label in str(error)})
+        hit = sorted(set(begun) | (_failed_engines(error) & set(self.engines)))
         self.stale.update(hit)
         # The transport comes down while the engines are aborted and resumed: an engine still
         # waiting for a bucket that will never come returns from it only when the trainer's
@@ -178,7 +179,7 @@ class WeightSync:
 
     def _update_paused(
         self, version: int, seed: int, lease: Lease, paused: list[str], begun: list[str]
-    ) -> dict:
+    ) -> SendStats:
         """The paused part of an update; the lease is checked before every step (a holder
         that lost it stops at the next step, and the failure path resumes its engines)."""
         self._pause_started = time.perf_counter()
@@ -197,13 +198,13 @@ class WeightSync:
         begun.extend(self.engines)
         self._each(lambda e: e.begin_update())
         lease.check()
-        send = self._run(TrainerSync.send)[0]
+        send: SendStats = self._run(TrainerSync.send)[0]
         lease.check()
         self._each(lambda e: e.end_update())
         if self.config.verify:
             t0 = time.perf_counter()
-            self._each(lambda e: _verify(e, send["digests"], seed))
-            send["verify_s"] = time.perf_counter() - t0
+            self._each(lambda e: _verify(e, send.digests, seed))
+            send.verify_s = time.perf_counter() - t0
         lease.check()
         self._each(lambda e: e.set_version(str(version)))
         return send
@@ -217,7 +218,8 @@ class WeightSync:
         if len(errors) == 1:
             raise errors[0]
         if errors:
-            raise RuntimeError("; ".join(map(str, errors))) from errors[0]
+            names = tuple(n for e in errors for n in _failed_engines(e))
+            raise EngineFailed(names, "; ".join(map(str, errors))) from errors[0]
         return {label: f.result() for label, f in futures.items()}
 
     def _resume(
@@ -269,21 +271,41 @@ def _named(label: str, call: Callable, *args: Any) -> Any:
     try:
         return call(*args)
     except Exception as e:
-        raise RuntimeError(f"engine {label!r}: {e}") from e
+        raise EngineFailed((label,), f"engine {label!r}: {e}") from e
 
 
-def _check_verifiable(specs: Sequence[EngineSpec]) -> None:
-    """verify reads weights back through the engine's kernels: only our vLLM backend can, and
-    only on an engine that holds whole tensors (TP=1)."""
-    bad = [s.label for s in specs if s.kind != "vllm" or s.tp_size != 1]
-    if bad:
-        raise ValueError(
-            f"SyncConfig.verify=True needs vLLM engines with tp_size=1 (kernel read-back); "
-            f"not possible for {bad}: set verify=False for them"
-        )
+def _failed_engines(error: BaseException | None) -> set[str]:
+    """The engines a failure names, wherever it was raised (here, or on the source rank and
+    carried back through the trainer job: Ray and the rank wrappers keep the chain)."""
+    seen: set[str] = set()
+    while error is not None:
+        seen.update(getattr(error, "engines", ()) if isinstance(error, EngineFailed) else ())
+        error = error.__cause__ or getattr(error, "cause", None)
+    return seen
 
 
-def _verify(engine, sent: dict[str, str], seed: int) -> None:
+def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
+    """Combinations no update could run, refused when WeightSync is built, naming the
+    engines: the CPU shared-memory ring is read by our vLLM plugin only; verify reads
+    weights back through the engine's kernels, which only our vLLM backend can, and only on
+    an engine that holds whole tensors (TP=1)."""
+    if config.transport == "ipc":
+        bad = [s.label for s in specs if s.kind != "vllm"]
+        if bad:
+            raise ValueError(
+                f"SyncConfig.transport='ipc' is wired for vLLM engines; not for {bad}: "
+                "use transport='broadcast' for SGLang"
+            )
+    if config.verify:
+        bad = [s.label for s in specs if s.kind != "vllm" or s.tp_size != 1]
+        if bad:
+            raise ValueError(
+                f"SyncConfig.verify=True needs vLLM engines with tp_size=1 (kernel "
+                f"read-back); not possible for {bad}: set verify=False for them"
+            )
+
+
+def _verify(engine: ControlPlane, sent: dict[str, str], seed: int) -> None:
     """The engine's kernels compute with exactly the weights that were sent: every weight,
     aliases included, read back through the kernel on the columns ``seed`` picks."""
     live = engine.live_digests(seed)
@@ -297,22 +319,19 @@ def _verify(engine, sent: dict[str, str], seed: int) -> None:
         )
 
 
-def _stats(version: int, send: dict, pause_s: float, total_s: float) -> SyncStats:
-    keys = (
-        "export_s",
-        "quantize_s",
-        "staged_s",
-        "transfer_s",
-        "engine_load_s",
-        "nbytes",
-        "num_buckets",
-        "probe_s",
-    )
+def _stats(version: int, send: SendStats, pause_s: float, total_s: float) -> SyncStats:
     return SyncStats(
         version=version,
+        export_s=send.export_s,
+        quantize_s=send.quantize_s,
+        staged_s=send.staged_s,
+        transfer_s=send.transfer_s,
+        engine_load_s=send.engine_load_s,
+        nbytes=send.nbytes,
+        num_buckets=send.num_buckets,
+        probe_s=send.probe_s,
         pause_s=pause_s,
         total_s=total_s,
-        verified=bool(send["digests"]),
-        verify_s=send.get("verify_s", 0.0),
-        **{k: send[k] for k in keys},
+        verified=bool(send.digests),
+        verify_s=send.verify_s,
     )

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from weightsync.config import SyncConfig
-from weightsync.engines.base import Engine, Pending
+from weightsync.engines.base import DataPlane, EngineFailed, Pending
 from weightsync.model_config import config_field
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan, check_plan_identical
 from weightsync.probe import digest, int4_columns, probe_columns, probe_digest
@@ -39,7 +39,8 @@ from weightsync.transport.base import Sender, Ticket, send_stream
 
 @dataclass
 class SendStats:
-    """Seconds spent in each stage on the source rank (stages overlap: see module doc)."""
+    """Seconds spent in each stage on the source rank (stages overlap: see module doc); what
+    ``WeightSync`` gets back from the trainer job, typed, across Ray."""
 
     export_s: float = 0.0
     quantize_s: float = 0.0
@@ -50,12 +51,13 @@ class SendStats:
     staged_bytes: int = 0
     nbytes: int = 0
     num_buckets: int = 0
-    engine_errors: dict[str, str] = field(default_factory=dict)
     probe_s: float = 0.0
     """Digesting the probed columns of what was sent (``SyncConfig.verify``)."""
     digests: dict[str, str] = field(default_factory=dict)
     """Probe digest of every weight sent, HF names, aliases included (``SyncConfig.verify``;
     ``weightsync.probe``), to compare with what the engines' kernels read back."""
+    verify_s: float = 0.0
+    """Filled in by the driver: the engines' read-back and the comparison."""
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:
@@ -150,7 +152,7 @@ class WeightSender:
 
         return not dist.is_initialized() or dist.get_rank() == EXPORT_SOURCE_RANK
 
-    def prepare(self, engines: Sequence[Engine] = (), probe_seed: int = 0) -> Plan:
+    def prepare(self, engines: Sequence[DataPlane] = (), probe_seed: int = 0) -> Plan:
         """Everything that can fail on bad input, done before any engine is paused."""
         from megatron_bridge import hf_weight_metadata
 
@@ -195,7 +197,7 @@ class WeightSender:
             self._units.close()
         self._units, self._staged = None, []
 
-    def send(self, engines: Sequence[Engine], sender: Sender | None) -> SendStats:
+    def send(self, engines: Sequence[DataPlane], sender: Sender | None) -> SendStats:
         """Stream the model to ``engines`` (source rank) or take part in the export (others)."""
         assert self.plan is not None, "prepare() first"
         if self._units is None:
@@ -242,18 +244,15 @@ class WeightSender:
         return digest(int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric))
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
-        in_flight: list[tuple[Ticket, list[tuple[Engine, Pending]]]] = []
+        in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []
         timeout = self.config.step_timeout_s
 
-        def settle(ticket: Ticket, pendings: list[tuple[Engine, Pending]]) -> None:
+        def settle(ticket: Ticket, pendings: list[tuple[DataPlane, Pending]]) -> None:
             t0 = time.perf_counter()
             try:
                 _await_all(pendings, timeout)
-            except _EngineFailed as f:
-                stats.engine_errors[f.engine] = f"{type(f.error).__name__}: {f.error}"
-                raise RuntimeError(
-                    f"engine {f.engine!r} failed on bucket {ticket.bucket_index}: {f.error}"
-                ) from f.error
+            except EngineFailed as f:
+                raise EngineFailed(f.engines, f"bucket {ticket.bucket_index}: {f}") from f.__cause__
             sender.acknowledge(ticket)
             stats.engine_load_s += time.perf_counter() - t0
 
@@ -272,23 +271,19 @@ class WeightSender:
                 settle(*in_flight.pop(0))
             sender.flush()  # every engine answered, so delivery is done: returns at once
         except Exception as e:
-            blame = _engine_failures([p for _, pendings in in_flight for p in pendings])
-            if not blame:
+            failed = _engine_failures([p for _, pendings in in_flight for p in pendings])
+            if not failed:
                 raise
             # A transport error ("connection closed by peer") hides which engine broke it.
-            raise RuntimeError(f"{blame}; transport: {type(e).__name__}: {e}") from e
+            why = "; ".join(failed.values())
+            raise EngineFailed(tuple(failed), f"{why}; transport: {type(e).__name__}: {e}") from e
         busy = time.perf_counter() - t0
         prepared = stats.export_s + stats.quantize_s - before
         stats.transfer_s = max(0.0, busy - prepared - stats.engine_load_s)
 
 
-class _EngineFailed(Exception):
-    def __init__(self, engine: str, error: Exception) -> None:
-        self.engine, self.error = engine, error
-
-
 def _await_all(
-    pendings: list[tuple[Engine, Pending]], timeout_s: float, poll_s: float = 0.005
+    pendings: list[tuple[DataPlane, Pending]], timeout_s: float, poll_s: float = 0.005
 ) -> None:
     """Wait for every engine's answer to one bucket, round robin, and raise the first failure
     as soon as it arrives: not after the other engines' deadlines, as their receive may wait
@@ -303,21 +298,24 @@ def _await_all(
             pending.wait(left if last else min(left, poll_s))
         except Exception as e:
             if last or left == 0.0 or pending.done():  # else: not answered yet
-                raise _EngineFailed(engine.name, e) from e
+                raise EngineFailed((engine.name,), f"engine {engine.name!r} failed: {e}") from e
             waiting.append((engine, pending))
 
 
-def _engine_failures(pendings: list[tuple[Engine, Pending]], grace_s: float = 1.0) -> str:
-    """The engines whose bucket request failed (their refusal usually explains the error)."""
-    failed = []
+def _engine_failures(
+    pendings: list[tuple[DataPlane, Pending]], grace_s: float = 1.0
+) -> dict[str, str]:
+    """The engines whose bucket request failed, each with why (their refusal usually
+    explains the transport's error)."""
+    failed = {}
     for engine, pending in pendings:
         try:
             pending.wait(grace_s)
         except TimeoutError:
-            failed.append(f"engine {engine.name!r}: no acknowledgement")
+            failed[engine.name] = f"engine {engine.name!r}: no acknowledgement"
         except Exception as e:  # noqa: BLE001 - collected into the one error raised
-            failed.append(f"engine {engine.name!r} failed: {e}")
-    return "; ".join(failed)
+            failed[engine.name] = f"engine {engine.name!r} failed: {e}"
+    return failed
 
 
 def _leading_units(metas: Sequence[TensorMeta], budget: int) -> tuple[int, int]:

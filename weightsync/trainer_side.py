@@ -1,8 +1,10 @@
-"""What ``WeightSync`` runs inside the trainer workers (``fn(worker, ...)`` on every rank).
+"""The steps ``WeightSync`` runs inside the trainer workers (``fn(worker, ...)`` on every rank).
 
 State lives on the worker object (``worker.weightsync``) for the lifetime of the job: the
-``WeightSender`` on every rank; on the source rank also the engines' data-plane adapters and
-the transport sender. The worker provides ``model_chunks`` and ``hf_config``.
+``WeightSender`` on every rank; on the source rank also the engines' data planes
+(``engines.base.DataPlane``) and the transport sender. The source rank sets up the transport
+with the engines itself (``connect``): the driver never sees a group, a ring or a port. The
+worker provides ``model_chunks`` and ``hf_config``.
 """
 
 from __future__ import annotations
@@ -12,17 +14,15 @@ import socket
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from weightsync.config import SyncConfig
-from weightsync.engines.spec import EngineSpec, join_broadcast
+from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
+from weightsync.engines.spec import EngineSpec
 from weightsync.quant import Int4Config
-from weightsync.sync import WeightSender
-
-if TYPE_CHECKING:
-    from weightsync.orchestrator import WeightSync
+from weightsync.sync import SendStats, WeightSender
 
 GROUP_NAME = "weight_update_group"
 
@@ -31,7 +31,8 @@ GROUP_NAME = "weight_update_group"
 class _State:
     sender: WeightSender
     specs: list[EngineSpec]
-    engines: list[Any] = field(default_factory=list)
+    config: SyncConfig
+    engines: list[DataPlane] = field(default_factory=list)
     transport: Any = None
     group: Any = None
     ring: Any = None
@@ -94,47 +95,10 @@ class TrainerSync:
     ) -> None:
         TrainerSync.uninstall(worker)  # a reconnect after a failed update replaces the state
         sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
-        state = _State(sender=sender, specs=list(specs))
+        state = _State(sender=sender, specs=list(specs), config=config)
         if sender.is_source:
             state.engines = [s.connect(config) for s in specs]
         worker.weightsync = state
-
-    @staticmethod
-    def endpoint(worker: Any, loopback: bool) -> tuple[str, int, str] | None:
-        """Source rank: where its weight group listens and which backend it will use."""
-        if not _state(worker).sender.is_source:
-            return None
-        return _node_address(loopback), _free_port(), _group_backend()
-
-    @staticmethod
-    def open_broadcast(
-        worker: Any, address: str, port: int, world_size: int, timeout_s: float
-    ) -> None:
-        from weightsync.transport.broadcast import BroadcastSender, init_weight_group
-
-        state = _state(worker)
-        if not state.sender.is_source:
-            return
-        backend = _group_backend()
-        state.group = init_weight_group(
-            address, port, world_size, 0, GROUP_NAME, backend=backend, timeout_s=timeout_s
-        )
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-        state.transport = BroadcastSender(state.group, device=device, timeout_s=timeout_s)
-
-    @staticmethod
-    def open_shm(worker: Any, num_consumers: int, timeout_s: float):
-        from weightsync.transport.shm import ShmRing, ShmSender
-
-        state = _state(worker)
-        plan = state.sender.prepare()  # collective: every rank takes part
-        if not state.sender.is_source:
-            return None
-        state.ring = ShmRing.create(
-            plan.max_bucket_nbytes, num_slots=2, num_consumers=num_consumers
-        )
-        state.transport = ShmSender(state.ring, timeout_s=timeout_s)
-        return state.ring.spec
 
     @staticmethod
     def model_summary(worker: Any) -> dict:
@@ -146,6 +110,16 @@ class TrainerSync:
         return summary(worker.hf_config, qc)
 
     @staticmethod
+    def connect(worker: Any) -> None:
+        """All ranks: the transport between the source rank and every engine rank, built
+        from the source rank (it hosts the group's store or owns the ring)."""
+        state = _state(worker)
+        if state.config.transport == "ipc":
+            _open_shm(state)
+        elif state.sender.is_source:
+            _open_broadcast(state)
+
+    @staticmethod
     def prepare(worker: Any, probe_seed: int = 0) -> int:
         state = _state(worker)
         plan = state.sender.prepare(state.engines, probe_seed)
@@ -153,10 +127,9 @@ class TrainerSync:
         return plan.total_nbytes
 
     @staticmethod
-    def send(worker: Any) -> dict:
+    def send(worker: Any) -> SendStats:
         state = _state(worker)
-        stats = state.sender.send(state.engines, state.transport)
-        return stats.__dict__.copy()
+        return state.sender.send(state.engines, state.transport)
 
     @staticmethod
     def reset(worker: Any) -> None:
@@ -188,59 +161,62 @@ class TrainerSync:
             engine.close()
         worker.weightsync = None
 
-    @staticmethod
-    def connect(ws: WeightSync) -> None:
-        """Driver side of the transport set-up; the engines join beside the source rank."""
-        timeout = ws.config.step_timeout_s
-        if ws.config.transport == "broadcast":
-            loopback = all(_is_loopback(s.url) for s in ws.specs)
-            address, port, backend = next(e for e in ws._run(TrainerSync.endpoint, loopback) if e)
-            vllm = [s.label for s in ws.specs if s.kind == "vllm"]
-            if backend != "gloo" and vllm:
-                raise ValueError(
-                    f"the trainer's weight group uses {backend}, but the weightsync vLLM "
-                    f"plugin joins with gloo (engines {vllm}): use transport='ipc' or "
-                    "CPU trainers for vLLM engines"
-                )
-            world, offsets = _ranks(ws.specs, first=1)  # the source rank is rank 0
-            pool = ThreadPoolExecutor(len(ws.specs) + 1, thread_name_prefix="join")
-            joins = [
-                pool.submit(
-                    join_broadcast,
-                    ws.engines[s.label],
-                    s,
-                    master_address=address,
-                    master_port=port,
-                    world_size=world,
-                    rank_offset=off,
-                    group_name=GROUP_NAME,
-                    backend=backend,
-                )
-                for s, off in zip(ws.specs, offsets, strict=True)
-            ]
-            host = pool.submit(ws._run, TrainerSync.open_broadcast, address, port, world, timeout)
-            pool.shutdown(wait=False)
-            # An engine that refuses to join fails the set-up now, not at the store timeout.
-            done, pending = wait([host, *joins], timeout=timeout, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
-            if pending:
-                raise TimeoutError(f"broadcast group set-up not done within {timeout:.0f} s")
-        elif ws.config.transport == "ipc":
-            if any(s.kind != "vllm" for s in ws.specs):
-                raise ValueError(
-                    "transport='ipc' on CPU (shared memory) is wired for vLLM "
-                    "engines; use 'broadcast' for SGLang"
-                )
-            # Every worker of an engine consumes every bucket: one consumer per engine rank.
-            consumers, offsets = _ranks(ws.specs, first=0)
-            spec = next(r for r in ws._run(TrainerSync.open_shm, consumers, timeout) if r)
-            last = len(ws.specs) - 1
-            for i, (s, off) in enumerate(zip(ws.specs, offsets, strict=True)):
-                ws.engines[s.label].init_shm(spec, consumer_index=off, unlink=i == last)
-        else:
-            raise ValueError(
-                f"transport={ws.config.transport!r} is not wired into WeightSync "
-                "yet: use 'broadcast' or 'ipc'"
-            )
+
+def _open_broadcast(state: _State) -> None:
+    """Source rank: host the weight group and have every engine join it at its rank offset.
+    The joins complete only together with the host's own, so they run side by side; an
+    engine that refuses fails the set-up at once, not at the store's deadline."""
+    from weightsync.transport.broadcast import BroadcastSender, init_weight_group
+
+    timeout = state.config.step_timeout_s
+    backend = _group_backend()
+    address = _node_address(all(_is_loopback(s.url) for s in state.specs))
+    port = _free_port()
+    world, offsets = _ranks(state.specs, first=1)  # the source rank is rank 0
+    links = [
+        BroadcastLink(
+            master_address=address,
+            master_port=port,
+            world_size=world,
+            rank_offset=off,
+            group_name=GROUP_NAME,
+            backend=backend,
+        )
+        for off in offsets
+    ]
+    # Every engine accepts its link before anyone joins (a refusal raises here).
+    joins = [engine.join(link) for engine, link in zip(state.engines, links, strict=True)]
+    pool = ThreadPoolExecutor(len(joins) + 1, thread_name_prefix="join")
+    host = pool.submit(
+        init_weight_group, address, port, world, 0, GROUP_NAME, backend=backend, timeout_s=timeout
+    )
+    waits = [pool.submit(j.wait, timeout) for j in joins]
+    pool.shutdown(wait=False)
+    done, pending = wait([host, *waits], timeout=timeout, return_when=FIRST_EXCEPTION)
+    for f in done:
+        if f.exception() is not None:
+            raise f.exception()
+    if pending:
+        raise TimeoutError(f"broadcast group set-up not done within {timeout:.0f} s")
+    state.group = host.result()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    state.transport = BroadcastSender(state.group, device=device, timeout_s=timeout)
+
+
+def _open_shm(state: _State) -> None:
+    """All ranks plan (a collective: the ring's slot size is the largest bucket); the source
+    rank creates the ring and has every engine map it, one consumer per engine rank."""
+    from weightsync.transport.shm import ShmRing, ShmSender
+
+    plan = state.sender.prepare()
+    if not state.sender.is_source:
+        return
+    consumers, offsets = _ranks(state.specs, first=0)
+    state.ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2, num_consumers=consumers)
+    timeout = state.config.step_timeout_s
+    last = len(state.engines) - 1
+    for i, (engine, off) in enumerate(zip(state.engines, offsets, strict=True)):
+        # One at a time: the last engine to map the ring unlinks its names.
+        link = ShmLink(ring=state.ring.spec, consumer_index=off, unlink=i == last)
+        engine.join(link).wait(timeout)
+    state.transport = ShmSender(state.ring, timeout_s=timeout)

@@ -1,35 +1,85 @@
-"""What the orchestrator needs from an inference engine during one weight update.
+"""The two halves of an engine adapter: what the driver and the source rank each call.
 
-One update, for every engine of the fleet::
+Every engine is driven by two adapter instances in two processes, built from one
+``EngineSpec`` (``spec.connect(sync)``):
 
-    engine.validate(plan, named)     # before anything is paused: ValueError names the tensor
-    engine.pause(mode); engine.flush_cache()
-    engine.begin_update()
-    for bucket in plan.buckets:      # metadata over the engine's HTTP API, bytes by transport
-        pending = engine.update_bucket(bucket, ticket)
-        ... transport sends / has sent the bytes ...
-        pending.wait(timeout_s)      # the engine's acknowledgement; the slot is free again
-    engine.end_update()              # engine post-processing (e.g. the int4 repack)
-    engine.set_version(version); engine.resume()
+- ``ControlPlane``, in the driver (``WeightSync``): generation and the update session. One
+  update, for every engine of the fleet::
+
+      model_config()                   # before anything is paused: the served model's fields
+      pause(mode); flush_cache(); begin_update()
+      ... the source rank streams the buckets (data plane) ...
+      end_update()                     # engine post-processing (e.g. the int4 repack)
+      live_digests(seed)               # verify: the weights the kernels compute with
+      set_version(version); resume()
+      on failure: abort_update(); set_version("partial-<version>"); resume()
+
+- ``DataPlane``, on the trainer's source rank, where the bytes are: it joins the transport
+  from one typed ``Link``, checks the plan, and hands over the buckets::
+
+      join(link).wait(deadline)        # beside the trainer's own side of the group / ring
+      validate(plan)                   # before anything is paused: ValueError names the tensor
+      for bucket: pending = update_bucket(bucket, ticket) ... pending.wait(deadline)
 
 Adapters speak their engine's own HTTP RL API; nothing here imports an engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
-
-import torch
 
 from weightsync.plan import Bucket, Plan
 from weightsync.transport.base import Ticket
+from weightsync.transport.shm import RingSpec
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BroadcastLink:
+    """The trainer's weight group: the source rank is rank 0 and hosts the store; this
+    engine's TP ranks join as ``rank_offset`` .. ``rank_offset + tp_size - 1``."""
+
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int
+    group_name: str
+    backend: str
+    """gloo (CPU trainer) or nccl (GPU trainer)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShmLink:
+    """The source rank's shared-memory ring: this engine's TP ranks consume it as
+    ``consumer_index`` .. ``consumer_index + tp_size - 1``; ``unlink`` for the engine that
+    attaches last (the names then leave /dev/shm; the mappings stay)."""
+
+    ring: RingSpec
+    consumer_index: int
+    unlink: bool
+
+
+Link = BroadcastLink | ShmLink
+
+
+class EngineFailed(RuntimeError):
+    """A step failed on named engines; the driver marks exactly those stale. Pickles whole,
+    so it crosses Ray with the names intact."""
+
+    def __init__(self, engines: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.engines = tuple(engines)
+
+    def __reduce__(self):
+        return type(self), (self.engines, str(self))
 
 
 class Pending(Protocol):
-    def wait(self, timeout_s: float) -> None:
-        """Block until the engine acknowledged the bucket; TimeoutError past the deadline,
-        RuntimeError carrying the engine's error text if it failed."""
+    """A request in flight (a bucket, a join)."""
+
+    def wait(self, timeout_s: float) -> object:
+        """Block until the engine answered; TimeoutError past the deadline, RuntimeError
+        carrying the engine's error text if it failed."""
         ...
 
     def done(self) -> bool:
@@ -37,27 +87,22 @@ class Pending(Protocol):
         ...
 
 
-class Engine(Protocol):
+class ControlPlane(Protocol):
     name: str
 
-    def health(self) -> bool: ...
-
-    def validate(
-        self, plan: Plan, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None
-    ) -> None:
-        """ValueError naming the first bad tensor: unknown to the engine's model, wrong
-        shape or dtype, missing from a full update, or (when tensors are given) not finite."""
+    def model_config(self) -> dict | None:
+        """The served model's config fields (``weightsync.model_config.summary``), or None
+        where the engine cannot tell."""
         ...
 
     def pause(self, mode: str) -> None: ...
 
     def flush_cache(self) -> bool:
-        """Drop cached prefixes computed with the old weights; False if the engine refused."""
+        """Drop cached prefixes computed with the old weights; False if the engine refused
+        ``SyncConfig.flush_retries + 1`` times."""
         ...
 
     def begin_update(self) -> None: ...
-
-    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending: ...
 
     def end_update(self) -> None: ...
 
@@ -66,9 +111,9 @@ class Engine(Protocol):
         (a stale one); a no-op when no session is open."""
         ...
 
-    def model_config(self) -> dict | None:
-        """The served model's config fields (``weightsync.model_config.summary``), or None
-        where the engine cannot tell."""
+    def live_digests(self, seed: int) -> dict[str, str]:
+        """Probe digests (``weightsync.probe``) of the weights the engine's kernels compute
+        with, by HF name, aliases included; ValueError where the engine cannot read back."""
         ...
 
     def set_version(self, version: str) -> None: ...
@@ -77,6 +122,22 @@ class Engine(Protocol):
 
     def resume(self) -> None: ...
 
-    def check_weights(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
-        """Names whose engine-side copy differs from ``expected`` (empty: all equal)."""
+    def close(self) -> None: ...
+
+
+class DataPlane(Protocol):
+    name: str
+
+    def join(self, link: Link) -> Pending:
+        """Ask the engine to join the transport; ValueError, before any request, for a link
+        this engine cannot take. A broadcast join completes only once the trainer joined."""
         ...
+
+    def validate(self, plan: Plan) -> None:
+        """ValueError naming the first bad tensor: unknown to the engine's model, wrong
+        shape or dtype, or missing from a full update."""
+        ...
+
+    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending: ...
+
+    def close(self) -> None: ...

@@ -12,12 +12,19 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import socket
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.structures import CaseInsensitiveDict
+
+log = logging.getLogger("weightsync")
 
 
 class DeadlineSession:
@@ -101,3 +108,39 @@ def call(
     response.url = url
     response.encoding = "utf-8"
     return response
+
+
+class InFlight:
+    """A request already running in an adapter's thread (``Pending``): ``wait`` returns its
+    checked answer, or raises what the request raised."""
+
+    def __init__(self, future: Future, what: str) -> None:
+        self._future, self.what = future, what
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout_s: float) -> object:
+        try:
+            return self._future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"{self.what}: no answer within {timeout_s:.1f} s") from None
+
+
+def retry_flush(
+    attempt: Callable[[], str | None], retries: int, backoff_s: float, backoff_max_s: float
+) -> str | None:
+    """Run ``attempt`` (None: flushed; else the engine's reason) up to ``retries + 1`` times,
+    sleeping ``backoff_s`` after the first refusal and doubling up to ``backoff_max_s``: an
+    engine refuses while requests still hold cache blocks, which frees up within moments.
+    Returns None once flushed, else the last reason."""
+    delay, reason = backoff_s, None
+    for i in range(retries + 1):
+        reason = attempt()
+        if reason is None:
+            return None
+        if i < retries:
+            log.info("cache flush refused (%s), retry in %.2f s", reason, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, backoff_max_s)
+    return reason

@@ -23,7 +23,6 @@ import concurrent.futures
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -31,8 +30,10 @@ from typing import Literal
 import requests
 import torch
 
-from weightsync.engines.http import DeadlineSession
-from weightsync.engines.sglang_http import HttpPending, checked, error_text
+from weightsync.config import DEFAULT_TIMEOUT_S
+from weightsync.engines.base import BroadcastLink, Link
+from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
+from weightsync.engines.sglang_http import checked, error_text
 from weightsync.engines.sglang_payloads import (
     TensorSpec,
     check_meta,
@@ -64,12 +65,12 @@ class SGLangConfig:
     tp_size: int = 1
     """Engine TP ranks: one payload each on the tensor path; the group ranks it occupies."""
     selector: Literal["target", "draft", "all"] = "all"
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every HTTP call."""
     flush_retries: int = 5
-    flush_backoff_s: float = 0.5
+    flush_backoff_s: float = 0.05
     """First wait between refused flushes; doubles each time up to ``flush_backoff_max_s``."""
-    flush_backoff_max_s: float = 8.0
+    flush_backoff_max_s: float = 2.0
     flush_wait_s: float = 0.0
     """Per attempt, let the server itself wait this long for idleness (0.5.23's ?timeout=)."""
     model_dir: str | None = None
@@ -107,9 +108,9 @@ def checksum(tensor: torch.Tensor) -> str:
 class SGLangEngine:
     """One SGLang server (all its TP ranks) behind the ``weightsync.engines.base.Engine`` API."""
 
-    def __init__(self, config: SGLangConfig) -> None:
+    def __init__(self, config: SGLangConfig, name: str = "") -> None:
         self.config = config
-        self.name = f"sglang@{config.url}"
+        self.name = name or f"sglang@{config.url}"
         self.legacy: bool | None = None  # known after begin_update()
         self.pause_mode: str | None = None
         self.flush_error = ""
@@ -130,8 +131,8 @@ class SGLangEngine:
     def _post(self, path: str, body: dict) -> dict:
         return checked(self._request("POST", path, body), path)
 
-    def _submit(self, path: str, body: dict, what: str) -> HttpPending:
-        return HttpPending(self._pool.submit(self._request, "POST", path, body), what)
+    def _submit(self, path: str, body: dict, what: str) -> InFlight:
+        return InFlight(self._pool.submit(self._post, path, body), f"SGLang {what}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -223,24 +224,23 @@ class SGLangEngine:
         if self.pause_mode == "in_place":
             log.info("%s: paused in_place, cache flush skipped (stale prefix KV kept)", self.name)
             return True
-        delay, message = self.config.flush_backoff_s, ""
-        for attempt in range(self.config.flush_retries + 1):
-            query = f"?timeout={self.config.flush_wait_s}" if self.config.flush_wait_s else ""
+        c = self.config
+
+        def attempt() -> str | None:
+            query = f"?timeout={c.flush_wait_s}" if c.flush_wait_s else ""
             response = self._request("GET", "/flush_cache" + query)
-            if response.status_code == 200:
-                self.flush_error = ""
-                return True
-            message = error_text(response)
-            if attempt < self.config.flush_retries:
-                log.info("%s: flush refused (%s), retry in %.2f s", self.name, message, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, self.config.flush_backoff_max_s)
+            return None if response.status_code == 200 else error_text(response)
+
+        reason = retry_flush(attempt, c.flush_retries, c.flush_backoff_s, c.flush_backoff_max_s)
         self.flush_error = (
-            f"{self.name}: /flush_cache refused {self.config.flush_retries + 1} "
-            f"time(s); last answer: {message}"
+            f"{self.name}: /flush_cache refused {c.flush_retries + 1} time(s); last answer: "
+            f"{reason}"
+            if reason is not None
+            else ""
         )
-        log.warning(self.flush_error)
-        return False
+        if reason is not None:
+            log.warning(self.flush_error)
+        return reason is None
 
     # -- the update session --------------------------------------------------------------
     def begin_update(self) -> None:
@@ -252,7 +252,7 @@ class SGLangEngine:
             return
         checked(response, "/begin_weight_update")
 
-    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> HttpPending:
+    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
         """Send the bucket's request; the transport's bytes may go before or after this."""
         if self.config.path == "distributed":
             path, body = "/update_weights_from_distributed", self._distributed_body(bucket)
@@ -315,7 +315,28 @@ class SGLangEngine:
             selector=self._selector(),
         )
 
-    # -- broadcast group -----------------------------------------------------------------
+    # -- joining the transport (data plane) ----------------------------------------------
+    def join(self, link: Link) -> InFlight:
+        """Join the trainer's broadcast group (``init_group``). The tensor path takes no
+        link: its payloads carry their own handles."""
+        if not isinstance(link, BroadcastLink):
+            raise ValueError(
+                f"{self.name}: SGLang takes weights over broadcast (or CUDA IPC payloads), "
+                f"not {type(link).__name__}: use transport='broadcast' for SGLang engines"
+            )
+        if link.group_name != self.config.group_name:
+            raise ValueError(
+                f"{self.name}: link.group_name={link.group_name!r}, the adapter's "
+                f"SGLangConfig.group_name is {self.config.group_name!r}"
+            )
+        return self.init_group(
+            link.master_address,
+            link.master_port,
+            link.rank_offset,
+            link.world_size,
+            backend=link.backend,
+        )
+
     def init_group(
         self,
         master_address: str,
@@ -323,7 +344,7 @@ class SGLangEngine:
         rank_offset: int,
         world_size: int,
         backend: str = "nccl",
-    ) -> HttpPending:
+    ) -> InFlight:
         """Ask the engine to join the group; returns at once: the HTTP call only completes
         when the trainer (rank 0) joins too, so build the trainer side, then ``wait``."""
         if not 1 <= rank_offset <= world_size - self.config.tp_size:
@@ -347,6 +368,13 @@ class SGLangEngine:
         self._post("/destroy_weights_update_group", body)
 
     # -- verification --------------------------------------------------------------------
+    def live_digests(self, seed: int) -> dict[str, str]:
+        raise ValueError(
+            f"{self.name}: SGLang cannot read its weights back through its kernels by HF "
+            "name (its checksums are of fused, sharded parameters); WeightSync refuses "
+            "SyncConfig.verify=True for SGLang engines up front"
+        )
+
     def weights_checker(self, action: str = "checksum", skip: list[str] | None = None) -> dict:
         """SGLang's /weights_checker: checksum, or snapshot -> reset_tensors -> compare."""
         body = request_body("CheckWeightsReqInput", action=action, skip_tensor_list=skip)

@@ -1,8 +1,6 @@
-"""HTTP plumbing of the SGLang adapter: error texts, checked answers, calls in flight."""
+"""HTTP plumbing of the SGLang adapter: the server's error texts and checked answers."""
 
 from __future__ import annotations
-
-import concurrent.futures
 
 import requests
 
@@ -27,20 +25,3 @@ def checked(response: requests.Response, what: str) -> dict:
     if isinstance(body, dict) and body.get("success") is False:
         raise RuntimeError(f"SGLang {what}: {body.get('message')}")
     return body
-
-
-class HttpPending:
-    """An HTTP call already in flight; ``wait`` returns its checked JSON answer."""
-
-    def __init__(self, future: concurrent.futures.Future, what: str) -> None:
-        self._future, self.what = future, what
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout_s: float) -> dict:
-        try:
-            response = self._future.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"SGLang {self.what}: no answer within {timeout_s:.1f} s") from None
-        return checked(response, self.what)

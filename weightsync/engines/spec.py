@@ -1,5 +1,6 @@
 """A serializable handle on one engine: the driver and the trainer's source rank each build
-their own HTTP adapter from it (control plane on the driver, buckets on the source rank)."""
+their own adapter from it (``engines.base``: control plane on the driver, data plane on the
+source rank)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from weightsync.config import SyncConfig
-from weightsync.engines.base import Engine
+from weightsync.engines.base import ControlPlane, DataPlane
 
 EngineKind = Literal["vllm", "sglang"]
 
@@ -35,15 +36,18 @@ class EngineSpec:
     def label(self) -> str:
         return self.name or f"{self.kind}@{self.url}"
 
-    def connect(self, sync: SyncConfig | None = None) -> Engine:
-        """The adapter for this engine (imports only that adapter), with the deadline and
-        flush retries of ``sync`` (defaults: ``SyncConfig()``): one source for both."""
+    def connect(self, sync: SyncConfig | None = None) -> ControlPlane | DataPlane:
+        """The adapter for this engine (imports only that adapter): the driver uses it as the
+        control plane, the source rank as the data plane. Its deadline, flush retries and
+        backoff are ``sync``'s (default ``SyncConfig()``): one source for both planes."""
         sync = sync or SyncConfig()
         common = dict(
             url=self.url,
             api_key=self.api_key,
             timeout_s=self.timeout_s or sync.step_timeout_s,
             flush_retries=sync.flush_retries,
+            flush_backoff_s=sync.flush_backoff_s,
+            flush_backoff_max_s=sync.flush_backoff_max_s,
         )
         if self.kind == "vllm":
             from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
@@ -51,32 +55,4 @@ class EngineSpec:
             return VllmEngine(VllmEngineConfig(**common), name=self.label)
         from weightsync.engines.sglang import SGLangConfig, SGLangEngine
 
-        engine = SGLangEngine(SGLangConfig(tp_size=self.tp_size, **common))
-        engine.name = self.label
-        return engine
-
-
-def join_broadcast(
-    engine: Engine,
-    spec: EngineSpec,
-    *,
-    master_address: str,
-    master_port: int,
-    world_size: int,
-    rank_offset: int,
-    group_name: str,
-    backend: str,
-) -> None:
-    """Have ``engine`` join the trainer's weight group; blocks until the trainer joins too."""
-    if spec.kind == "vllm":
-        engine.init_broadcast(
-            master_address=master_address,
-            master_port=master_port,
-            world_size=world_size,
-            rank_offset=rank_offset,
-            group_name=group_name,
-        )
-    else:
-        engine.init_group(
-            master_address, master_port, rank_offset, world_size, backend=backend
-        ).wait(engine.config.timeout_s)
+        return SGLangEngine(SGLangConfig(tp_size=self.tp_size, **common), name=self.label)

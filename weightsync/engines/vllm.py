@@ -6,27 +6,26 @@ registers inside vLLM; this adapter only sends metadata and control calls:
 ``/update_weights`` (one per bucket; its answer is the bucket's acknowledgement),
 ``/finish_weight_update`` (vLLM's post-processing, e.g. the CPU WNA16 int4 repack),
 ``/update_weight_version``, ``/weight_info``, ``/resume``. Read-only questions to the backend
-(the parameters the model accepts, digests of what it loaded, load timings) go through the dev
-``/collective_rpc`` route. All of these routes exist only with ``VLLM_SERVER_DEV_MODE=1``.
+(the parameters the model accepts, the served model's config, kernel read-back digests, load
+timings) go through the dev ``/collective_rpc`` route. All of these routes exist only with
+``VLLM_SERVER_DEV_MODE=1``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import requests
-import torch
 
-from weightsync.engines.http import DeadlineSession
-from weightsync.engines.vllm_plugin.wire import InitInfo, sha256, update_info
+from weightsync.config import DEFAULT_TIMEOUT_S
+from weightsync.engines.base import BroadcastLink, Link, ShmLink
+from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
+from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan, dtype_name
 from weightsync.transport.base import Ticket
-from weightsync.transport.shm import RingSpec
 
 # weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; retract
 # then has flush_cache preempt them too (their KV is dropped and recomputed with the new
@@ -39,33 +38,17 @@ PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep", "wait": 
 class VllmEngineConfig:
     url: str
     api_key: str | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every HTTP call and of every bucket acknowledgement."""
     flush_retries: int = 5
-    record_digests: bool = False
-    """The backend keeps a sha256 of every tensor it loads (for check_weights)."""
+    flush_backoff_s: float = 0.05
+    flush_backoff_max_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url={self.url!r}: expected http(s)://host:port")
         if self.timeout_s <= 0 or self.flush_retries < 0:
             raise ValueError("timeout_s must be > 0 and flush_retries >= 0")
-
-
-class _Pending:
-    def __init__(self, future: Future, what: str) -> None:
-        self._future, self._what = future, what
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout_s: float) -> None:
-        try:
-            self._future.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise TimeoutError(
-                f"{self._what}: no acknowledgement within {timeout_s:.1f} s"
-            ) from None
 
 
 class VllmEngine:
@@ -114,54 +97,49 @@ class VllmEngine:
         }
         return self._call("POST", "/collective_rpc", json=body)["results"][0]
 
-    # --- Engine protocol -----------------------------------------------------------------
+    # --- data plane (source rank) --------------------------------------------------------
     def health(self) -> bool:
         try:
             return self._http.get(self.config.url + "/health", timeout=5).status_code == 200
         except requests.RequestException:
             return False
 
-    def init_broadcast(
-        self,
-        *,
-        master_address: str,
-        master_port: int,
-        world_size: int,
-        group_name: str,
-        rank_offset: int = 1,
-    ) -> None:
-        """Join the trainer's gloo group (rank 0 = trainer; this engine's workers take ranks
-        rank_offset, rank_offset + 1, ...). Blocks until every rank joined, so call it beside
-        the trainer's own ``init_weight_group``."""
-        self._init(
-            InitInfo(
+    def join(self, link: Link) -> InFlight:
+        """Join the trainer's gloo group (the engine's workers take ranks rank_offset, +1, ...;
+        the call completes once every rank joined, so the trainer joins beside it) or map its
+        shared-memory ring (workers are consumers consumer_index, +1, ...)."""
+        if isinstance(link, BroadcastLink):
+            if link.backend != "gloo":
+                raise ValueError(
+                    f"engine {self.name!r}: the trainer's weight group uses {link.backend}, "
+                    "but the weightsync vLLM plugin joins with gloo: use transport='ipc' or "
+                    "CPU trainers for vLLM engines"
+                )
+            info = InitInfo(
                 transport="broadcast",
-                master_address=master_address,
-                master_port=master_port,
-                world_size=world_size,
-                rank_offset=rank_offset,
-                group_name=group_name,
+                master_address=link.master_address,
+                master_port=link.master_port,
+                world_size=link.world_size,
+                rank_offset=link.rank_offset,
+                group_name=link.group_name,
             )
-        )
-
-    def init_shm(self, spec: RingSpec, consumer_index: int = 0, unlink: bool = True) -> None:
-        """Map the trainer's shared-memory ring (``weightsync.transport.shm``) in the engine,
-        whose workers are consumers consumer_index, +1, ...; ``unlink`` when this engine is
-        the ring's last consumer to attach."""
-        info = InitInfo(
-            transport="shm",
-            slot_names=list(spec.names),
-            slot_bytes=spec.slot_bytes,
-            num_consumers=spec.num_consumers,
-            consumer_index=consumer_index,
-            unlink=unlink,
-        )
-        self._init(info)
-
-    def _init(self, info: InitInfo) -> None:
+        elif isinstance(link, ShmLink):
+            info = InitInfo(
+                transport="shm",
+                slot_names=list(link.ring.names),
+                slot_bytes=link.ring.slot_bytes,
+                num_consumers=link.ring.num_consumers,
+                consumer_index=link.consumer_index,
+                unlink=link.unlink,
+            )
+        else:
+            raise ValueError(f"{self.name}: cannot join {link!r}")
         info.timeout_s = self.config.timeout_s
-        info.record_digests = self.config.record_digests
-        self._call("POST", "/init_weight_transfer_engine", json={"init_info": asdict(info)})
+        body = {"init_info": asdict(info)}
+        what = f"{self.name} /init_weight_transfer_engine"
+        return InFlight(
+            self._pool.submit(self._call, "POST", "/init_weight_transfer_engine", json=body), what
+        )
 
     def expected_params(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Checkpoint-format names -> (dtype, shape) the served model accepts (cached)."""
@@ -170,13 +148,7 @@ class VllmEngine:
             self._expected = {n: (d, tuple(s)) for n, (d, s) in raw.items()}
         return self._expected
 
-    def validate(
-        self,
-        plan: Plan,
-        named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-        *,
-        partial: bool = False,
-    ) -> None:
+    def validate(self, plan: Plan, *, partial: bool = False) -> None:
         expected = self.expected_params()
         sent = set()
         for bucket in plan.buckets:
@@ -191,11 +163,13 @@ class VllmEngine:
                 f"update is missing {len(missing)} tensors the engine expects, "
                 f"e.g. {missing[:3]}; pass partial=True to send a subset"
             )
-        for name, t in named_tensors or ():
-            _check_meta(expected, name, dtype_name(t.dtype), tuple(t.shape))
-            if t.is_floating_point() and t.numel() and not _finite(t):
-                raise ValueError(f"tensor {name!r} has NaN or Inf values")
 
+    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
+        body = {"update_info": asdict(update_info(bucket, ticket))}
+        future = self._pool.submit(self._call, "POST", "/update_weights", json=body)
+        return InFlight(future, f"{self.name} bucket {bucket.index}")
+
+    # --- control plane (driver) ----------------------------------------------------------
     def is_paused(self) -> bool:
         return bool(self._call("GET", "/is_paused")["is_paused"])
 
@@ -210,17 +184,16 @@ class VllmEngine:
         they are recomputed with the new weights. Retried with backoff while blocks are
         held."""
         retract = "true" if self._pause_mode == "retract" else "false"
-        delay = 0.05
-        for attempt in range(self.config.flush_retries + 1):
+
+        def attempt() -> str | None:
             answer = self._call(
                 "POST", "/reset_prefix_cache", params={"reset_running_requests": retract}
             )
-            if answer.get("success"):
-                return True
-            if attempt < self.config.flush_retries:
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return False
+            return None if answer.get("success") else f"{self.name}: cache blocks in use"
+
+        c = self.config
+        refused = retry_flush(attempt, c.flush_retries, c.flush_backoff_s, c.flush_backoff_max_s)
+        return refused is None
 
     def begin_update(self) -> None:
         """Open a weight-update session. A session left open by an update that died midway
@@ -234,11 +207,6 @@ class VllmEngine:
                 raise
             self.abort_update()  # half-loaded layers are discarded, not finalized
             self._call("POST", "/start_weight_update")
-
-    def update_bucket(self, bucket: Bucket, ticket: Ticket) -> _Pending:
-        body = {"update_info": asdict(update_info(bucket, ticket))}
-        future = self._pool.submit(self._call, "POST", "/update_weights", json=body)
-        return _Pending(future, f"{self.name} bucket {bucket.index}")
 
     def end_update(self, version: str | None = None) -> None:
         self._call("POST", "/finish_weight_update", json={"weight_version": version})
@@ -261,14 +229,6 @@ class VllmEngine:
     def resume(self) -> None:
         self._call("POST", "/resume")
 
-    def check_weights(self, expected: Mapping[str, torch.Tensor]) -> list[str]:
-        """Compares against sha256s of what the backend loaded (checkpoint layout: for int4,
-        the packed codes, scales and shapes as sent). Needs ``record_digests``; vLLM's own
-        ``/weight_checker`` cannot do it on CPU, where linear weights live repacked outside
-        any parameter and hash as empty tensors."""
-        loaded = self.loaded_digests()
-        return sorted(n for n, t in expected.items() if loaded.get(n) != sha256(t))
-
     def model_config(self) -> dict:
         """The served model's config fields (``weightsync.model_config``)."""
         return self._rpc("model_config")
@@ -277,12 +237,6 @@ class VllmEngine:
         """Probe digests of the weights the engine's kernels compute with, HF names, aliases
         included (``weightsync.probe``)."""
         return self._rpc(f"readback:{seed}")
-
-    def loaded_digests(self) -> dict[str, str]:
-        """name -> sha256 of the bytes the backend loaded for it (needs ``record_digests``)."""
-        if not self.config.record_digests:
-            raise ValueError("loaded_digests needs VllmEngineConfig(record_digests=True)")
-        return self._rpc("digests")
 
     def timings(self) -> list[dict]:
         """Engine-side receive/load/finish seconds of the last update, per bucket."""
@@ -294,13 +248,6 @@ class VllmEngine:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
-
-
-def _finite(t: torch.Tensor) -> bool:
-    # min/max propagate NaN and Inf; a vectorized reduction at ~memory speed, where
-    # isfinite(t).all() materializes a bool tensor and runs ~50x slower on CPU.
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_meta(
