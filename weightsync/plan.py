@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsync.tensors import dtype_name
+
 MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 512 * MiB
 
@@ -115,11 +117,6 @@ def _bucket_digest(bucket: Bucket) -> str:
         for s in g.entries:
             h.update(f"{s.name} {list(s.shape)} {s.offset} {s.numel}\n".encode())
     return h.hexdigest()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16: the spelling engines' HTTP APIs expect."""
-    return str(dtype).removeprefix("torch.")
 
 
 def _group_order(dtype: torch.dtype) -> tuple[int, str]:

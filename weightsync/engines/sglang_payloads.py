@@ -19,33 +19,22 @@ import io
 import json
 import logging
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pybase64
 import torch
 
-from weightsync.plan import Bucket, dtype_name
+from weightsync.plan import Bucket
+from weightsync.tensors import (
+    ST_DTYPES,
+    all_finite,
+    dtype_from_name,
+    dtype_name,
+    safetensors_header,
+)
 
 log = logging.getLogger(__name__)
-
-# safetensors header dtype codes -> torch dtypes (only those a checkpoint can hold).
-_ST_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
 
 _CHOICES = {"mode": ("abort", "retract", "in_place"), "selector": ("target", "draft", "all")}
 
@@ -68,15 +57,11 @@ def manifest_from_checkpoint(model_dir: str | Path) -> dict[str, TensorSpec]:
         raise ValueError(f"model_dir={str(model_dir)!r} holds no *.safetensors files")
     manifest: dict[str, TensorSpec] = {}
     for path in files:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                dtype = _ST_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{path.name}: tensor {name!r} has dtype {entry['dtype']}")
-                manifest[name] = TensorSpec(dtype, tuple(entry["shape"]))
+        for name, entry in safetensors_header(path).items():
+            dtype = ST_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path.name}: tensor {name!r} has dtype {entry['dtype']}")
+            manifest[name] = TensorSpec(dtype, tuple(entry["shape"]))
     return manifest
 
 
@@ -129,7 +114,7 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec | None) -> No
             f"tensor {name!r}: got {dtype_name(tensor.dtype)} {tuple(tensor.shape)}, the "
             f"engine's checkpoint has {dtype_name(spec.dtype)} {spec.shape}"
         )
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"tensor {name!r}: {bad} non-finite value(s) (NaN or Inf)")
 
@@ -138,7 +123,7 @@ def check_meta(
     name: str, dtype: torch.dtype, shape: tuple[int, ...], manifest: dict[str, TensorSpec] | None
 ) -> None:
     """ValueError unless the engine knows ``name`` with this dtype and shape."""
-    if not hasattr(torch, dtype_name(dtype)):
+    if dtype_from_name(dtype_name(dtype)) is None:
         raise ValueError(f"tensor {name!r}: dtype {dtype} has no torch attribute name")
     if manifest is None:
         return

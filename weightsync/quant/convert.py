@@ -19,7 +19,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from weightsync.quant.config import Int4Config
+from weightsync.quant.int4 import FLOAT_DTYPES
 from weightsync.quant.stream import packed_meta, quantize_named
+from weightsync.tensors import ST_DTYPES
 
 INDEX = "model.safetensors.index.json"
 
@@ -34,9 +36,6 @@ def _source_shards(src: Path) -> list[str]:
     return shards
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
 def _validate(src: Path, shards: list[str], cfg: Int4Config) -> None:
     """Check every targeted tensor from the headers alone: bad input fails before any write."""
     for shard in shards:
@@ -44,8 +43,8 @@ def _validate(src: Path, shards: list[str], cfg: Int4Config) -> None:
             names = list(f.keys())
             for name in names:
                 view = f.get_slice(name)
-                dtype = _DTYPES.get(view.get_dtype(), torch.float32)
-                if cfg.is_quantized(name, view.get_shape()) and view.get_dtype() not in _DTYPES:
+                dtype = ST_DTYPES.get(view.get_dtype())  # None: a code torch cannot hold
+                if cfg.is_quantized(name, view.get_shape()) and dtype not in FLOAT_DTYPES:
                     raise ValueError(f"{name}: dtype {view.get_dtype()} cannot be int4-quantized")
                 packed_meta(name, tuple(view.get_shape()), dtype, cfg)
 

@@ -32,18 +32,13 @@ from pathlib import Path
 import torch
 
 from weightsync.plan import Bucket, bucket_views, unpack_bucket
+from weightsync.tensors import ST_CODES, dtype_name
 from weightsync.transport.base import Ticket, host_tag, pid_alive
 
 log = logging.getLogger("weightsync")
 MANIFEST = "manifest.json"
 INDEX = "model.safetensors.index.json"
 FORMAT = "weightsync-disk/1"
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
 
 
 def _check_version(version: str) -> None:
@@ -80,15 +75,15 @@ def write_shard(path: Path, bucket: Bucket, flat: torch.Tensor) -> None:
     """Write ``bucket``'s bytes (in ``flat``, CPU) as one safetensors file."""
     header: dict[str, object] = {}
     for g in bucket.groups:
-        if g.dtype not in _ST_DTYPES:
+        if g.dtype not in ST_CODES:
             raise ValueError(
                 f"tensor {g.entries[0].name!r}: dtype {g.dtype} has no safetensors "
-                f"name; allowed {sorted(map(str, _ST_DTYPES))}"
+                f"name; allowed {sorted(map(str, ST_CODES))}"
             )
         for s in g.entries:
             start = g.byte_offset + s.offset * g.dtype.itemsize
             header[s.name] = {
-                "dtype": _ST_DTYPES[g.dtype],
+                "dtype": ST_CODES[g.dtype],
                 "shape": list(s.shape),
                 "data_offsets": [start, start + s.numel * g.dtype.itemsize],
             }
@@ -222,7 +217,7 @@ class DiskSender:
         self._shards.append(shard)
         for name, t in unpack_bucket(bucket, buffers):
             self._tensors[name] = {
-                "dtype": str(t.dtype).removeprefix("torch."),
+                "dtype": dtype_name(t.dtype),
                 "shape": list(t.shape),
                 "file": shard,
             }

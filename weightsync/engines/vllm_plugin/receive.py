@@ -8,26 +8,12 @@ must be copied: see ``unalias_pending``.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
 
 from weightsync.engines.vllm_plugin.wire import InitInfo
-
-_ST_DTYPES = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "I8": "int8",
-    "U8": "uint8",
-    "I16": "int16",
-    "I32": "int32",
-    "I64": "int64",
-    "BOOL": "bool",
-}
+from weightsync.tensors import ST_DTYPES, dtype_name, safetensors_header
 
 
 def open_source(info: InitInfo, worker: int):
@@ -97,12 +83,9 @@ def checkpoint_params(model_dir: str) -> dict[str, list]:
     the checkpoint-format names and layouts ``load_weights`` accepts."""
     out: dict[str, list] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                out[name] = [_ST_DTYPES.get(meta["dtype"], meta["dtype"]), meta["shape"]]
+        for name, meta in safetensors_header(path).items():
+            code = meta["dtype"]
+            out[name] = [dtype_name(ST_DTYPES[code]) if code in ST_DTYPES else code, meta["shape"]]
     if not out:
         raise ValueError(f"no safetensors weights found in {model_dir!r}")
     return out

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightsync.plan import Bucket, DtypeGroup, Slot, dtype_name
+from weightsync.plan import Bucket, DtypeGroup, Slot
+from weightsync.tensors import dtype_from_name, dtype_name
 from weightsync.transport.base import Ticket
 
 TRANSPORTS = ("broadcast", "shm")
@@ -83,8 +84,8 @@ class UpdateInfo:
     def to_bucket(self) -> tuple[Bucket, Ticket]:
         groups = []
         for g in self.groups:
-            dtype = getattr(torch, g["dtype"], None)
-            if not isinstance(dtype, torch.dtype):
+            dtype = dtype_from_name(g["dtype"])
+            if dtype is None:
                 raise ValueError(f"bucket {self.bucket}: unknown dtype {g['dtype']!r}")
             slots = tuple(Slot(n, tuple(s), int(o), int(k)) for n, s, o, k in g["entries"])
             for s in slots:
