@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import queue
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -21,11 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from weightsync.net import free_port
 
 
 def _worker(

@@ -171,7 +171,7 @@ def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos
 @contextmanager
 def broadcast_link(engine, group_name: str, timeout_s: float = TIMEOUT_S):
     """A trainer-side BroadcastSender (rank 0) with ``engine`` joined as rank 1."""
-    from weightsync.engines.vllm_launcher import free_port
+    from weightsync.net import free_port
     from weightsync.transport.broadcast import (
         BroadcastSender,
         destroy_weight_group,

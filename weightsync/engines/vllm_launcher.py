@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import requests
 
 from weightsync.engines.vllm_plugin import BACKEND_NAME
 from weightsync.engines.vllm_plugin.auth import ENV_KEY as AUTH_ENV_KEY
+from weightsync.net import free_port
 
 GUARD_MIDDLEWARE = "weightsync.engines.vllm_plugin.auth.GuardAllRoutes"
 
@@ -59,12 +59,6 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(kw_only=True, frozen=True)
