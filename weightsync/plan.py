@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsync.config import MiB
 from weightsync.tensors import dtype_name
 
-MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 512 * MiB
 
 

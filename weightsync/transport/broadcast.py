@@ -21,8 +21,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.plan import Bucket, bucket_views
-from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket
+from weightsync.transport.base import Deadline, Ticket
 
 NUM_SLOTS = 2
 

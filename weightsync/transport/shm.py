@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.plan import Bucket, bucket_views
-from weightsync.transport.base import DEFAULT_TIMEOUT_S, Deadline, Ticket, host_tag, pid_alive
+from weightsync.transport.base import Deadline, Ticket, host_tag, pid_alive
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "wsync"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.plan import Bucket, DtypeGroup, Slot
 from weightsync.tensors import dtype_from_name, dtype_name
 from weightsync.transport.base import Ticket
@@ -25,7 +26,7 @@ class InitInfo:
     """How the engine joins the transport; sent once per trainer connection."""
 
     transport: str
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     record_digests: bool = False
     """Keep a sha256 of every tensor handed to the model, for check_weights."""
     # broadcast: the trainer's weight group (weightsync.transport.broadcast.init_weight_group).
