@@ -17,7 +17,6 @@ PauseMode = Literal["abort", "retract", "in_place"]
 _TRANSPORTS = ("broadcast", "ipc")
 _PAUSE_MODES = ("abort", "retract", "in_place")
 MiB = 1 << 20
-DEFAULT_TIMEOUT_S = 300.0  # the default deadline of any single wait
 DEFAULT_TIMEOUT_S = 300.0
 """The default deadline of every single wait: long enough for a multi-GiB bucket on a slow
 link, short enough that a dead peer is noticed within minutes."""
