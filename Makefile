@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/weightsync demo
 
 bench: $(STAMP)
-	$(VENV)/bin/weightsync bench --out bench_out
+	$(PY) -m benchmarks.sync_bench --out bench_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ Runs a llama-shaped megatron model at TP=2 on 2 gloo ranks (CPU) and streams the
 rank 0 while a sampler thread records the process RSS every 0.2 ms. Reports, per rank, the peak
 RSS above the pre-export baseline next to the largest atomic unit and the model size.
 
-    .venv/bin/python benchmarks/bridge_memory.py [--hidden 1024 --layers 12 --vocab 8192]
+    .venv/bin/python -m benchmarks.bridge_memory [--hidden 1024 --layers 12 --vocab 8192]
 
 RSS is a conservative measure (the allocator may keep freed pages), so the number is an upper
 bound on what the exporter holds at once; the workers run with a fixed 1 MiB mmap threshold so
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from weightsync.bench.peak import PeakRss, rss_bytes
+from benchmarks.peak import PeakRss, rss_bytes
 
 MiB = 1 << 20
 

@@ -1,7 +1,7 @@
 """int4 quantize+pack throughput vs compressed-tensors' compressor and a memcpy, side by side.
 
-    python benchmarks/quant_bench.py            # CPU: our fused kernel, torch reference, CT
-    python benchmarks/quant_bench.py --cuda     # + the Triton kernel vs a device-to-device copy
+    python -m benchmarks.quant_bench            # CPU: our fused kernel, torch reference, CT
+    python -m benchmarks.quant_bench --cuda     # + the Triton kernel vs a device-to-device copy
 
 Prints medians (GiB/s of bf16 input) and the ratios the project tracks:
 ours / compressed-tensors (goal >= 5x) and ours / memcpy (goal >= 25%).
@@ -93,6 +93,39 @@ def bench_cuda(name: str, w: torch.Tensor, reps: int) -> None:
     print(
         f"  triton / d2d copy time: {copy / ours:.0%}   triton / torch reference: {ref / ours:.1f}x"
     )
+
+
+def _gib(w: torch.Tensor) -> float:
+    return w.numel() * w.element_size() / 2**30
+
+
+def cpu_section(w: torch.Tensor, reps: int) -> dict:
+    """The sync bench's int4 section: ``bench_cpu`` as data (GiB/s, the tracked ratios)."""
+    seconds = bench_cpu("linear", w, reps)
+    gib = _gib(w)
+    return {
+        "shape": list(w.shape),
+        "median_s": seconds,
+        "gib_per_s": {k: gib / s for k, s in seconds.items()},
+        "ours_over_compressed_tensors": seconds["compressed-tensors"] / seconds["ours"],
+        "ours_over_memcpy": seconds["memcpy"] / seconds["ours"],
+    }
+
+
+def cuda_section(w: torch.Tensor, reps: int) -> dict:
+    w = w.cuda()
+    dst = torch.empty_like(w)
+    sync = torch.cuda.synchronize
+    ours = median_s(lambda: pack_int4(w, GROUP, True), reps, sync)
+    ref = median_s(lambda: reference(w), reps, sync)
+    copy = median_s(lambda: dst.copy_(w), reps, sync)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "shape": list(w.shape),
+        "median_s": {"triton": ours, "torch reference": ref, "d2d copy": copy},
+        "triton_gib_per_s": _gib(w) / ours,
+        "triton_over_d2d_copy": copy / ours,
+    }
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Transport throughput against the raw primitive moving the same bytes, in one run.
 
-    python benchmarks/transport_bench.py [--total-mib 512] [--bucket-mib 64] [--repeats 3]
-    python benchmarks/transport_bench.py --cuda     # CUDA IPC payloads vs a device copy
+    python -m benchmarks.transport_bench [--total-mib 512] [--bucket-mib 64] [--repeats 3]
+    python -m benchmarks.transport_bench --cuda     # CUDA IPC payloads vs a device copy
 
 - broadcast: BroadcastSender/Receiver (fill staging, async bucket broadcasts, 2 in flight)
   vs raw gloo ``broadcast`` of persistent buffers of the same sizes, 2 processes;
@@ -19,7 +19,6 @@ import itertools
 import multiprocessing as mp
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.channel import AckMsg, BucketMsg, DoneMsg, PipeChannel, SetupMsg
 from weightsync.plan import MiB, TensorMeta, build_plan, unpack_bucket
-from weightsync.transport.base import (
-    AckMsg,
-    BucketMsg,
-    DoneMsg,
-    PipeChannel,
-    SetupMsg,
-    Ticket,
-    send_stream,
-)
+from weightsync.transport.base import Ticket, send_stream
 
 CTX = mp.get_context("spawn")
 GiB = 1 << 30

@@ -6,17 +6,13 @@ weight back through its kernels + the comparison, inside the pause window) and `
 (the source rank digesting the probed columns of what it sent, during the send); both are
 measured inside the same updates as the totals they are divided by. Medians over the runs.
 
-    .venv/bin/python benchmarks/verify_cost.py [--repeats 5] [--sizes demo 200M]
+    .venv/bin/python -m benchmarks.verify_cost [--repeats 5] [--sizes demo 200M]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZES = {
     "demo": dict(hidden_size=128, num_layers=2, vocab_size=32),
@@ -26,9 +22,9 @@ SIZES = {
 
 def measure(size: str, repeats: int, out_dir: str) -> dict:
     from weightsync.config import SyncConfig
-    from weightsync.demo.config import DemoConfig
-    from weightsync.demo.runtime import DemoRuntime
     from weightsync.orchestrator import WeightSync
+    from weightsync_demo.config import DemoConfig
+    from weightsync_demo.runtime import DemoRuntime
 
     cfg = DemoConfig(out_dir=f"{out_dir}/{size}", timeout_s=600, **SIZES[size])
     sync_cfg = SyncConfig(bucket_bytes=64 << 20, step_timeout_s=600, verify=True)

@@ -1,4 +1,4 @@
-"""``weightsync bench --quick``: every section is there, for real processes and real kernels.
+"""The sync benchmark, `--quick`: every section is there, for real processes and real kernels.
 
 Timings are measured, never asserted: the machine is shared.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from weightsync.bench import BenchConfig
+from benchmarks.runner import BenchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "sync_bench.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.sync_bench", "--quick", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from weightsync.demo.app import LOGPROB_DIFF_BOUND
+from weightsync_demo.app import LOGPROB_DIFF_BOUND
 
 pytestmark = pytest.mark.slow
 STEPS = 14  # the count-up reward leaves its random-policy level after ~8 steps

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightsync.demo.config import DemoConfig
-from weightsync.demo.qat import check_shard
-from weightsync.demo.report import Report, StepRecord, table
-from weightsync.demo.task import count_up_reward, group_advantages, make_prompts
 from weightsync.quant import Int4Config
+from weightsync_demo.config import DemoConfig
+from weightsync_demo.qat import check_shard
+from weightsync_demo.report import Report, StepRecord, table
+from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
 
 
 def test_count_up_reward_counts_successors_from_the_prompt_end():
@@ -132,20 +132,42 @@ def test_report_table_and_summary(tmp_path):
     assert json_path.exists() and png_path.stat().st_size > 10_000
 
 
-def test_cli_flags_come_from_the_config():
-    import argparse
+def test_cli_flags_become_the_demo_and_sync_configs():
+    from weightsync.cli import build_parser
+    from weightsync_demo.app import demo_config, sync_config
 
-    from weightsync.demo.cli import add_arguments, config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert config_from_args(parser.parse_args([])) == DemoConfig()
-    cfg = config_from_args(
-        parser.parse_args(["--int4", "--steps", "5", "--lr", "0.003", "--engine-url", "http://h:1"])
+    parser = build_parser()
+    defaults = parser.parse_args(["demo"])
+    assert demo_config(defaults) == DemoConfig()
+    assert sync_config(defaults).verify is True  # vLLM reads the weights back
+    args = parser.parse_args(
+        ["demo", "--int4", "--steps", "5", "--out", "o", "--transport", "ipc", "--stage-mib", "0"]
     )
-    assert (cfg.int4, cfg.steps, cfg.lr, cfg.engine_url) == (True, 5, 0.003, "http://h:1")
-    assert config_from_args(parser.parse_args(["--no-int4"])).int4 is False
+    cfg, sync = demo_config(args), sync_config(args)
+    assert (cfg.int4, cfg.steps, cfg.out_dir) == (True, 5, "o")
+    assert (sync.transport, sync.stage_bytes) == ("ipc", 0)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--engine", "tgi"])
+        parser.parse_args(["demo", "--engine", "tgi"])
     with pytest.raises(ValueError, match="steps=0"):
-        config_from_args(parser.parse_args(["--steps", "0"]))
+        demo_config(parser.parse_args(["demo", "--steps", "0"]))
+
+
+class _NotInstalled:
+    """A meta-path finder that answers for ``weightsync_demo`` as an absent package would."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "weightsync_demo":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def test_cli_says_when_the_demo_package_is_missing(monkeypatch, capsys):
+    import sys
+
+    from weightsync.cli import main
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "weightsync_demo"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled, *sys.meta_path])
+    assert main(["demo", "--steps", "1"]) == 2
+    assert "weightsync_demo` is not installed" in capsys.readouterr().err

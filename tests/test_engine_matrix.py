@@ -89,8 +89,8 @@ def _export(worker) -> dict | None:
 # --- the rig --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def group():
-    from weightsync.demo.policy import PolicyWorker
     from weightsync.ray_group import TrainerGroup
+    from weightsync_demo.policy import PolicyWorker
 
     g = TrainerGroup.create(2, tp=2, seed=0, worker_cls=PolicyWorker, timeout_s=TIMEOUT_S)
     yield g
@@ -112,11 +112,11 @@ class Case:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from weightsync.config import SyncConfig
-        from weightsync.demo.policy import PolicyWorker, as_hf_dict
         from weightsync.engines.spec import EngineSpec
         from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
         from weightsync.orchestrator import WeightSync
         from weightsync.quant import Int4Config
+        from weightsync_demo.policy import PolicyWorker, as_hf_dict
 
         model_type, extra, group_size = CASES[name]
         self.group, self.name = group, name

@@ -32,9 +32,9 @@ class Rig:
         # transformers' lazy imports are not thread-safe: resolve before the two model writers.
         from transformers import AutoModelForCausalLM  # noqa: F401
 
-        from weightsync.demo.config import DemoConfig
-        from weightsync.demo.rollout import RolloutClient
-        from weightsync.demo.runtime import DemoRuntime
+        from weightsync_demo.config import DemoConfig
+        from weightsync_demo.rollout import RolloutClient
+        from weightsync_demo.runtime import DemoRuntime
 
         cfg = DemoConfig(out_dir=str(tmp), api_key=fh.API_KEY, timeout_s=240)
         with ThreadPoolExecutor(1) as pool:
@@ -60,7 +60,7 @@ class Rig:
 
     @staticmethod
     def _second(cfg, models):
-        from weightsync.demo.model import write_model_dirs
+        from weightsync_demo.model import write_model_dirs
 
         # Its own copy of the model: the runtime writes its dirs at the same time.
         return fh.launch_engine(write_model_dirs(cfg, models).serve_dir, models / "vllm.log")

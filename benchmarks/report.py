@@ -1,4 +1,4 @@
-"""``weightsync bench`` output: bench.json, bench.md (README table) and bench.png."""
+"""``benchmarks.sync_bench`` output: bench.json, bench.md (README table) and bench.png."""
 
 from __future__ import annotations
 

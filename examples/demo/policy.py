@@ -50,7 +50,7 @@ class PolicyWorker(TrainerWorker):
         self.optimizer = torch.optim.Adam(self.masters, lr=lr, betas=(0.9, 0.99))
         self.qat_handles = []
         if int4 is not None:
-            from weightsync.demo.qat import attach_int4_qat
+            from weightsync_demo.qat import attach_int4_qat
 
             for chunk in self.model_chunks:
                 self.qat_handles += attach_int4_qat(chunk, int4, tp)

@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 
-log = logging.getLogger("weightsync.bench")
+log = logging.getLogger("benchmarks")
 
 _KEYS = (
     "export_s",
@@ -27,7 +27,7 @@ _STAGED = 1 << 40  # more than any model here: the whole update is staged before
 
 
 def run_vllm(out_dir: str, repeats: int, bucket_mib: int = 64) -> dict:
-    from weightsync.demo.config import DemoConfig
+    from weightsync_demo.config import DemoConfig
 
     rows = []
     for int4 in (False, True):
@@ -48,7 +48,7 @@ def run_vllm(out_dir: str, repeats: int, bucket_mib: int = 64) -> dict:
 
 
 def _one_runtime(cfg, repeats: int, bucket_mib: int) -> list[dict]:
-    from weightsync.demo.runtime import DemoRuntime
+    from weightsync_demo.runtime import DemoRuntime
 
     t0 = time.perf_counter()
     with DemoRuntime.start(cfg) as rt:
@@ -62,8 +62,8 @@ def _one_runtime(cfg, repeats: int, bucket_mib: int) -> list[dict]:
 
 def _measure(rt, cfg, transport: str, stage: int, repeats: int, bucket_mib: int) -> dict:
     from weightsync.config import SyncConfig
-    from weightsync.demo.model import int4_config
     from weightsync.orchestrator import WeightSync
+    from weightsync_demo.model import int4_config
 
     sync_cfg = SyncConfig(
         transport=transport,

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from benchmarks.channel import AckMsg, BucketMsg, DoneMsg, FailedMsg, PipeChannel, SetupMsg
 from weightsync.plan import MiB, unpack_bucket
-from weightsync.transport.base import AckMsg, DoneMsg, FailedMsg, PipeChannel, SetupMsg, Ticket
+from weightsync.transport.base import Ticket
 
 TIMEOUT_S = 600.0
 GROUP = "bench"
@@ -68,8 +69,6 @@ class PipeEngine:
         """The receiver allocates whatever the plan holds: nothing to refuse."""
 
     def update_bucket(self, bucket, ticket):
-        from weightsync.transport.base import BucketMsg
-
         self.channel.put(BucketMsg(bucket, ticket))
         return self
 
@@ -181,7 +180,7 @@ def _free_port() -> int:
 
 
 def _one(channel, group, chunks, hf, case: Case, transport: str, int4: bool, mib: int) -> dict:
-    from weightsync.bench.peak import PeakRss, rss_bytes
+    from benchmarks.peak import PeakRss, rss_bytes
     from weightsync.config import SyncConfig
     from weightsync.quant import Int4Config
     from weightsync.sync import WeightSender

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from weightsync.demo.config import DemoConfig
-from weightsync.demo.policy import PolicyWorker
-from weightsync.demo.report import HEADER, Report, StepRecord, table, table_row
-from weightsync.demo.task import count_up_reward, group_advantages, make_prompts
+from weightsync_demo.config import DemoConfig
+from weightsync_demo.policy import PolicyWorker
+from weightsync_demo.report import HEADER, Report, StepRecord, table, table_row
+from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
 
 if TYPE_CHECKING:
-    from weightsync.demo.runtime import DemoRuntime
     from weightsync.orchestrator import SyncStats
+    from weightsync_demo.runtime import DemoRuntime
 
 SyncFn = Callable[[int], "SyncStats"]
 
@@ -94,7 +94,7 @@ def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = Tr
 
 def run(cfg: DemoConfig, make_sync: Callable[[DemoRuntime], SyncFn], progress: bool = True):
     """Start the runtime, run the loop, write ``report.json`` and ``report.png`` to out_dir."""
-    from weightsync.demo.runtime import DemoRuntime
+    from weightsync_demo.runtime import DemoRuntime
 
     t0 = time.perf_counter()
     with DemoRuntime.start(cfg) as rt:

