@@ -12,8 +12,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from benchmarks.channel import DoneMsg, FailedMsg, PipeChannel
 from weightsync.plan import TensorMeta, build_plan
-from weightsync.transport.base import DoneMsg, FailedMsg, PipeChannel, Ticket
+from weightsync.transport.base import Ticket
 
 CTX = mp.get_context("spawn")
 WORKER_TIMEOUT_S = 120.0

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from benchmarks.channel import BucketMsg, DoneMsg, PipeChannel, PlanMsg
 from tests.test_transport_base import (
     CTX,
     free_port,
@@ -16,7 +17,7 @@ from tests.test_transport_base import (
     run_workers,
 )
 from weightsync.plan import build_plan, check_plan_identical, unpack_bucket
-from weightsync.transport.base import BucketMsg, DoneMsg, PipeChannel, PlanMsg, send_stream
+from weightsync.transport.base import send_stream
 from weightsync.transport.broadcast import (
     BroadcastReceiver,
     BroadcastSender,

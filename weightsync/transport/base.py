@@ -1,15 +1,15 @@
-"""What every transport does, and the typed messages of the control channel.
+"""What every transport does.
 
 A weight update is a sequence of buckets (``weightsync.plan``). Metadata (the bucket layout and
 a ``Ticket``) always travels ahead on a control channel: the engine adapter's HTTP request in
-production, a ``PipeChannel`` in tests and benchmarks. A transport moves only bytes.
+production, a pipe in tests and benchmarks. A transport moves only bytes.
 
 Sender loop, per bucket::
 
     bufs = sender.buffers(bucket)           # a free staging area (waits, with a deadline)
     fill_bucket(bucket, bufs, named)        # weightsync.plan
     ticket = sender.send(bucket, bufs)      # handed off; may still be in flight
-    control.put(BucketMsg(bucket, ticket))  # receiver: recv(bucket, ticket) ... release(ticket)
+    control.send(bucket, ticket)            # receiver: recv(bucket, ticket) ... release(ticket)
     sender.acknowledge(ticket)              # once the receiver's reply came back, if it needs one
     ...
     sender.flush()                          # everything delivered, or TimeoutError
@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Protocol
 
 import torch
@@ -80,68 +79,6 @@ class Receiver(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-# Control-channel messages. Failures travel as FailedMsg with the remote traceback as text.
-@dataclass(frozen=True, slots=True)
-class PlanMsg:
-    plan: Plan
-    version: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SetupMsg:
-    """Transport set-up sent once per session, e.g. a shm ``RingSpec``."""
-
-    spec: object
-
-
-@dataclass(frozen=True, slots=True)
-class BucketMsg:
-    bucket: Bucket
-    ticket: Ticket
-
-
-@dataclass(frozen=True, slots=True)
-class AckMsg:
-    ticket: Ticket
-
-
-@dataclass(frozen=True, slots=True)
-class DoneMsg:
-    num_buckets: int
-
-
-@dataclass(frozen=True, slots=True)
-class FailedMsg:
-    where: str
-    traceback: str
-
-
-Message = PlanMsg | SetupMsg | BucketMsg | AckMsg | DoneMsg | FailedMsg
-
-
-class PipeChannel:
-    """A typed control channel over one end of ``multiprocessing.Pipe()``; every get times out."""
-
-    def __init__(self, conn: Connection, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self._conn = conn
-        self.timeout_s = timeout_s
-
-    def put(self, msg: Message) -> None:
-        self._conn.send(msg)
-
-    def get(self, timeout_s: float | None = None) -> Message:
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        if not self._conn.poll(timeout):
-            raise TimeoutError(f"no control message within {timeout:.1f} s")
-        msg = self._conn.recv()
-        if isinstance(msg, FailedMsg):
-            raise RuntimeError(f"peer failed in {msg.where}:\n{msg.traceback}")
-        return msg
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 def send_stream(
