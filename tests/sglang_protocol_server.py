@@ -5,7 +5,7 @@ assembled from SGLang's own importable receiver pieces: the io_struct request st
 validated the way FastAPI does, 422 on a bad body), ``init_custom_process_group`` for the update
 group, ``FlattenedTensorBucket`` to rebuild received buffers and ``MultiprocessingSerializer``
 (SafeUnpickler) for the tensor path. Received weights are applied by HF name to a tiny
-transformers Qwen2. Endpoint semantics follow shared/reference/sglang_api.md §2: session gating,
+transformers Qwen2. Endpoint semantics follow SGLang 0.5.23's HTTP server: session gating,
 pause modes, flush refusals, weight_version in /model_info, and a tensor-path failure "kills the
 scheduler" (every later call answers 503), as the real server's uncaught exceptions do.
 Test-only endpoints live under /_test/ and skip auth.
@@ -81,8 +81,8 @@ def torchvision_stub() -> Iterator[None]:
     """Within the block, ``import torchvision`` yields a permissive stub. Tests only.
 
     ``sglang.srt.managers.io_struct`` reaches ``torchvision.transforms`` through a multimodal
-    config import chain; the PyPI torchvision is built against CUDA torch and breaks here
-    (feasibility.md §6). Nothing in the weight-update structs touches torchvision. On exit the
+    config import chain; the PyPI torchvision is built against CUDA torch and breaks here.
+    Nothing in the weight-update structs touches torchvision. On exit the
     stub is removed again, so other code in the process still sees no torchvision.
     """
     finder = _TorchvisionStubFinder()

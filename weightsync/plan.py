@@ -1,5 +1,8 @@
 """Bucket plan: the byte layout in which one weight update travels. Pure; no processes.
 
+(``check_plan_identical``, the collective that compares plans across ranks, lives in
+``weightsync.plan_checks``; the name is re-exported here only until its importers move.)
+
 The exporter streams tensors one atomic unit at a time (a unit is what an engine's
 ``load_weights`` must see together: q/k/v of a layer, an expert's w1/w3, an int4 weight with
 its scale and shape). ``build_plan`` cuts that stream into byte-bounded buckets without ever
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from weightsync.config import MiB
+from weightsync.plan_checks import check_plan_identical as check_plan_identical
 from weightsync.tensors import dtype_name
 
 DEFAULT_BUCKET_BYTES = 512 * MiB
@@ -197,39 +201,6 @@ def build_plan(metas: Iterable[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_B
         cuts[-1].extend(unit)
         size += unit_bytes
     return Plan(tuple(_layout(i, c) for i, c in enumerate(cuts)), bucket_bytes)
-
-
-def check_plan_identical(plan: Plan, group: object | None = None) -> None:
-    """Raise ValueError on every rank of ``group`` unless all ranks hold the same plan.
-
-    Call it on all sending ranks before anything is sent: a rank with a different layout would
-    otherwise put bytes where its peers expect other tensors. ``group`` must be able to run
-    ``all_gather_object`` (gloo, or NCCL with the current CUDA device set).
-    """
-    import torch.distributed as dist
-
-    mine = (plan.digest(), plan.bucket_digests(), [b.names()[:1] for b in plan.buckets])
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
-    ref = gathered[0]
-    differing = [r for r, g in enumerate(gathered) if g[0] != ref[0]]
-    if differing:
-        details = "; ".join(_first_difference(r, ref, gathered[r]) for r in differing)
-        raise ValueError(
-            f"bucket plans differ across sending ranks: ranks {differing} differ "
-            f"from rank 0 (digest {ref[0][:12]}): {details}"
-        )
-
-
-def _first_difference(rank: int, ref: tuple, other: tuple) -> str:
-    ref_b, other_b = ref[1], other[1]
-    if len(ref_b) != len(other_b):
-        return f"rank {rank} has {len(other_b)} buckets, rank 0 has {len(ref_b)}"
-    i = next(i for i, (a, b) in enumerate(zip(ref_b, other_b, strict=True)) if a != b)
-    return (
-        f"rank {rank} first differs in bucket {i} (starting at {other[2][i]}, rank 0 at "
-        f"{ref[2][i]})"
-    )
 
 
 def allocate_bucket(bucket_nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor:

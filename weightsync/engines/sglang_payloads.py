@@ -2,14 +2,14 @@
 
 Bodies are built from SGLang's own ``io_struct`` request structs and validated the way its
 FastAPI server validates them (pydantic over the struct, from the JSON we are about to send).
-When ``io_struct`` cannot be imported (it drags in torchvision through a multimodal config;
-see feasibility.md §6) the body is sent as built, after our own checks.
+When ``io_struct`` cannot be imported (it drags in torchvision through a multimodal config)
+the body is sent as built, after our own checks.
 
 Tensor-path payloads are checked by a *dry* unpickle: SGLang's ``SafeUnpickler`` allowlist
 decides which globals may appear, and torch's tensor/storage rebuild functions are swapped for
 recorders, so no CUDA IPC handle is opened and no shared-memory fd is consumed. A payload the
 real scheduler would choke on (blocked global, wrong layout, a tensor that does not match the
-bucket) raises ``ValueError`` here instead of killing the server (sglang_api.md §2.15).
+bucket) raises ``ValueError`` here instead of killing the server.
 """
 
 from __future__ import annotations

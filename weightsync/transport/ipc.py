@@ -1,4 +1,7 @@
-"""Same-host transports: SGLang's tensor payloads (CUDA IPC) and the CPU shared-memory ring.
+"""Same-host transport for SGLang: tensor payloads (CUDA IPC; CPU tensors by file descriptor).
+
+The CPU shared-memory ring is ``weightsync.transport.shm``; its names are re-exported here for
+callers that import them from ``ipc``.
 
 SGLang's ``/update_weights_from_tensor`` with ``load_format="flattened_bucket"`` takes one
 serialized payload per engine TP rank: ``{"flattened_tensor": uint8 tensor, "metadata":
