@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         # The traceback follows on the console; the rest of the story is in these files.
         logs = [out / n for n in ("demo.log", "vllm_server.log", "ray_logs")]
         found = ", ".join(str(p) for p in logs if p.exists())
-        print(f"weightsync demo failed; logs: {found}", file=sys.stderr)
+        print(f"weightsync demo failed (traceback below); logs: {found}", file=sys.stderr)
         raise
     finally:
         logging.getLogger().removeHandler(log_file)

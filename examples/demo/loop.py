@@ -16,7 +16,7 @@ import torch
 
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.policy import PolicyWorker
-from weightsync_demo.report import HEADER, Report, StepRecord, table, table_row
+from weightsync_demo.report import Report, StepRecord, table
 from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def _train(cfg: DemoConfig, rt: DemoRuntime, tokens_BS: torch.Tensor, advantages
 
 
 def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = True) -> Report:
-    """``cfg.steps`` RL steps; prints a per-step table under a progress bar."""
+    """``cfg.steps`` RL steps under a progress bar."""
     from tqdm import tqdm
 
     # The key opens the engine's routes: it has no place in a report on disk.
@@ -81,13 +81,12 @@ def run_demo(cfg: DemoConfig, sync: SyncFn, rt: DemoRuntime, progress: bool = Tr
         # An external engine serves some checkpoint of its own: start it on the trainer's
         # weights (version 0), as a launched server already is.
         report.initial_sync = _as_dict(sync(0))
+    # One line while it runs; the per-step table is printed once, at the end.
     bar = tqdm(range(cfg.steps), desc="rl steps", disable=not progress, dynamic_ncols=True)
-    bar.write(HEADER)
     for step in bar:
         record = run_step(cfg, step, sync, rt)
         report.steps.append(record)
-        bar.write(table_row(record))
-        bar.set_postfix(reward=f"{record.reward:.3f}")
+        bar.set_postfix(reward=f"{record.reward:.3f}", version=record.engine_version)
     report.total_s = time.perf_counter() - t0
     return report
 

@@ -8,6 +8,8 @@ packed (compressed-tensors) conversion of that checkpoint, on the trainer's QAT 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,20 @@ class ModelDirs:
     """What the engine serves: ``hf_dir`` itself, or its int4 conversion."""
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' "Writing model shards" bar: one file, nothing to follow on the console."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def write_model_dirs(cfg: DemoConfig, root: Path) -> ModelDirs:
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +81,8 @@ def write_model_dirs(cfg: DemoConfig, root: Path) -> ModelDirs:
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     hf_dir = root / "model_bf16"
-    model.to(torch.bfloat16).save_pretrained(hf_dir)
+    with _no_progress_bars():
+        model.to(torch.bfloat16).save_pretrained(hf_dir)
     qcfg = int4_config(cfg)
     if qcfg is None:
         return ModelDirs(hf_dir, hf_dir)
