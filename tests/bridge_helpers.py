@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.models import tiny_config, tiny_dims
 from weightsync.net import free_port
 
 
@@ -87,15 +88,13 @@ def run_ranks(
 
 # Configs chosen to catch layout mistakes: GQA (kv heads < heads), head_dim != hidden/heads,
 # a vocabulary that megatron pads, and (qwen2) qkv bias.
-COMMON = dict(
+COMMON = tiny_dims(
     vocab_size=97,
     hidden_size=32,
     intermediate_size=48,
-    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=64,
-    tie_word_embeddings=False,
 )
 CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(COMMON, head_dim=12),
@@ -162,9 +161,7 @@ ROPES: dict[str, dict[str, Any]] = {
 
 
 def hf_config(model_type: str, **overrides: Any) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(model_type, **(CONFIGS[model_type] | overrides))
+    return tiny_config(model_type, **(CONFIGS[model_type] | overrides))
 
 
 def checkpoint_keys(cfg: Any) -> dict[str, tuple[int, ...]]:

@@ -36,6 +36,8 @@ from urllib.parse import parse_qs, urlparse
 import requests
 import torch
 
+from tests.models import tiny_config
+
 _GROUP_TIMEOUT = timedelta(seconds=60)
 _DISTRIBUTED_FAIL = "Failed to update parameter online: {} The full weights of the ModelRunner are "
 _FLUSH_REFUSED = "Weights were updated, but the cache was not flushed because requests are still "
@@ -106,17 +108,16 @@ def import_io_struct() -> types.ModuleType:
 
 
 def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=256,
+    # Narrower than the tiny default: the dims the SGLang adapter tests size their buckets for.
+    config = tiny_config(
+        "qwen2",
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.models import tiny_dims
 from weightsync.model_config import mismatches, summary
 from weightsync.probe import int4_columns, logical_name, probe_columns, probe_digest
 from weightsync.quant import pack_int4, unpack_int4
@@ -47,15 +48,7 @@ def test_logical_names_fold_int4_parts_into_their_weight():
 
 
 def _cfg(**kw):
-    base = dict(
-        vocab_size=32,
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=2,
-        tie_word_embeddings=False,
-    )
-    return base | kw
+    return tiny_dims(vocab_size=32) | kw
 
 
 def test_model_config_summary_fills_defaults_and_names_each_mismatch():

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
+from tests.models import tiny_config
 from weightsync.cli import main
 from weightsync.quant import Int4Config, fake_quant_int4
 
@@ -46,18 +47,8 @@ def test_quantization_config_round_trip():
 
 
 def tiny_model(tmp_path, arch: str):
-    cfg = AutoConfig.for_model(
-        arch,
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16)
     src = tmp_path / f"{arch}-src"
     model.save_pretrained(src, max_shard_size="200KB")  # several shards: exercises streaming
     return model, src

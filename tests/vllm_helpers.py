@@ -14,27 +14,11 @@ from pathlib import Path
 
 import torch
 
+from tests.models import tiny_config
+
 # Every wait of the engine tests; generous because the CI machine is shared and loaded.
 TIMEOUT_S = 120.0
 PROMPTS = [[1, 5, 9, 33, 77, 101, 3], [200, 17, 42, 8], [64, 64, 2, 150, 9, 11]]
-
-
-def tiny_qwen2_config(vocab: int = 256, hidden: int = 128, layers: int = 2):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        "qwen2",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
 
 
 def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -42,7 +26,8 @@ def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_qwen2_config(), dtype=torch.bfloat16)
+    cfg = tiny_config("qwen2", max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     # The default init (std 0.02) gives near-uniform logits; a larger scale makes greedy
     # generations depend visibly on the weights.
     with torch.no_grad():
