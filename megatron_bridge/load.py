@@ -138,12 +138,16 @@ def load_hf_weights(
     with torch.no_grad():
         for piece, local, expert in here.held_pieces():
             hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
-            _copy_into(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
+            local.copy_(
+                _local_shard(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
+            )
         # Under pipeline parallelism the last stage keeps its own copy of a tied output layer.
         head = here.tensors[-1].get("output_layer.weight")
         if d.tied and head is not None and layout.pp_rank == layout.pp - 1:
             embed = [_read(source, "model.embed_tokens.weight", (d.vocab, d.hidden))]
-            _copy_into(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
+            head.copy_(
+                _local_shard(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
+            )
 
 
 def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> None:
@@ -160,18 +164,6 @@ def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> Non
                 f"{piece.mcore}: local shard {tuple(local.shape)} does not fit the HF "
                 f"shapes {[tuple(s) for s in piece.shapes]} of {piece.hf}: {e}"
             ) from e
-
-
-def _copy_into(
-    local: torch.Tensor,
-    to_mcore: Any,
-    hf: list[torch.Tensor],
-    d: Dims,
-    layout: Layout,
-    expert: bool,
-    name: str,
-) -> None:
-    local.copy_(_local_shard(local, to_mcore, hf, d, layout, expert, name))
 
 
 def _local_shard(

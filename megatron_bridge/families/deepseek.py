@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from megatron_bridge.families.base import SAME, Dims, Family, Row, rope_theta
-from megatron_bridge.families.dense import base_kwargs, dense_dims, mlp_rows
+from megatron_bridge.families.dense import INPUT_NORM, POST_NORM, base_kwargs, dense_dims, mlp_rows
 from megatron_bridge.families.moe import EXPERT, ROUTER
 
 
@@ -71,13 +71,7 @@ def mla_rows(cfg: Any) -> list[Row]:
             ),
         ]
     return [
-        Row(
-            "input_norm",
-            "input_layernorm.weight",
-            SAME,
-            ("input_layernorm.weight",),
-            lambda d: ((d.hidden,),),
-        ),
+        INPUT_NORM,
         # The kv down-projection joins q_a_proj's unit (first row of `q` when q_lora_rank is set).
         q[0],
         Row(
@@ -109,13 +103,7 @@ def mla_rows(cfg: Any) -> list[Row]:
             ("self_attn.o_proj.weight",),
             lambda d: ((d.hidden, d.heads * d.v_head_dim),),
         ),
-        Row(
-            "post_norm",
-            "pre_mlp_layernorm.weight",
-            SAME,
-            ("post_attention_layernorm.weight",),
-            lambda d: ((d.hidden,),),
-        ),
+        POST_NORM,
     ]
 
 

@@ -52,6 +52,23 @@ def base_kwargs(cfg: Any, d: Dims) -> dict[str, Any]:
     )
 
 
+# The two norms around attention: the same rows for GQA (here) and MLA (deepseek).
+INPUT_NORM = Row(
+    "input_norm",
+    "input_layernorm.weight",
+    SAME,
+    ("input_layernorm.weight",),
+    lambda d: ((d.hidden,),),
+)
+POST_NORM = Row(
+    "post_norm",
+    "pre_mlp_layernorm.weight",
+    SAME,
+    ("post_attention_layernorm.weight",),
+    lambda d: ((d.hidden,),),
+)
+
+
 def attention_rows(*, bias: bool, qk_norm: bool) -> list[Row]:
     def q(d: Dims) -> tuple[int, ...]:
         return (d.heads * d.head_dim,)
@@ -61,13 +78,7 @@ def attention_rows(*, bias: bool, qk_norm: bool) -> list[Row]:
 
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     rows = [
-        Row(
-            "input_norm",
-            "input_layernorm.weight",
-            SAME,
-            ("input_layernorm.weight",),
-            lambda d: ((d.hidden,),),
-        ),
+        INPUT_NORM,
         Row(
             "qkv",
             "self_attention.linear_qkv.weight",
@@ -111,13 +122,7 @@ def attention_rows(*, bias: bool, qk_norm: bool) -> list[Row]:
             ("self_attn.o_proj.weight",),
             lambda d: ((d.hidden, d.heads * d.head_dim),),
         ),
-        Row(
-            "post_norm",
-            "pre_mlp_layernorm.weight",
-            SAME,
-            ("post_attention_layernorm.weight",),
-            lambda d: ((d.hidden,),),
-        ),
+        POST_NORM,
     ]
     return rows
 
