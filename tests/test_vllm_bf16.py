@@ -24,6 +24,7 @@ from tests.vllm_helpers import (
     perturbed,
     plan_for,
     push,
+    push_and_report,
     reference_logprobs,
 )
 from weightsync.plan import fill_bucket
@@ -121,13 +122,7 @@ def test_broadcast_update_is_exact_and_matches_transformers(served, broadcast_se
     # the layer outlives the receive slot its q came in.
     plan = plan_for(new, bucket_bytes=20 << 10, fused=False)
     assert len(plan.buckets) > 8
-    seconds = push(engine, broadcast_sender, plan, new, version="bf16-v1")
-    timings = engine.timings()
-    load_s = sum(t.get("load_s", 0) + t.get("finish_s", 0) for t in timings)
-    print(
-        f"\nbf16 broadcast update: {len(plan.buckets)} buckets, {plan.total_nbytes} B, "
-        f"wall {seconds:.3f} s, engine receive+load {load_s:.3f} s"
-    )
+    push_and_report(engine, broadcast_sender, plan, new, "bf16-v1", "bf16 broadcast update")
 
     assert engine.get_version() == "bf16-v1"
     assert engine.check_weights(new) == []
@@ -204,12 +199,7 @@ def test_shm_update_then_restore(served):
     try:
         outputs = []
         for i, (new, plan) in enumerate(zip(updates, plans, strict=True)):
-            seconds = push(engine, sender, plan, new, version=f"bf16-shm-{i}")
-            load_s = sum(t.get("load_s", 0) + t.get("finish_s", 0) for t in engine.timings())
-            print(
-                f"\nbf16 shm update: {len(plan.buckets)} buckets, wall {seconds:.3f} s, "
-                f"engine receive+load {load_s:.3f} s"
-            )
+            push_and_report(engine, sender, plan, new, f"bf16-shm-{i}", "bf16 shm update")
             assert engine.check_weights(new) == []
             outputs.append(_outputs(server))
         assert outputs[0] != outputs[1] != baseline

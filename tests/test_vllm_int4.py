@@ -16,6 +16,7 @@ from tests.vllm_helpers import (
     perturbed,
     plan_for,
     push,
+    push_and_report,
     reference_logprobs,
 )
 
@@ -104,14 +105,8 @@ def test_int4_update_exact_codes_and_restore(served):
     new_bf16 = perturbed(state, seed=7)
     new = _packed(new_bf16, cfg)
     plan = plan_for(new, bucket_bytes=32 << 10)
-    seconds = push(engine, sender, plan, new, version="int4-v1")
-    timings = engine.timings()
-    load_s = sum(t.get("load_s", 0) + t.get("finish_s", 0) for t in timings)
-    print(
-        f"\nint4 ({'sym' if cfg.symmetric else 'asym'}) broadcast update: "
-        f"{len(plan.buckets)} buckets, {plan.total_nbytes} B, "
-        f"wall {seconds:.3f} s, engine load+repack {load_s:.3f} s"
-    )
+    what = f"int4 ({'sym' if cfg.symmetric else 'asym'}) broadcast update (load includes repack)"
+    push_and_report(engine, sender, plan, new, "int4-v1", what)
 
     # Codes, scales and shapes the engine loaded are bit-identical to the packer's output.
     assert engine.check_weights(new) == []

@@ -129,6 +129,16 @@ def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout
     return time.perf_counter() - t0
 
 
+def push_and_report(engine, sender, plan, named, version: str, what: str) -> None:
+    """``push``, then print its wall time and the engine's own receive + load time (-s)."""
+    seconds = push(engine, sender, plan, named, version)
+    load_s = sum(t.get("load_s", 0) + t.get("finish_s", 0) for t in engine.timings())
+    print(
+        f"\n{what}: {len(plan.buckets)} buckets, {plan.total_nbytes} B, "
+        f"wall {seconds:.3f} s, engine receive+load {load_s:.3f} s"
+    )
+
+
 def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos=False):
     """Greedy token ids and the prompt's per-token logprobs from /inference/v1/generate."""
     import requests
