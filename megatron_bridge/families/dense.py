@@ -52,20 +52,14 @@ def base_kwargs(cfg: Any, d: Dims) -> dict[str, Any]:
     )
 
 
+def _hidden(d: Dims) -> tuple[tuple[int, ...], ...]:
+    return ((d.hidden,),)
+
+
 # The two norms around attention: the same rows for GQA (here) and MLA (deepseek).
-INPUT_NORM = Row(
-    "input_norm",
-    "input_layernorm.weight",
-    SAME,
-    ("input_layernorm.weight",),
-    lambda d: ((d.hidden,),),
-)
+INPUT_NORM = Row("input_norm", "input_layernorm.weight", SAME, ("input_layernorm.weight",), _hidden)
 POST_NORM = Row(
-    "post_norm",
-    "pre_mlp_layernorm.weight",
-    SAME,
-    ("post_attention_layernorm.weight",),
-    lambda d: ((d.hidden,),),
+    "post_norm", "pre_mlp_layernorm.weight", SAME, ("post_attention_layernorm.weight",), _hidden
 )
 
 
