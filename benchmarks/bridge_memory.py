@@ -18,8 +18,7 @@ import os
 import time
 
 from benchmarks.peak import PeakRss, rss_bytes
-
-MiB = 1 << 20
+from weightsync.config import MiB
 
 
 def measure(rank: int, world: int, dims: dict) -> dict:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.plan import Bucket, Plan
-from weightsync.transport.base import DEFAULT_TIMEOUT_S, Ticket
+from weightsync.transport.base import Ticket
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ import logging
 import statistics
 import time
 
+from weightsync.config import DEFAULT_TIMEOUT_S
+
 log = logging.getLogger("benchmarks")
 
 _KEYS = (
@@ -38,7 +40,7 @@ def run_vllm(out_dir: str, repeats: int, bucket_mib: int = 64) -> dict:
             num_layers=8,
             vocab_size=32000,
             int4_group_size=128,
-            timeout_s=300,
+            timeout_s=DEFAULT_TIMEOUT_S,
         )
         try:
             rows += _one_runtime(cfg, repeats, bucket_mib)
@@ -73,7 +75,7 @@ def _measure(rt, cfg, transport: str, stage: int, repeats: int, bucket_mib: int)
     )
     row = {
         "int4": cfg.int4,
-        "transport": "bcast" if transport == "broadcast" else "shm",
+        "transport": transport,
         "staged": bool(stage),
     }
     ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg))

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.channel import AckMsg, BucketMsg, DoneMsg, FailedMsg, PipeChannel, SetupMsg
-from weightsync.plan import MiB, unpack_bucket
+from weightsync.config import MiB
+from weightsync.net import free_port
+from weightsync.plan import unpack_bucket
 from weightsync.transport.base import Ticket
 
 TIMEOUT_S = 600.0
@@ -77,7 +79,7 @@ class PipeEngine:
 
 
 def receiver_main(port: int, conn, threads: int) -> None:
-    """Receive sessions until told to stop: ("bcast",) / ("shm", spec) / ("raw", sizes)."""
+    """Receive sessions until told to stop: ("broadcast",) / ("ipc", spec) / ("raw", sizes)."""
     torch.set_num_threads(threads)
     channel = PipeChannel(conn, timeout_s=TIMEOUT_S)
     try:
@@ -93,7 +95,7 @@ def receiver_main(port: int, conn, threads: int) -> None:
                 _raw_broadcast(group, arg[0])
                 channel.put(AckMsg(Ticket(-1)))
                 continue
-            if kind == "bcast":
+            if kind == "broadcast":
                 receiver = BroadcastReceiver(group, timeout_s=TIMEOUT_S)
             else:
                 from weightsync.transport.shm import ShmReceiver, ShmRing
@@ -152,7 +154,7 @@ def _trainer(port: int, channel: PipeChannel, case: Case) -> dict:
     from weightsync.transport.broadcast import init_weight_group
 
     dist.init_process_group(
-        "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
+        "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}"
     )
     mb.enable_cpu_megatron()
     mb.init_parallel(tp=1)
@@ -171,21 +173,13 @@ def _trainer(port: int, channel: PipeChannel, case: Case) -> dict:
     return {"model": case.dims.label, "params": params, "build_s": build_s, "rows": rows}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one(channel, group, chunks, hf, case: Case, transport: str, int4: bool, mib: int) -> dict:
     from benchmarks.peak import PeakRss, rss_bytes
     from weightsync.config import SyncConfig
     from weightsync.quant import Int4Config
     from weightsync.sync import WeightSender
 
-    cfg = SyncConfig(transport="ipc" if transport == "shm" else "broadcast", bucket_bytes=mib * MiB)
+    cfg = SyncConfig(transport=transport, bucket_bytes=mib * MiB)
     ws = WeightSender(chunks, hf, cfg, Int4Config() if int4 else None)
     engine = PipeEngine(channel)
     t0 = time.perf_counter()
@@ -226,33 +220,33 @@ def _one(channel, group, chunks, hf, case: Case, transport: str, int4: bool, mib
         "raw_s": statistics.median(raw),
         "raw_runs_s": raw,
         "raw_what": "gloo broadcast, same buckets"
-        if transport == "bcast"
+        if transport == "broadcast"
         else "memcpy, same bytes",
         "stages_s": med,
         "extra_peak_bytes": peak,
     }
 
 
-_RAW_WHAT = {"bcast": "gloo broadcast, same buckets", "shm": "memcpy, same bytes"}
+_RAW_WHAT = {"broadcast": "gloo broadcast, same buckets", "ipc": "memcpy, same bytes"}
 _STAGES = ("export_s", "quantize_s", "transfer_s", "engine_load_s")
 
 
 def _open(channel, group, transport: str, plan):
-    if transport == "bcast":
+    if transport == "broadcast":
         from weightsync.transport.broadcast import BroadcastSender
 
-        channel.put(SetupMsg(("bcast",)))
+        channel.put(SetupMsg(("broadcast",)))
         return BroadcastSender(group, timeout_s=TIMEOUT_S), None
     from weightsync.transport.shm import ShmRing, ShmSender
 
     ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2, num_consumers=1)
-    channel.put(SetupMsg(("shm", ring.spec)))
+    channel.put(SetupMsg(("ipc", ring.spec)))
     return ShmSender(ring, timeout_s=TIMEOUT_S), ring
 
 
 def _raw(channel, group, transport: str, sizes: list[int], repeats: int) -> list[float]:
     times = []
-    if transport == "bcast":
+    if transport == "broadcast":
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             channel.put(SetupMsg(("raw", sizes)))

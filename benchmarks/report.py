@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MiB = 1 << 20
+from weightsync.config import MiB
 
 
 def sync_rows(report: dict) -> list[dict]:

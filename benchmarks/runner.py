@@ -29,7 +29,7 @@ SIZES = {
 class BenchConfig:
     out_dir: str
     sizes: tuple[str, ...] = ("50M", "200M", "1B")
-    transports: tuple[str, ...] = ("bcast", "shm")
+    transports: tuple[str, ...] = ("broadcast", "ipc")
     bucket_mibs: tuple[int, ...] = (16, 64, 256)
     repeats: int = 3
     threads: int = 1
@@ -44,9 +44,11 @@ class BenchConfig:
         unknown = [s for s in self.sizes if s not in SIZES]
         if unknown:
             raise ValueError(f"sizes: {unknown} unknown, allowed {sorted(SIZES)}")
-        bad = [t for t in self.transports if t not in ("bcast", "shm")]
+        bad = [t for t in self.transports if t not in ("broadcast", "ipc")]
         if bad:
-            raise ValueError(f"transports: {bad} unknown, allowed bcast, shm")
+            raise ValueError(
+                f"transports: {bad} unknown, allowed broadcast, ipc (SyncConfig.transport)"
+            )
         if self.repeats < 1:
             raise ValueError(f"repeats={self.repeats}: at least 1")
 
@@ -64,10 +66,10 @@ def quick_config(out_dir: str) -> BenchConfig:
 
 def run_case(case: Case) -> dict:
     """One model size: a trainer and a receiver process, every combination inside them."""
-    from benchmarks.procs import _free_port
+    from weightsync.net import free_port
 
     ctx = mp.get_context("spawn")
-    port, (a, b), out = _free_port(), ctx.Pipe(), ctx.Queue()
+    port, (a, b), out = free_port(), ctx.Pipe(), ctx.Queue()
     # Large blocks go back to the OS when freed, so RSS follows live memory.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     recv = ctx.Process(target=receiver_main, args=(port, b, case.threads), daemon=True)

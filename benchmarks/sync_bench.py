@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes", type=_csv(str), default=("50M", "200M", "1B"), help="of 5M,50M,200M,1B"
     )
-    p.add_argument("--transports", type=_csv(str), default=("bcast", "shm"))
+    p.add_argument("--transports", type=_csv(str), default=("broadcast", "ipc"))
     p.add_argument("--bucket-mib", type=_csv(int), default=(16, 64, 256))
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")

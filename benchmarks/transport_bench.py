@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
-import socket
 import statistics
 import tempfile
 import time
@@ -27,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.channel import AckMsg, BucketMsg, DoneMsg, PipeChannel, SetupMsg
-from weightsync.plan import MiB, TensorMeta, build_plan, unpack_bucket
+from weightsync.config import MiB
+from weightsync.net import free_port
+from weightsync.plan import TensorMeta, build_plan, unpack_bucket
 from weightsync.transport.base import Ticket, send_stream
 
 CTX = mp.get_context("spawn")
@@ -87,12 +88,6 @@ def median_rate(times: list[float], nbytes: int) -> tuple[float, float]:
     return t, nbytes / t / GiB
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bcast_peer(rank, port, conn, args, out):
     setup(args)
     from weightsync.transport.broadcast import (
@@ -133,7 +128,7 @@ def _bcast_peer(rank, port, conn, args, out):
 
 
 def bench_broadcast(args) -> dict:
-    port, (a, b), out = _free_port(), CTX.Pipe(), CTX.Queue()
+    port, (a, b), out = free_port(), CTX.Pipe(), CTX.Queue()
     procs = [
         CTX.Process(target=_bcast_peer, args=(r, port, c, args, out)) for r, c in [(0, a), (1, b)]
     ]

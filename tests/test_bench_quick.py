@@ -27,7 +27,8 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert {"config", "quant", "sync", "vllm", "summary"} <= report.keys()
     rows = [r for m in report["sync"] for r in m["rows"]]
     combos = {(r["transport"], r["int4"], r["bucket_mib"]) for r in rows}
-    assert combos == {(t, q, b) for t in ("bcast", "shm") for q in (False, True) for b in (16, 64)}
+    transports = ("broadcast", "ipc")
+    assert combos == {(t, q, b) for t in transports for q in (False, True) for b in (16, 64)}
     for r in rows:
         assert r["sync_s"] > 0 and r["raw_s"] > 0 and r["extra_peak_bytes"] >= 0
         assert r["receiver"].startswith("weightsync receiver")

@@ -29,16 +29,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.models import tiny_config, tiny_dims
 from tests.vllm_helpers import PROMPTS, generate, reference_model
 
 pytestmark = pytest.mark.slow
 KEY = "matrix-key"
 TIMEOUT_S = 240.0
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+COMMON = tiny_dims(
     num_key_value_heads=2,
     head_dim=64,
     max_position_embeddings=512,
@@ -47,11 +44,11 @@ COMMON = dict(
 )
 CASES = {
     # name: (model_type, extra config, int4 group size or None)
-    "llama-tied-bf16": ("llama", dict(intermediate_size=256, tie_word_embeddings=True), None),
-    "llama-int4": ("llama", dict(intermediate_size=256, tie_word_embeddings=False), 32),
-    "mistral-bf16": ("mistral", dict(intermediate_size=256, tie_word_embeddings=False), None),
-    "qwen2-tied-bf16": ("qwen2", dict(intermediate_size=256, tie_word_embeddings=True), None),
-    "qwen3-tied-int4": ("qwen3", dict(intermediate_size=256, tie_word_embeddings=True), 32),
+    "llama-tied-bf16": ("llama", dict(tie_word_embeddings=True), None),
+    "llama-int4": ("llama", dict(), 32),
+    "mistral-bf16": ("mistral", dict(), None),
+    "qwen2-tied-bf16": ("qwen2", dict(tie_word_embeddings=True), None),
+    "qwen3-tied-int4": ("qwen3", dict(tie_word_embeddings=True), 32),
     "qwen3_moe-bf16": (
         "qwen3_moe",
         dict(
@@ -109,7 +106,7 @@ def group():
 class Case:
     def __init__(self, name: str, group, tmp, faults: bool = False) -> None:
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from weightsync.config import SyncConfig
         from weightsync.engines.spec import EngineSpec
@@ -121,7 +118,7 @@ class Case:
         model_type, extra, group_size = CASES[name]
         self.group, self.name = group, name
         self.int4 = Int4Config(group_size=group_size) if group_size else None
-        hf_config = AutoConfig.for_model(model_type, **COMMON, **extra)
+        hf_config = tiny_config(model_type, **(COMMON | extra))
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
         with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from weightsync.engines.vllm_launcher import free_port
+from weightsync.net import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ paused, which the server's request log shows.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import pybase64
@@ -19,6 +18,7 @@ import torch
 from tests.sglang_protocol_server import ProtocolServer, import_io_struct, tiny_qwen2
 from weightsync.engines.sglang import SGLangConfig, SGLangEngine
 from weightsync.engines.sglang_payloads import io_structs
+from weightsync.net import free_port
 from weightsync.plan import TensorMeta, build_plan
 from weightsync.transport.base import Ticket, send_stream
 from weightsync.transport.broadcast import BroadcastSender, destroy_weight_group, init_weight_group
@@ -107,18 +107,12 @@ def assert_bit_exact(state: dict[str, torch.Tensor], expected: dict[str, torch.T
         assert torch.equal(state[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_broadcast_path_round_trips_bit_exactly(fresh, weights):
     new = weights["seed1"]
     plan = _plan(new)
     assert len(plan.buckets) >= 3 and all(len(b.groups) == 2 for b in plan.buckets[1:-1])
     engine = _engine(fresh, group_name="ws-sglang-bcast")
-    port = _free_port()
+    port = free_port()
     joining = engine.init_group("127.0.0.1", port, rank_offset=1, world_size=2, backend="gloo")
     group = init_weight_group("127.0.0.1", port, 2, 0, "ws-sglang-bcast", timeout_s=WAIT_S)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -18,12 +17,6 @@ from weightsync.transport.base import Ticket
 
 CTX = mp.get_context("spawn")
 WORKER_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mixed_metas(num_layers: int = 3, width: int = 64) -> list[TensorMeta]:

@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from benchmarks.channel import BucketMsg, DoneMsg, PipeChannel, PlanMsg
-from tests.test_transport_base import (
-    CTX,
-    free_port,
-    make_tensor,
-    mismatches,
-    mixed_metas,
-    run_workers,
-)
-from weightsync.plan import build_plan, check_plan_identical, unpack_bucket
+from tests.test_transport_base import CTX, make_tensor, mismatches, mixed_metas, run_workers
+from weightsync.net import free_port
+from weightsync.plan import build_plan, unpack_bucket
+from weightsync.plan_checks import check_plan_identical
 from weightsync.transport.base import send_stream
 from weightsync.transport.broadcast import (
     BroadcastReceiver,
@@ -130,7 +125,7 @@ def test_plan_mismatch_raises_on_every_rank_naming_the_rank():
 def test_the_weight_groups_store_listens_only_on_the_given_address():
     import psutil
 
-    from weightsync.engines.vllm_launcher import free_port
+    from weightsync.net import free_port
     from weightsync.transport.broadcast import destroy_weight_group, init_weight_group
 
     port = free_port()

@@ -17,9 +17,11 @@ import torch
 from tests.vllm_helpers import (
     PROMPTS,
     TIMEOUT_S,
+    assert_kernels_hold,
     broadcast_link,
     build_tiny_qwen2,
     generate,
+    join_ring,
     ordered,
     perturbed,
     plan_for,
@@ -51,11 +53,7 @@ def served(tmp_path_factory):
         startup_timeout_s=4 * TIMEOUT_S,
     )
     with VllmServer(cfg) as server:
-        engine = VllmEngine(
-            VllmEngineConfig(
-                url=server.url, api_key=API_KEY, timeout_s=TIMEOUT_S, record_digests=True
-            )
-        )
+        engine = VllmEngine(VllmEngineConfig(url=server.url, api_key=API_KEY, timeout_s=TIMEOUT_S))
         baseline = {p_i: generate(server.url, p, api_key=API_KEY) for p_i, p in enumerate(PROMPTS)}
         yield server, engine, state, baseline, tmp / "model"
         engine.close()
@@ -125,7 +123,7 @@ def test_broadcast_update_is_exact_and_matches_transformers(served, broadcast_se
     push_and_report(engine, broadcast_sender, plan, new, "bf16-v1", "bf16 broadcast update")
 
     assert engine.get_version() == "bf16-v1"
-    assert engine.check_weights(new) == []
+    assert_kernels_hold(engine, new)
     got = _outputs(server)
     assert got[0][0] != baseline[0][0], "new weights must change greedy generations"
     for i, prompt in enumerate(PROMPTS):
@@ -194,13 +192,13 @@ def test_shm_update_then_restore(served):
     updates = [perturbed(state, seed=2), perturbed(state, seed=3, scale=0.8)]
     plans = [plan_for(u, bucket_bytes=96 << 10) for u in updates]
     ring = ShmRing.create(max(p.max_bucket_nbytes for p in plans), num_slots=2)
-    engine.init_shm(ring.spec)
+    join_ring(engine, ring)
     sender = ShmSender(ring, timeout_s=TIMEOUT_S)
     try:
         outputs = []
         for i, (new, plan) in enumerate(zip(updates, plans, strict=True)):
             push_and_report(engine, sender, plan, new, f"bf16-shm-{i}", "bf16 shm update")
-            assert engine.check_weights(new) == []
+            assert_kernels_hold(engine, new)
             outputs.append(_outputs(server))
         assert outputs[0] != outputs[1] != baseline
         push(engine, sender, plans[0], updates[0], version="bf16-shm-again")
@@ -222,7 +220,7 @@ def test_update_after_one_that_died_midway(served):
     new = perturbed(state, seed=9)
     plan = plan_for(new, 96 << 10)
     ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2)
-    engine.init_shm(ring.spec)
+    join_ring(engine, ring)
     sender = ShmSender(ring, timeout_s=TIMEOUT_S)
     try:
         engine.validate(plan)
@@ -242,7 +240,7 @@ def test_update_after_one_that_died_midway(served):
         assert half != baseline and all(len(tokens) == 8 for tokens, _ in half.values())
         # The next full update goes through and the engine serves exactly its weights.
         push(engine, sender, plan_for(state, 96 << 10), state, version="bf16-v0")
-        assert engine.check_weights(state) == []
+        assert_kernels_hold(engine, state)
         assert _outputs(server) == baseline
     finally:
         sender.close()

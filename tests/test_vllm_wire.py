@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from weightsync.engines.vllm_plugin.receive import checkpoint_params
-from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, sha256, update_info
+from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, update_info
 from weightsync.plan import TensorMeta, build_plan
+from weightsync.tensors import sha256
 from weightsync.transport.base import Ticket
 
 METAS = [

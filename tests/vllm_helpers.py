@@ -8,7 +8,6 @@ token ids).
 from __future__ import annotations
 
 import hashlib
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,6 +80,24 @@ def digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
         n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
         for n, t in state.items()
     }
+
+
+def join_ring(engine, ring, timeout_s: float = TIMEOUT_S) -> None:
+    """``engine`` maps the shared-memory ``ring`` as its only consumer."""
+    from weightsync.engines.base import ShmLink
+
+    engine.join(ShmLink(ring=ring.spec, consumer_index=0, unlink=True)).wait(timeout_s)
+
+
+def assert_kernels_hold(engine, named: dict[str, torch.Tensor], int4=None, seed: int = 7):
+    """The engine's kernels compute with exactly ``named`` (read back through them)."""
+    from weightsync.probe import checkpoint_digests
+
+    group = (int4.group_size, int4.symmetric) if int4 is not None else ()
+    expected = checkpoint_digests(named, seed, *group)
+    live = engine.live_digests(seed)
+    differ = sorted(n for n, d in expected.items() if live.get(n) != d)
+    assert expected and not differ, f"{len(differ)} weights differ, e.g. {differ[:3]}"
 
 
 def unit_of(name: str, fused: bool = True) -> str:
@@ -166,6 +183,7 @@ def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos
 @contextmanager
 def broadcast_link(engine, group_name: str, timeout_s: float = TIMEOUT_S):
     """A trainer-side BroadcastSender (rank 0) with ``engine`` joined as rank 1."""
+    from weightsync.engines.base import BroadcastLink
     from weightsync.net import free_port
     from weightsync.transport.broadcast import (
         BroadcastSender,
@@ -173,22 +191,19 @@ def broadcast_link(engine, group_name: str, timeout_s: float = TIMEOUT_S):
         init_weight_group,
     )
 
-    port, errors = free_port(), []
-
-    def join():
-        try:
-            engine.init_broadcast(
-                master_address="127.0.0.1", master_port=port, world_size=2, group_name=group_name
-            )
-        except Exception as e:  # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(e)
-
+    port = free_port()
+    link = BroadcastLink(
+        master_address="127.0.0.1",
+        master_port=port,
+        world_size=2,
+        rank_offset=1,
+        group_name=group_name,
+        backend="gloo",
+    )
     # The engine joins from inside its HTTP call, which returns once both ranks are in.
-    joined = threading.Thread(target=join, daemon=True)
-    joined.start()
+    joining = engine.join(link)
     group = init_weight_group("127.0.0.1", port, 2, 0, group_name, timeout_s=timeout_s)
-    joined.join(timeout_s)
-    assert not joined.is_alive() and not errors, errors
+    joining.wait(timeout_s)
     sender = BroadcastSender(group, timeout_s=timeout_s)
     try:
         yield sender

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from weightsync.config import MiB
-from weightsync.plan_checks import check_plan_identical as check_plan_identical
 from weightsync.tensors import dtype_name
 
 DEFAULT_BUCKET_BYTES = 512 * MiB

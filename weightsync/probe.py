@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from weightsync.engines.vllm_plugin.wire import sha256
+from weightsync.tensors import sha256
 
 PROBE_COLUMNS = 8
 """Columns read back per weight: each is a full output row's worth of the kernel's weight."""
@@ -75,3 +75,23 @@ def int4_columns(
         offset_OC = zp_OG[..., cols_C // k]
     q_OC = codes_OC.to(torch.int16) - offset_OC.to(torch.int16)
     return q_OC.to(scale_OG.dtype) * scale_OG[..., cols_C // k]
+
+
+def checkpoint_digests(
+    named: dict[str, torch.Tensor], seed: int, group_size: int = 128, symmetric: bool = True
+) -> dict[str, str]:
+    """The probe digests an engine holding exactly the checkpoint tensors ``named`` reads
+    back, by weight name: int4 weights dequantized from their parts (``group_size`` and
+    ``symmetric`` as packed), every other tensor as it is."""
+    out = {}
+    for name, t in named.items():
+        logical = logical_name(name)
+        if logical is None or logical == name:
+            if logical is not None:
+                out[name] = probe_digest(t, seed)
+            continue
+        base = name.rpartition(".")[0]
+        parts = {p: named[f"{base}.{p}"] for p in INT4_PARTS if f"{base}.{p}" in named}
+        cols = probe_columns(seed, int(parts["weight_shape"][-1]))
+        out[logical] = digest(int4_columns(parts, cols, group_size, symmetric))
+    return out

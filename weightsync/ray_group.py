@@ -17,13 +17,14 @@ import contextlib
 import datetime
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_TIMEOUT_S = 300.0
+from weightsync.config import DEFAULT_TIMEOUT_S
+from weightsync.net import free_port
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -62,10 +63,7 @@ class TrainerWorker:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ip, port, ray.get_runtime_context().get_node_id()
+        return ip, free_port(""), ray.get_runtime_context().get_node_id()
 
     def setup(
         self,

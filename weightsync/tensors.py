@@ -1,12 +1,14 @@
 """Tensor primitives the trainer side, the transports and the engine adapters share.
 
 One home each: how a dtype is spelled (on the engines' HTTP APIs and in safetensors headers),
-how a safetensors header is read, and how a tensor is tested for NaN/Inf. Only torch and the
-standard library, so the vLLM plugin can import it inside the engine.
+how a safetensors header is read, how a tensor is tested for NaN/Inf, how its bytes are
+digested. Only torch and the standard library, so the vLLM plugin can import it inside the
+engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -62,3 +64,9 @@ def all_finite(t: torch.Tensor) -> bool:
     # temporary of the tensor's size (isfinite(t).all() is ~50-60x slower on CPU).
     lo, hi = torch.aminmax(t.detach())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def sha256(t: torch.Tensor) -> str:
+    """Digest of a tensor's bytes (contiguous, as they would be sent)."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()

@@ -10,7 +10,6 @@ worker provides ``model_chunks`` and ``hf_config``.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from weightsync.config import SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
+from weightsync.net import free_port
 from weightsync.quant import Int4Config
 from weightsync.sync import SendStats, WeightSender
 
@@ -50,12 +50,6 @@ def _is_loopback(url: str) -> bool:
 
     host = urlparse(url).hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _group_backend() -> str:
@@ -171,7 +165,7 @@ def _open_broadcast(state: _State) -> None:
     timeout = state.config.step_timeout_s
     backend = _group_backend()
     address = _node_address(all(_is_loopback(s.url) for s in state.specs))
-    port = _free_port()
+    port = free_port("")  # engines on other hosts connect to it
     world, offsets = _ranks(state.specs, first=1)  # the source rank is rank 0
     links = [
         BroadcastLink(

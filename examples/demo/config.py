@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from weightsync.config import DEFAULT_TIMEOUT_S
+
 EngineKind = Literal["vllm", "sglang"]
 _ENGINES = ("vllm", "sglang")
 
@@ -35,7 +37,7 @@ class DemoConfig:
     tp: int = 2
     num_workers: int = 2
     ray_address: str | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every remote call (trainer step, rollout request, engine start)."""
     out_dir: str = "demo_out"
 

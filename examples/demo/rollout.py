@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import requests
 
+from weightsync.config import DEFAULT_TIMEOUT_S
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -29,7 +31,11 @@ class Sample:
 
 class RolloutClient:
     def __init__(
-        self, url: str, engine: str = "vllm", api_key: str | None = None, timeout_s: float = 300.0
+        self,
+        url: str,
+        engine: str = "vllm",
+        api_key: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if engine not in ("vllm", "sglang"):
             raise ValueError(f"engine={engine!r}: one of ('vllm', 'sglang')")

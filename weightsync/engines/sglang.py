@@ -1,4 +1,4 @@
-"""SGLang engine adapter: speaks SGLang 0.5.23's HTTP RL API (sglang_api.md §2.17).
+"""SGLang engine adapter: speaks SGLang 0.5.23's HTTP RL API (its ``http_server.py`` routes).
 
 One update through this adapter::
 
@@ -42,7 +42,8 @@ from weightsync.engines.sglang_payloads import (
     manifest_from_checkpoint,
     request_body,
 )
-from weightsync.plan import Bucket, Plan, dtype_name
+from weightsync.plan import Bucket, Plan
+from weightsync.tensors import dtype_name
 from weightsync.transport.base import Ticket
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.engines.base import BroadcastLink, Link, ShmLink
 from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
-from weightsync.plan import Bucket, Plan, dtype_name
+from weightsync.plan import Bucket, Plan
+from weightsync.tensors import dtype_name
 from weightsync.transport.base import Ticket
 
 # weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; retract

@@ -30,8 +30,6 @@ import torch
 
 from weightsync.plan import Bucket, Plan, fill_bucket
 
-DEFAULT_TIMEOUT_S = 300.0
-
 
 @dataclass(frozen=True, slots=True)
 class Ticket:

@@ -18,8 +18,8 @@ other layer its old ones.
 Finalizing also redoes what the reload leaves undone (``repair``: a tied LM head, the CPU MoE
 experts' prepack), and ``readback`` digests the weights the kernels then compute with.
 
-Queries (expected parameters, the model config, digests of what was loaded or of what the
-kernels read, load timings, ``abort``) are answered by ``__call__`` and reach the trainer over
+Queries (expected parameters, the model config, digests of what the kernels read, load
+timings, ``abort``) are answered by ``__call__`` and reach the trainer over
 vLLM's dev ``/collective_rpc`` route as ``{"method": "weight_transfer_engine", "args":
 [query]}``: the worker resolves the method name to this object and calls it.
 """
@@ -35,7 +35,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import receive
 from weightsync.engines.vllm_plugin.repair import ReloadRepair
-from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo, sha256
+from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
 from weightsync.model_config import config_field, summary
 from weightsync.plan import unpack_bucket
 
@@ -48,8 +48,6 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self.source = None
-        self.record_digests = False
-        self.digests: dict[str, str] = {}
         self.timings: list[dict[str, float]] = []
         self._expected: dict[str, list] | None = None
         self._open = False
@@ -60,7 +58,6 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
-        self.record_digests = init_info.record_digests
         pc = self.parallel_config
         worker = pc.data_parallel_index * pc.world_size + pc.rank
         self.source = receive.open_source(init_info, worker)
@@ -99,8 +96,6 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             skip = tuple(self._session_faults.get("skip", ()))
             if skip:
                 named = [(n, t) for n, t in named if not n.startswith(skip)]
-            if self.record_digests:
-                self.digests.update((name, sha256(t)) for name, t in named)
             self.model.load_weights(named)
             receive.unalias_pending(self.model, list(buffers.values()))
         finally:
@@ -157,8 +152,6 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             if self._expected is None:
                 self._expected = receive.checkpoint_params(self.model_config.model)
             return self._expected
-        if query == "digests":
-            return dict(self.digests)
         if query == "timings":
             return {"timings": list(self.timings)}
         if query == "abort":
@@ -171,7 +164,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if kind == "fault":
             return self.inject_faults(json.loads(arg))
         raise ValueError(
-            f"unknown weightsync query {query[:80]!r}: expected_params|model_config|digests|"
+            f"unknown weightsync query {query[:80]!r}: expected_params|model_config|"
             "timings|abort|readback:<seed below 2**31>"
         )
 

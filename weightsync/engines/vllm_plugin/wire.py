@@ -7,11 +7,8 @@ are the wire format. A bucket travels as its ``weightsync.plan`` layout plus the
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
-
-import torch
 
 from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.plan import Bucket, DtypeGroup, Slot
@@ -27,8 +24,6 @@ class InitInfo:
 
     transport: str
     timeout_s: float = DEFAULT_TIMEOUT_S
-    record_digests: bool = False
-    """Keep a sha256 of every tensor handed to the model, for check_weights."""
     # broadcast: the trainer's weight group (weightsync.transport.broadcast.init_weight_group).
     master_address: str = ""
     master_port: int = 0
@@ -113,9 +108,3 @@ def update_info(bucket: Bucket, ticket: Ticket) -> UpdateInfo:
     return UpdateInfo(
         groups, bucket.index, bucket.nbytes, ticket.slot, list(ticket.payloads), ticket.next_nbytes
     )
-
-
-def sha256(t: torch.Tensor) -> str:
-    """Digest of a tensor's bytes, as the backend records what it loaded."""
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(data.numpy()).hexdigest()
