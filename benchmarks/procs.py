@@ -177,7 +177,7 @@ def _one(channel, group, chunks, hf, case: Case, transport: str, int4: bool, mib
     from benchmarks.peak import PeakRss, rss_bytes
     from weightsync.config import SyncConfig
     from weightsync.quant import Int4Config
-    from weightsync.sync import WeightSender
+    from weightsync.sender import WeightSender
 
     cfg = SyncConfig(transport=transport, bucket_bytes=mib * MiB)
     ws = WeightSender(chunks, hf, cfg, Int4Config() if int4 else None)

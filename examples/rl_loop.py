@@ -16,10 +16,7 @@ from pathlib import Path
 
 import torch
 
-from weightsync import SyncConfig
-from weightsync.engines.spec import EngineSpec
-from weightsync.orchestrator import WeightSync
-from weightsync.quant import Int4Config
+from weightsync import EngineSpec, Int4Config, SyncConfig, WeightSync
 from weightsync.ray_group import TrainerGroup, TrainerWorker
 
 

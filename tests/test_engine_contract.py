@@ -56,10 +56,10 @@ def _engine_calls(path: Path, names: set[str]) -> set[str]:
 
 
 def test_the_driver_and_the_source_rank_call_nothing_outside_their_plane():
-    control = _engine_calls(PACKAGE / "orchestrator.py", {"e", "engine"})
+    control = _engine_calls(PACKAGE / "driver.py", {"e", "engine"})
     assert control and control <= _members(ControlPlane), control - _members(ControlPlane)
-    data = _engine_calls(PACKAGE / "sync.py", {"e", "engine"}) | _engine_calls(
-        PACKAGE / "trainer_side.py", {"engine"}
+    data = _engine_calls(PACKAGE / "sender.py", {"e", "engine"}) | _engine_calls(
+        PACKAGE / "worker.py", {"engine"}
     )
     assert data and data <= _members(DataPlane), data - _members(DataPlane)
 
@@ -67,7 +67,7 @@ def test_the_driver_and_the_source_rank_call_nothing_outside_their_plane():
 def test_the_driver_drives_engines_through_the_control_plane_only():
     """At run time too: every call of an update, a failed update, verify, versions and
     close goes to a ControlPlane member (a strict stand-in refuses anything else)."""
-    from tests.test_orchestrator_flow import ScriptedEngine, ScriptedTrainers, _sync
+    from tests.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
 
     class Strict:
         def __init__(self, inner):
@@ -147,7 +147,7 @@ def test_a_refused_flush_is_retried_with_syncconfigs_backoff(kind, monkeypatch):
 
 
 def test_an_engine_failure_crosses_process_boundaries_with_its_names():
-    from weightsync.orchestrator import _failed_engines
+    from weightsync.driver import _failed_engines
     from weightsync.ray_group import RankFailed
 
     error = pickle.loads(pickle.dumps(EngineFailed(("a", "b"), "bucket 3: refused")))

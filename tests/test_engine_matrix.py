@@ -109,9 +109,9 @@ class Case:
         from transformers import AutoModelForCausalLM
 
         from weightsync.config import SyncConfig
+        from weightsync.driver import WeightSync
         from weightsync.engines.spec import EngineSpec
         from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
-        from weightsync.orchestrator import WeightSync
         from weightsync.quant import Int4Config
         from weightsync_demo.policy import PolicyWorker, as_hf_dict
 
@@ -298,7 +298,7 @@ FAULTS = [
 
 @pytest.mark.parametrize("name", sorted({f[0] for f in FAULTS}))
 def test_verify_catches_engine_side_faults_and_the_next_update_repairs(group, tmp_path, name):
-    from weightsync.orchestrator import UpdateFailed
+    from weightsync.driver import UpdateFailed
 
     case = Case(name, group, tmp_path, faults=True)
     try:

@@ -19,8 +19,8 @@ import torch
 
 from tests import fault_helpers as fh
 from weightsync.config import SyncConfig
+from weightsync.driver import UpdateFailed, WeightSync
 from weightsync.lease import LocalLeaseLock, LockBusy
-from weightsync.orchestrator import UpdateFailed, WeightSync
 
 pytestmark = pytest.mark.slow
 STEP_S = 15.0

@@ -1,4 +1,4 @@
-"""Pure pieces of the orchestrator: the lease lock, SyncConfig validation, plan metadata."""
+"""Pure pieces of the driver: the lease lock, SyncConfig validation, plan metadata."""
 
 import threading
 import time
@@ -10,7 +10,7 @@ from weightsync.config import SyncConfig
 from weightsync.lease import LeaseLost, LocalLeaseLock, LockBusy
 from weightsync.plan import build_plan
 from weightsync.quant import Int4Config
-from weightsync.sync import plan_metas
+from weightsync.sender import plan_metas
 
 
 def test_second_update_is_refused_while_the_lease_is_live():

@@ -94,8 +94,8 @@ def _engine_fails(worker):
 
 
 def test_an_engine_failure_on_a_rank_reaches_the_driver_typed(group):
+    from weightsync.driver import _failed_engines
     from weightsync.engines.base import EngineFailed
-    from weightsync.orchestrator import _failed_engines
     from weightsync.ray_group import RankFailed
 
     with pytest.raises(RankFailed) as info:

@@ -77,7 +77,7 @@ def _engine(server: ProtocolServer, **fields) -> SGLangEngine:
 
 
 def run_update(engine, plan, named, sender, version: str, mode: str = "retract") -> None:
-    """The orchestrator's sequence, keeping one bucket in flight as WeightSender does."""
+    """the driver's sequence, keeping one bucket in flight as WeightSender does."""
     engine.validate(plan, named.items())
     engine.pause(mode)
     assert engine.flush_cache(), engine.flush_error

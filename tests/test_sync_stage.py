@@ -46,7 +46,7 @@ def _job(rank: int, world: int, int4: bool) -> dict:
     import megatron_bridge as mb
     from weightsync.config import SyncConfig
     from weightsync.quant import Int4Config
-    from weightsync.sync import WeightSender
+    from weightsync.sender import WeightSender
 
     mb.init_parallel(tp=2)
     torch.manual_seed(0)

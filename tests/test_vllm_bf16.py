@@ -226,7 +226,7 @@ def test_update_after_one_that_died_midway(served):
         engine.validate(plan)
         engine.pause("abort")
         engine.begin_update()
-        # The trainer sends two buckets and dies; the orchestrator aborts the session and
+        # The trainer sends two buckets and dies; the driver (WeightSync) aborts the session and
         # resumes the engine (stale). Without the abort, layers still on the meta device
         # would kill vLLM's EngineCore at the first request.
         stream = iter(ordered(new, plan))

@@ -123,7 +123,7 @@ def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tenso
 
 
 def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=TIMEOUT_S):
-    """One full update the way the orchestrator drives it; returns the wall seconds."""
+    """One full update the way the driver (WeightSync) drives it; returns the wall seconds."""
     import time
 
     from weightsync.transport.base import send_stream

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from weightsync.config import SyncConfig
+    from weightsync.driver import SyncStats, UpdateFailed, WeightSync
     from weightsync.engines.spec import EngineSpec
-    from weightsync.orchestrator import SyncStats, UpdateFailed, WeightSync
     from weightsync.quant import Int4Config
 
 _HOMES = {
     "SyncConfig": "weightsync.config",
     "EngineSpec": "weightsync.engines.spec",
     "Int4Config": "weightsync.quant",
-    "SyncStats": "weightsync.orchestrator",
-    "UpdateFailed": "weightsync.orchestrator",
-    "WeightSync": "weightsync.orchestrator",
+    "SyncStats": "weightsync.driver",
+    "UpdateFailed": "weightsync.driver",
+    "WeightSync": "weightsync.driver",
 }
 __all__ = [
     "EngineSpec",

@@ -9,7 +9,7 @@ processes implements ``LeaseLock`` over whatever store they share.
 
 A holder can lose its lease (renewals failing for a whole lease, or another owner taking an
 expired one): ``hold`` yields a ``Lease`` whose ``check()`` raises ``LeaseLost`` from then on,
-and the orchestrator checks it before every step. A failed release never hides the result of
+and the driver (WeightSync) checks it before every step. A failed release never hides the result of
 the work done under the lease (the lease runs out by itself).
 """
 

@@ -6,7 +6,7 @@
     sums = group.run_all(lambda w: w.rank * 10)          # fn(worker) on every rank, with a deadline
     group.shutdown()
 
-``run_all`` is the one primitive the orchestrator needs to run a collective (export, sync) on
+``run_all`` is the one primitive the driver (WeightSync) needs to run a collective (export, sync) on
 every rank: it gathers with a deadline and raises naming the rank that failed, carrying that
 rank's traceback. ray is imported lazily so the rest of weightsync imports without it.
 """
@@ -46,7 +46,7 @@ class ParallelSpec:
 class TrainerWorker:
     """One rank. Subclass it to add model code; ``execute`` runs any ``fn(worker, ...)`` here.
 
-    State the orchestrator reads: ``rank``, ``world_size``, ``model_chunks``, ``hf_config``,
+    State the driver (WeightSync) reads: ``rank``, ``world_size``, ``model_chunks``, ``hf_config``,
     ``optimizer`` (the last three are set by whoever builds the model).
     """
 

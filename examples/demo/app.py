@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from weightsync.config import MiB, SyncConfig
-from weightsync.orchestrator import WeightSync
+from weightsync import SyncConfig, WeightSync
+from weightsync.config import MiB
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.loop import run
 from weightsync_demo.model import int4_config

@@ -1,6 +1,6 @@
 """The RL loop: rollouts on the engine -> reward -> train step on the trainer actors -> sync.
 
-``sync(version)`` is the weight sync (``weightsync.orchestrator`` in the product); it pushes
+``sync(version)`` is the weight sync (``weightsync.driver`` in the product); it pushes
 the trainer's weights into the engine as ``version`` and returns its ``SyncStats``.
 """
 
@@ -20,7 +20,7 @@ from weightsync_demo.report import Report, StepRecord, table
 from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
 
 if TYPE_CHECKING:
-    from weightsync.orchestrator import SyncStats
+    from weightsync.driver import SyncStats
     from weightsync_demo.runtime import DemoRuntime
 
 SyncFn = Callable[[int], "SyncStats"]

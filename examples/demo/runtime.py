@@ -3,7 +3,7 @@
 ::
 
     with DemoRuntime.start(cfg) as rt:      # model -> engine + trainer actors (in parallel)
-        sync = make_sync(rt)                # e.g. the orchestrator over rt.group, rt.engine_spec
+        sync = make_sync(rt)                # e.g. WeightSync over rt.group, rt.engine_spec
         report = run_demo(cfg, sync, rt)
 """
 
@@ -42,7 +42,7 @@ class DemoRuntime:
     """This runtime started the local Ray cluster (and stops it)."""
     on_close: list[Callable[[], None]] = field(default_factory=list)
     """Run first by ``close``, while the trainers and the engine still exist (e.g. the
-    orchestrator's own clean-up on the trainer actors)."""
+    driver's own clean-up on the trainer actors)."""
 
     @classmethod
     def start(cls, cfg: DemoConfig) -> DemoRuntime:

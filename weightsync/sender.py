@@ -8,7 +8,7 @@ rank (global rank 0) holds engines and a transport sender::
                                        # on every rank; finite weights; engines accept the plan
     ws.stage()                         # all ranks: export + int4 of the leading units that fit
                                        # in SyncConfig.stage_bytes, held until the send
-    ... the orchestrator pauses, flushes and opens the engines' update sessions ...
+    ... the driver (WeightSync) pauses, flushes and opens the engines' update sessions ...
     stats = ws.send(engines, sender)   # all ranks: [staged +] export -> int4 -> buckets
 
 Bucket k+1 is exported, quantized and copied while bucket k is on the wire and being loaded:

@@ -32,8 +32,8 @@ from weightsync.engines.spec import EngineSpec
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.quant import Int4Config
-from weightsync.sync import SendStats
-from weightsync.trainer_side import TrainerSync
+from weightsync.sender import SendStats
+from weightsync.worker import TrainerSync
 
 log = logging.getLogger("weightsync")
 

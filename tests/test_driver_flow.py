@@ -1,4 +1,4 @@
-"""The orchestrator's control flow with scripted engines and trainers (pure, in-process).
+"""The driver's control flow with scripted engines and trainers (pure, in-process).
 
 What the real-process fault suite cannot pin down exactly: the order of the calls each engine
 gets, that engines are driven concurrently, and what a failure does to every engine.
@@ -11,11 +11,11 @@ import threading
 import pytest
 
 from weightsync.config import SyncConfig
+from weightsync.driver import UpdateFailed, WeightSync
 from weightsync.engines.base import EngineFailed
 from weightsync.engines.spec import EngineSpec
-from weightsync.orchestrator import UpdateFailed, WeightSync
-from weightsync.sync import SendStats
-from weightsync.trainer_side import TrainerSync
+from weightsync.sender import SendStats
+from weightsync.worker import TrainerSync
 
 
 class ScriptedEngine:
@@ -153,7 +153,7 @@ def test_one_engines_refusal_surfaces_without_waiting_for_the_others():
     from concurrent.futures import Future
 
     from weightsync.engines.http import InFlight
-    from weightsync.sync import _await_all
+    from weightsync.sender import _await_all
 
     class Named:
         def __init__(self, name):
@@ -256,7 +256,7 @@ class _Planner:
 
 
 def test_shm_ring_counts_one_consumer_per_engine_rank():
-    from weightsync.trainer_side import _open_shm, _State
+    from weightsync.worker import _open_shm, _State
 
     specs = [
         EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a", tp_size=2),

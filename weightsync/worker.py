@@ -22,7 +22,7 @@ from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
 from weightsync.net import free_port
 from weightsync.quant import Int4Config
-from weightsync.sync import SendStats, WeightSender
+from weightsync.sender import SendStats, WeightSender
 
 GROUP_NAME = "weight_update_group"
 
