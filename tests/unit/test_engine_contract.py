@@ -67,7 +67,7 @@ def test_the_driver_and_the_source_rank_call_nothing_outside_their_plane():
 def test_the_driver_drives_engines_through_the_control_plane_only():
     """At run time too: every call of an update, a failed update, verify, versions and
     close goes to a ControlPlane member (a strict stand-in refuses anything else)."""
-    from tests.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
+    from tests.unit.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
 
     class Strict:
         def __init__(self, inner):

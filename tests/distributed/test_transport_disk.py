@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_transport_base import CTX, make_tensor, mismatches, mixed_metas, run_workers
+from tests.distributed.test_transport_base import (
+    CTX,
+    make_tensor,
+    mismatches,
+    mixed_metas,
+    run_workers,
+)
 from weightsync.plan import build_plan, fill_bucket
 from weightsync.transport.base import send_stream
 from weightsync.transport.disk import INDEX, MANIFEST, DiskStore

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from benchmarks.channel import BucketMsg, DoneMsg, PipeChannel, PlanMsg
-from tests.test_transport_base import CTX, make_tensor, mismatches, mixed_metas, run_workers
+from tests.distributed.test_transport_base import (
+    CTX,
+    make_tensor,
+    mismatches,
+    mixed_metas,
+    run_workers,
+)
 from weightsync.net import free_port
 from weightsync.plan import build_plan, unpack_bucket
 from weightsync.plan_checks import check_plan_identical

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from benchmarks.channel import AckMsg, BucketMsg, DoneMsg, PipeChannel, PlanMsg, SetupMsg
-from tests.test_transport_base import CTX, make_tensor, mismatches, mixed_metas, run_workers
+from tests.distributed.test_transport_base import (
+    CTX,
+    make_tensor,
+    mismatches,
+    mixed_metas,
+    run_workers,
+)
 from weightsync.plan import build_plan, unpack_bucket
 from weightsync.transport.base import Ticket, host_tag, send_stream
 from weightsync.transport.ipc import (

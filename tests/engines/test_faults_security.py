@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = [ROOT / "weightsync", ROOT / "megatron_bridge"]
 UNPICKLERS = {"pickle", "cloudpickle", "marshal", "dill", "_pickle"}
 ALLOWED = {("weightsync/transport/ipc.py", "_open")}

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.runner import BenchConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from weightsync.config import SyncConfig
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_python_blocks_compile():

@@ -10,7 +10,7 @@ import torch
 
 from tests.bridge_helpers import run_ranks
 from tests.bridge_jobs import Case, run_cases
-from tests.test_bridge_export import check_case, reference_checkpoint
+from tests.distributed.test_bridge_export import check_case, reference_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
