@@ -142,7 +142,7 @@ def bench_broadcast(args) -> dict:
 
 def _shm_consumer(conn, args):
     setup(args)
-    from weightsync.transport.ipc import ShmReceiver, ShmRing
+    from weightsync.transport.shm import ShmReceiver, ShmRing
 
     channel = PipeChannel(conn, timeout_s=600)
     receiver = ShmReceiver(ShmRing.attach(channel.get().spec, unlink=True))
@@ -159,7 +159,7 @@ def _shm_consumer(conn, args):
 
 
 def bench_shm(args) -> dict:
-    from weightsync.transport.ipc import ShmRing, ShmSender
+    from weightsync.transport.shm import ShmRing, ShmSender
 
     plan = build_plan(model_metas(args.total_mib), args.bucket_mib * MiB)
     named = make_tensors(model_metas(args.total_mib))

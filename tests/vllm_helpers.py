@@ -7,7 +7,6 @@ token ids).
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,13 +72,6 @@ def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: 
         logits = model(torch.tensor([prompt])).logits[0]
     logp = torch.log_softmax(logits, dim=-1)
     return [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
-
-
-def digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {
-        n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
-        for n, t in state.items()
-    }
 
 
 def join_ring(engine, ring, timeout_s: float = TIMEOUT_S) -> None:

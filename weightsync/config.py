@@ -32,16 +32,19 @@ class SyncConfig:
     """How one weight update moves bytes and how long any step may wait."""
 
     transport: TransportKind = "broadcast"
-    """broadcast (NCCL on GPU, gloo on CPU) or ipc (CUDA IPC on GPU, the shared-memory ring
-    on CPU). The disk transport (``weightsync.transport.disk``) is not driven by WeightSync."""
+    """broadcast (NCCL on GPU, gloo on CPU; vLLM engines: gloo) or ipc (the shared-memory
+    ring, for vLLM engines on the trainer's host). SGLang's CUDA-IPC payloads
+    (``weightsync.transport.ipc``) and the disk transport are library pieces WeightSync does
+    not drive yet."""
     bucket_bytes: int = 512 * MiB
     """Upper bound of one bucket; an atomic unit larger than this gets a bucket of its own."""
     pause_mode: PauseMode = "retract"
     """How engines stop generating: abort, retract (requeue, prefix recomputed) or in_place."""
     step_timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every single wait (HTTP call, barrier, bucket acknowledgement)."""
-    flush_retries: int = 5
-    """Bounded retries of the engine cache flush, with exponential backoff."""
+    flush_retries: int = 8
+    """Bounded retries of the engine cache flush, with exponential backoff: by default about
+    7 s in all, time for an engine's in-flight step to end (SGLang refuses until idle)."""
     flush_backoff_s: float = 0.05
     """First wait after a refused flush; doubles each time up to ``flush_backoff_max_s``."""
     flush_backoff_max_s: float = 2.0

@@ -190,9 +190,10 @@ class WeightSync:
             flushed = self._each(lambda e: e.flush_cache())
             refused = [label for label, ok in flushed.items() if not ok]
             if refused:
-                raise RuntimeError(
+                raise EngineFailed(
+                    tuple(refused),
                     f"engines {refused} refused to flush their cache after "
-                    f"{self.config.flush_retries} retries"
+                    f"{self.config.flush_retries} retries (their reasons are in the log)",
                 )
         lease.check()
         begun.extend(self.engines)

@@ -1,7 +1,7 @@
 """Bucket plan: the byte layout in which one weight update travels. Pure; no processes.
 
 (``check_plan_identical``, the collective that compares plans across ranks, lives in
-``weightsync.plan_checks``; the name is re-exported here only until its importers move.)
+``weightsync.plan_checks``.)
 
 The exporter streams tensors one atomic unit at a time (a unit is what an engine's
 ``load_weights`` must see together: q/k/v of a layer, an expert's w1/w3, an int4 weight with

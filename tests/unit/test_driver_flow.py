@@ -235,6 +235,9 @@ class _Joining:
     def __init__(self, name: str) -> None:
         self.name, self.links = name, []
 
+    def check_link(self, link):
+        pass
+
     def join(self, link):
         from concurrent.futures import Future
 
@@ -288,6 +291,46 @@ def test_an_nccl_trainer_is_refused_by_the_vllm_plugin_before_any_request():
     with pytest.raises(ValueError, match=r"'a'.*uses nccl.*joins with gloo"):
         engine.join(link)  # no server behind the URL: it raised before any request
     engine.close()
+
+
+def test_a_broadcast_link_refused_by_one_engine_sends_no_engine_a_join(monkeypatch):
+    """A GPU trainer (nccl) with a mixed fleet: the vLLM plugin refuses nccl before the SGLang
+    engine listed first is asked to join (it would wait for a group nobody hosts)."""
+    import weightsync.worker as worker
+    from weightsync.worker import _open_broadcast, _State
+
+    class Checking(_Joining):
+        def check_link(self, link):
+            self.links.append(("checked", link.group_name))
+
+    monkeypatch.setattr(worker, "_group_backend", lambda: "nccl")
+    specs = [
+        EngineSpec(kind="sglang", url="http://127.0.0.1:1", name="sg"),
+        EngineSpec(kind="vllm", url="http://127.0.0.1:2", name="vl"),
+    ]
+    first, names = Checking("sg"), []
+    for _ in range(2):
+        first.links.clear()
+        engines = [first, specs[1].connect()]
+        state = _State(_Planner(), specs, SyncConfig(), engines)
+        with pytest.raises(ValueError, match=r"'vl'.*uses nccl"):
+            _open_broadcast(state)
+        (checked,) = first.links  # asked, never joined
+        names.append(checked[1])
+        engines[1].close()
+    assert names[0] != names[1]  # a group name per connection: a late group blocks no retry
+
+
+def test_a_refused_flush_marks_exactly_the_refusing_engines_stale():
+    class Refusing(ScriptedEngine):
+        def flush_cache(self):
+            self.calls.append("flush")
+            return False
+
+    engines = [Refusing("e0"), ScriptedEngine("e1")]
+    with pytest.raises(UpdateFailed, match=r"e0.*refused to flush") as info:
+        _sync(engines, ScriptedTrainers()).update(1)
+    assert info.value.stale == ["e0"] and [e.calls[-1] for e in engines] == ["resume", "resume"]
 
 
 def test_transport_combinations_no_update_could_run_are_refused_when_built():

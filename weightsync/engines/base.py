@@ -17,7 +17,7 @@ Every engine is driven by two adapter instances in two processes, built from one
 - ``DataPlane``, on the trainer's source rank, where the bytes are: it joins the transport
   from one typed ``Link``, checks the plan, and hands over the buckets::
 
-      join(link).wait(deadline)        # beside the trainer's own side of the group / ring
+      check_link(link); join(link).wait(deadline)   # beside the trainer's side of the link
       validate(plan)                   # before anything is paused: ValueError names the tensor
       for bucket: pending = update_bucket(bucket, ticket) ... pending.wait(deadline)
 
@@ -128,9 +128,14 @@ class ControlPlane(Protocol):
 class DataPlane(Protocol):
     name: str
 
+    def check_link(self, link: Link) -> None:
+        """ValueError, without a request, for a link this engine cannot take: the source
+        rank asks every engine before any of them joins."""
+        ...
+
     def join(self, link: Link) -> Pending:
-        """Ask the engine to join the transport; ValueError, before any request, for a link
-        this engine cannot take. A broadcast join completes only once the trainer joined."""
+        """Ask the engine to join the transport (``check_link`` first). A broadcast join
+        completes only once the trainer joined."""
         ...
 
     def validate(self, plan: Plan) -> None:

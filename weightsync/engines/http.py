@@ -124,6 +124,8 @@ class InFlight:
         try:
             return self._future.result(timeout=timeout_s)
         except FutureTimeout:
+            if self._future.done():
+                raise  # the request itself timed out: its own error says where
             raise TimeoutError(f"{self.what}: no answer within {timeout_s:.1f} s") from None
 
 

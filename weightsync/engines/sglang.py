@@ -63,12 +63,13 @@ class SGLangConfig:
     path: Literal["distributed", "tensor"] = "distributed"
     """distributed: broadcast group (NCCL/gloo); tensor: serialized per-TP-rank payloads (IPC)."""
     group_name: str = "weight_update_group"
+    """The broadcast group's name for ``init_group``; ``join`` takes the link's instead."""
     tp_size: int = 1
     """Engine TP ranks: one payload each on the tensor path; the group ranks it occupies."""
     selector: Literal["target", "draft", "all"] = "all"
     timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every HTTP call."""
-    flush_retries: int = 5
+    flush_retries: int = 8
     flush_backoff_s: float = 0.05
     """First wait between refused flushes; doubles each time up to ``flush_backoff_max_s``."""
     flush_backoff_max_s: float = 2.0
@@ -107,7 +108,7 @@ def checksum(tensor: torch.Tensor) -> str:
 
 
 class SGLangEngine:
-    """One SGLang server (all its TP ranks) behind the ``weightsync.engines.base.Engine`` API."""
+    """One SGLang server (all its TP ranks): both planes of ``weightsync.engines.base``."""
 
     def __init__(self, config: SGLangConfig, name: str = "") -> None:
         self.config = config
@@ -115,6 +116,7 @@ class SGLangEngine:
         self.legacy: bool | None = None  # known after begin_update()
         self.pause_mode: str | None = None
         self.flush_error = ""
+        self.group_name = config.group_name  # the group joined last (bucket requests name it)
         self._manifest: dict[str, TensorSpec] | bool | None = False  # False: not looked up yet
         self._http = DeadlineSession()  # every call's timeout is a deadline, not per read
         if config.api_key:
@@ -294,7 +296,7 @@ class SGLangEngine:
             names=[name for name, _, _ in metas],
             dtypes=[dtype_name(dtype) for _, dtype, _ in metas],
             shapes=[list(shape) for _, _, shape in metas],
-            group_name=self.config.group_name,
+            group_name=self.group_name,
             load_format="flattened_bucket",
             flush_cache=False,  # flushed once after end_update; a refused flush fails the update
             selector=self._selector(),
@@ -317,25 +319,31 @@ class SGLangEngine:
         )
 
     # -- joining the transport (data plane) ----------------------------------------------
-    def join(self, link: Link) -> InFlight:
-        """Join the trainer's broadcast group (``init_group``). The tensor path takes no
-        link: its payloads carry their own handles."""
+    def check_link(self, link: Link) -> None:
         if not isinstance(link, BroadcastLink):
             raise ValueError(
-                f"{self.name}: SGLang takes weights over broadcast (or CUDA IPC payloads), "
-                f"not {type(link).__name__}: use transport='broadcast' for SGLang engines"
+                f"engine {self.name!r}: SGLang takes weights over broadcast (or CUDA IPC "
+                f"payloads), not {type(link).__name__}: use transport='broadcast' for SGLang"
             )
-        if link.group_name != self.config.group_name:
+        if not 1 <= link.rank_offset <= link.world_size - self.config.tp_size:
             raise ValueError(
-                f"{self.name}: link.group_name={link.group_name!r}, the adapter's "
-                f"SGLangConfig.group_name is {self.config.group_name!r}"
+                f"engine {self.name!r}: rank_offset={link.rank_offset}: its "
+                f"{self.config.tp_size} rank(s) must fit in 1..{link.world_size - 1} (rank 0 "
+                "is the trainer)"
             )
+
+    def join(self, link: Link) -> InFlight:
+        """Join the trainer's broadcast group (``init_group``) under the link's group name,
+        which the bucket requests then name. The tensor path takes no link: its payloads
+        carry their own handles."""
+        self.check_link(link)
         return self.init_group(
             link.master_address,
             link.master_port,
             link.rank_offset,
             link.world_size,
             backend=link.backend,
+            group_name=link.group_name,
         )
 
     def init_group(
@@ -345,6 +353,7 @@ class SGLangEngine:
         rank_offset: int,
         world_size: int,
         backend: str = "nccl",
+        group_name: str | None = None,
     ) -> InFlight:
         """Ask the engine to join the group; returns at once: the HTTP call only completes
         when the trainer (rank 0) joins too, so build the trainer side, then ``wait``."""
@@ -353,19 +362,20 @@ class SGLangEngine:
                 f"rank_offset={rank_offset}: the engine's {self.config.tp_size} "
                 f"rank(s) must fit in 1..{world_size - 1} (rank 0 is the trainer)"
             )
+        self.group_name = group_name or self.config.group_name
         body = request_body(
             "InitWeightsUpdateGroupReqInput",
             master_address=master_address,
             master_port=master_port,
             rank_offset=rank_offset,
             world_size=world_size,
-            group_name=self.config.group_name,
+            group_name=self.group_name,
             backend=backend,
         )
         return self._submit("/init_weights_update_group", body, "/init_weights_update_group")
 
     def destroy_group(self) -> None:
-        body = request_body("DestroyWeightsUpdateGroupReqInput", group_name=self.config.group_name)
+        body = request_body("DestroyWeightsUpdateGroupReqInput", group_name=self.group_name)
         self._post("/destroy_weights_update_group", body)
 
     # -- verification --------------------------------------------------------------------

@@ -14,18 +14,19 @@ timings) go through the dev ``/collective_rpc`` route. All of these routes exist
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import requests
+import torch
 
 from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.engines.base import BroadcastLink, Link, ShmLink
 from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan
-from weightsync.tensors import dtype_name
+from weightsync.tensors import all_finite, dtype_name
 from weightsync.transport.base import Ticket
 
 # weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; retract
@@ -41,7 +42,7 @@ class VllmEngineConfig:
     api_key: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every HTTP call and of every bucket acknowledgement."""
-    flush_retries: int = 5
+    flush_retries: int = 8
     flush_backoff_s: float = 0.05
     flush_backoff_max_s: float = 2.0
 
@@ -99,23 +100,22 @@ class VllmEngine:
         return self._call("POST", "/collective_rpc", json=body)["results"][0]
 
     # --- data plane (source rank) --------------------------------------------------------
-    def health(self) -> bool:
-        try:
-            return self._http.get(self.config.url + "/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
+    def check_link(self, link: Link) -> None:
+        if isinstance(link, BroadcastLink) and link.backend != "gloo":
+            raise ValueError(
+                f"engine {self.name!r}: the trainer's weight group uses {link.backend}, "
+                "but the weightsync vLLM plugin joins with gloo: use transport='ipc' or "
+                "CPU trainers for vLLM engines"
+            )
+        if not isinstance(link, BroadcastLink | ShmLink):
+            raise ValueError(f"engine {self.name!r}: cannot join {link!r}")
 
     def join(self, link: Link) -> InFlight:
         """Join the trainer's gloo group (the engine's workers take ranks rank_offset, +1, ...;
         the call completes once every rank joined, so the trainer joins beside it) or map its
         shared-memory ring (workers are consumers consumer_index, +1, ...)."""
+        self.check_link(link)
         if isinstance(link, BroadcastLink):
-            if link.backend != "gloo":
-                raise ValueError(
-                    f"engine {self.name!r}: the trainer's weight group uses {link.backend}, "
-                    "but the weightsync vLLM plugin joins with gloo: use transport='ipc' or "
-                    "CPU trainers for vLLM engines"
-                )
             info = InitInfo(
                 transport="broadcast",
                 master_address=link.master_address,
@@ -124,7 +124,7 @@ class VllmEngine:
                 rank_offset=link.rank_offset,
                 group_name=link.group_name,
             )
-        elif isinstance(link, ShmLink):
+        else:
             info = InitInfo(
                 transport="shm",
                 slot_names=list(link.ring.names),
@@ -133,8 +133,6 @@ class VllmEngine:
                 consumer_index=link.consumer_index,
                 unlink=link.unlink,
             )
-        else:
-            raise ValueError(f"{self.name}: cannot join {link!r}")
         info.timeout_s = self.config.timeout_s
         body = {"init_info": asdict(info)}
         what = f"{self.name} /init_weight_transfer_engine"
@@ -149,7 +147,15 @@ class VllmEngine:
             self._expected = {n: (d, tuple(s)) for n, (d, s) in raw.items()}
         return self._expected
 
-    def validate(self, plan: Plan, *, partial: bool = False) -> None:
+    def validate(
+        self,
+        plan: Plan,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+        *,
+        partial: bool = False,
+    ) -> None:
+        """``DataPlane.validate``; for callers that drive the adapter by hand, also the
+        tensors themselves (as the plan says, finite)."""
         expected = self.expected_params()
         sent = set()
         for bucket in plan.buckets:
@@ -164,6 +170,10 @@ class VllmEngine:
                 f"update is missing {len(missing)} tensors the engine expects, "
                 f"e.g. {missing[:3]}; pass partial=True to send a subset"
             )
+        for name, t in named_tensors or ():
+            _check_meta(expected, name, dtype_name(t.dtype), tuple(t.shape))
+            if not all_finite(t):
+                raise ValueError(f"tensor {name!r} has NaN or Inf values")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
         body = {"update_info": asdict(update_info(bucket, ticket))}
@@ -171,9 +181,6 @@ class VllmEngine:
         return InFlight(future, f"{self.name} bucket {bucket.index}")
 
     # --- control plane (driver) ----------------------------------------------------------
-    def is_paused(self) -> bool:
-        return bool(self._call("GET", "/is_paused")["is_paused"])
-
     def pause(self, mode: str = "abort") -> None:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
@@ -239,6 +246,16 @@ class VllmEngine:
         included (``weightsync.probe``)."""
         return self._rpc(f"readback:{seed}")
 
+    # --- diagnostics (neither plane: tests, benchmarks, operators) ------------------------
+    def health(self) -> bool:
+        try:
+            return self._http.get(self.config.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def is_paused(self) -> bool:
+        return bool(self._call("GET", "/is_paused")["is_paused"])
+
     def timings(self) -> list[dict]:
         """Engine-side receive/load/finish seconds of the last update, per bucket."""
         return self._rpc("timings")["timings"]
@@ -246,6 +263,7 @@ class VllmEngine:
     def shutdown_transport(self) -> None:
         self._call("POST", "/shutdown_weight_transfer_engine")
 
+    # --- both planes -------------------------------------------------------------------
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()

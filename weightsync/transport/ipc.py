@@ -1,7 +1,6 @@
 """Same-host transport for SGLang: tensor payloads (CUDA IPC; CPU tensors by file descriptor).
 
-The CPU shared-memory ring is ``weightsync.transport.shm``; its names are re-exported here for
-callers that import them from ``ipc``.
+The CPU shared-memory ring is ``weightsync.transport.shm``.
 
 SGLang's ``/update_weights_from_tensor`` with ``load_format="flattened_bucket"`` takes one
 serialized payload per engine TP rank: ``{"flattened_tensor": uint8 tensor, "metadata":
@@ -32,15 +31,10 @@ import torch.multiprocessing  # registers torch's tensor reductions with Forking
 
 from weightsync.plan import Bucket, bucket_views
 from weightsync.transport.base import Ticket
-from weightsync.transport.shm import RingSpec, ShmReceiver, ShmRing, ShmSender
 
 __all__ = [
     "IpcPayloadReceiver",
     "IpcPayloadSender",
-    "RingSpec",
-    "ShmReceiver",
-    "ShmRing",
-    "ShmSender",
     "decode_payload",
     "encode_payload",
 ]
