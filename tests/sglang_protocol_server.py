@@ -420,6 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             return Reply(200, "")
         if url.path == "/model_info":
             return engine.model_info()
+        if url.path == "/server_info":  # SGLang reports its resolved server args here
+            return Reply(200, {"tp_size": engine.tp_size, "pp_size": 1, "dp_size": 1})
         if url.path == "/flush_cache":
             return engine.flush_cache(float(parse_qs(url.query).get("timeout", ["0"])[0]))
         if url.path not in _ROUTES or (engine.legacy and url.path in _LEGACY_ABSENT):

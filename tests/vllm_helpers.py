@@ -67,7 +67,11 @@ def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):
 
 def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
     """Per-token prompt logprobs of a transformers model holding `state` (fp32 compute)."""
-    model = reference_model(model_dir, state)
+    return model_logprobs(reference_model(model_dir, state), prompt)
+
+
+def model_logprobs(model, prompt: list[int]) -> list[float]:
+    """Per-token prompt logprobs of a transformers ``model``."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0]
     logp = torch.log_softmax(logits, dim=-1)
@@ -78,7 +82,8 @@ def join_ring(engine, ring, timeout_s: float = TIMEOUT_S) -> None:
     """``engine`` maps the shared-memory ``ring`` as its only consumer."""
     from weightsync.engines.base import ShmLink
 
-    engine.join(ShmLink(ring=ring.spec, consumer_index=0, unlink=True)).wait(timeout_s)
+    engine.join(ShmLink(ring=ring.spec, consumer_index=0)).wait(timeout_s)
+    ring.unlink()
 
 
 def assert_kernels_hold(engine, named: dict[str, torch.Tensor], int4=None, seed: int = 7):

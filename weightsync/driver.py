@@ -112,10 +112,23 @@ class WeightSync:
 
     def connect(self) -> None:
         """Set up the transport between the source rank and every engine (once)."""
+        self._check_ranks()
         self._run(TrainerSync.install, self.specs, self.config, self.int4)
         self._model = self._run(TrainerSync.model_summary)[0]
         self._run(TrainerSync.connect)
         self._connected = True
+
+    def _check_ranks(self) -> None:
+        """Every engine runs as many ranks as its spec says: the group's world size and each
+        engine's rank offset are built from the specs, so a mismatch would hang the join."""
+        served = self._each(lambda e: e.ranks())
+        bad = {s.label: (s.tp_size, served[s.label]) for s in self.specs}
+        bad = {label: n for label, n in bad.items() if n[0] != n[1]}
+        if bad:
+            raise ValueError(
+                "EngineSpec.tp_size differs from the ranks the engine reports: "
+                + ", ".join(f"{lb}: tp_size={a}, engine {b}" for lb, (a, b) in bad.items())
+            )
 
     def _check_models(self) -> None:
         """Every engine serves the trainer's model: same config fields, before any pause."""

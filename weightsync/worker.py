@@ -210,7 +210,8 @@ def _open_broadcast(state: _State) -> None:
 
 def _open_shm(state: _State) -> None:
     """All ranks plan (a collective: the ring's slot size is the largest bucket); the source
-    rank creates the ring and has every engine map it, one consumer per engine rank."""
+    rank creates the ring, has every engine map it (one consumer per engine rank) and then
+    unlinks its names."""
     from weightsync.transport.shm import ShmRing, ShmSender
 
     plan = state.sender.prepare()
@@ -220,13 +221,15 @@ def _open_shm(state: _State) -> None:
     state.ring = ShmRing.create(plan.max_bucket_nbytes, num_slots=2, num_consumers=consumers)
     timeout = state.config.step_timeout_s
     deadline = time.monotonic() + timeout  # one for the whole set-up, as the driver waits
-    last = len(state.engines) - 1
     links = [
-        (engine, ShmLink(ring=state.ring.spec, consumer_index=off, unlink=i == last))
-        for i, (engine, off) in enumerate(zip(state.engines, offsets, strict=True))
+        (engine, ShmLink(ring=state.ring.spec, consumer_index=off))
+        for engine, off in zip(state.engines, offsets, strict=True)
     ]
     for engine, link in links:
         engine.check_link(link)
-    for engine, link in links:  # one at a time: the last engine to map the ring unlinks it
-        engine.join(link).wait(max(deadline - time.monotonic(), 0.0))
+    joins = [engine.join(link) for engine, link in links]
+    for join in joins:
+        join.wait(max(deadline - time.monotonic(), 0.0))
+    # Every rank of every engine has mapped the ring: the names can leave /dev/shm.
+    state.ring.unlink()
     state.transport = ShmSender(state.ring, timeout_s=timeout)

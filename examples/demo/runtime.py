@@ -58,7 +58,9 @@ class DemoRuntime:
             raise
         url = server.url if server is not None else cfg.engine_url
         key = server.api_key if server is not None else cfg.api_key  # generated if not given
-        spec = EngineSpec(kind=cfg.engine, url=url, api_key=key, timeout_s=cfg.timeout_s)
+        spec = EngineSpec(
+            kind=cfg.engine, url=url, api_key=key, tp_size=cfg.engine_tp, timeout_s=cfg.timeout_s
+        )
         rollout = RolloutClient(url, cfg.engine, key, cfg.timeout_s)
         return cls(cfg, dirs, hf_config, group, spec, rollout, server, owns_ray)
 
@@ -180,6 +182,7 @@ def _launch_vllm(cfg: DemoConfig, dirs: ModelDirs, out: Path) -> Any:
         model_dir=str(dirs.serve_dir),
         log_path=str(out / "vllm_server.log"),
         api_key=cfg.api_key,
+        tensor_parallel_size=cfg.engine_tp,
         max_model_len=256,
         startup_timeout_s=cfg.timeout_s,
         # /inference/v1/generate: token ids in, per-sample weight versions out.

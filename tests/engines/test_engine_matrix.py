@@ -49,6 +49,17 @@ CASES = {
     "mistral-bf16": ("mistral", dict(), None),
     "qwen2-tied-bf16": ("qwen2", dict(tie_word_embeddings=True), None),
     "qwen3-tied-int4": ("qwen3", dict(tie_word_embeddings=True), 32),
+    "qwen2_moe-bf16": (
+        "qwen2_moe",
+        dict(
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+        ),
+        None,
+    ),
     "qwen3_moe-bf16": (
         "qwen3_moe",
         dict(

@@ -147,6 +147,7 @@ def test_tensor_path_round_trips_bit_exactly(fresh, weights):
     new = weights["seed1"]
     fresh.set(tp_size=2)
     engine = _engine(fresh, path="tensor", tp_size=2)
+    assert engine.ranks() == 2  # what the server reports, not what the config says
     plan = _plan(new)
     run_update(engine, plan, new, IpcPayloadSender("cpu", tp_size=2), version="7")
     assert_bit_exact(fresh.state(), new)

@@ -7,6 +7,7 @@ gets, that engines are driven concurrently, and what a failure does to every eng
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -265,13 +266,17 @@ def test_shm_ring_counts_one_consumer_per_engine_rank():
         EngineSpec(kind="vllm", url="http://127.0.0.1:1", name="a", tp_size=2),
         EngineSpec(kind="vllm", url="http://127.0.0.1:2", name="b"),
     ]
+    from weightsync.transport.shm import SHM_DIR
+
     engines = [_Joining("a"), _Joining("b")]
     state = _State(_Planner(), specs, SyncConfig(transport="ipc"), engines)
     _open_shm(state)
     try:
         (a,), (b,) = engines[0].links, engines[1].links
         assert a.ring.num_consumers == 3  # 2 + 1 engine ranks, not 2 engines
-        assert (a.consumer_index, a.unlink, b.consumer_index, b.unlink) == (0, False, 2, True)
+        assert (a.consumer_index, b.consumer_index) == (0, 2)
+        # Unlinked once every engine joined: no rank has to know whether it attached last.
+        assert not any((Path(SHM_DIR) / n).exists() for n in a.ring.names)
     finally:
         state.ring.close()
 
@@ -331,6 +336,20 @@ def test_a_refused_flush_marks_exactly_the_refusing_engines_stale():
     with pytest.raises(UpdateFailed, match=r"e0.*refused to flush") as info:
         _sync(engines, ScriptedTrainers()).update(1)
     assert info.value.stale == ["e0"] and [e.calls[-1] for e in engines] == ["resume", "resume"]
+
+
+def test_an_engine_serving_more_ranks_than_its_spec_is_refused_before_any_pause():
+    class TwoRanks(ScriptedEngine):
+        def ranks(self):
+            return 2
+
+    engines, trainers = [TwoRanks("e0"), ScriptedEngine("e1")], ScriptedTrainers()
+    engines[1].ranks = lambda: 1
+    ws = _sync(engines, trainers)
+    ws._connected = False  # the rank count is asked when connecting
+    with pytest.raises(ValueError, match=r"e0: tp_size=1, engine 2"):
+        ws.update(1)
+    assert all(e.calls == [] for e in engines) and trainers.calls == []
 
 
 def test_transport_combinations_no_update_could_run_are_refused_when_built():

@@ -6,6 +6,7 @@ Every engine is driven by two adapter instances in two processes, built from one
 - ``ControlPlane``, in the driver (``WeightSync``): generation and the update session. One
   update, for every engine of the fleet::
 
+      ranks()                          # when connecting: the engine's own rank count
       model_config()                   # before anything is paused: the served model's fields
       pause(mode); flush_cache(); begin_update()
       ... the source rank streams the buckets (data plane) ...
@@ -51,12 +52,12 @@ class BroadcastLink:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ShmLink:
     """The source rank's shared-memory ring: this engine's TP ranks consume it as
-    ``consumer_index`` .. ``consumer_index + tp_size - 1``; ``unlink`` for the engine that
-    attaches last (the names then leave /dev/shm; the mappings stay)."""
+    ``consumer_index`` .. ``consumer_index + tp_size - 1``. The source rank unlinks the
+    names once every engine joined (the mappings stay): no rank of any engine can tell
+    whether it attaches last, as an engine's ranks attach concurrently."""
 
     ring: RingSpec
     consumer_index: int
-    unlink: bool
 
 
 Link = BroadcastLink | ShmLink
@@ -89,6 +90,11 @@ class Pending(Protocol):
 
 class ControlPlane(Protocol):
     name: str
+
+    def ranks(self) -> int:
+        """The worker ranks the engine itself reports (its TP size): each joins the weight
+        group, or reads the ring, as a rank of its own."""
+        ...
 
     def model_config(self) -> dict | None:
         """The served model's config fields (``weightsync.model_config.summary``), or None

@@ -151,6 +151,13 @@ class SGLangEngine:
     def model_info(self) -> dict:
         return checked(self._request("GET", "/model_info"), "/model_info")
 
+    def ranks(self) -> int:
+        """The server's TP size (``/server_info``; ``/get_server_info`` before 0.5.2x)."""
+        response = self._request("GET", "/server_info")
+        if response.status_code == 404:
+            response = self._request("GET", "/get_server_info")
+        return int(checked(response, "/server_info")["tp_size"])
+
     def get_version(self) -> str | None:
         return self.model_info().get("weight_version")
 

@@ -131,7 +131,7 @@ class VllmEngine:
                 slot_bytes=link.ring.slot_bytes,
                 num_consumers=link.ring.num_consumers,
                 consumer_index=link.consumer_index,
-                unlink=link.unlink,
+                unlink=False,  # the source rank unlinks once every engine joined
             )
         info.timeout_s = self.config.timeout_s
         body = {"init_info": asdict(info)}
@@ -236,6 +236,11 @@ class VllmEngine:
 
     def resume(self) -> None:
         self._call("POST", "/resume")
+
+    def ranks(self) -> int:
+        """Every worker of the engine answers a collective RPC: one result per rank."""
+        body = {"method": "weight_transfer_engine", "args": ["model_config"]}
+        return len(self._call("POST", "/collective_rpc", json=body | {"timeout": 60})["results"])
 
     def model_config(self) -> dict:
         """The served model's config fields (``weightsync.model_config``)."""

