@@ -99,6 +99,7 @@ class WeightSync:
         self.owner = owner
         self.engines: dict[str, ControlPlane] = {s.label: s.connect(config) for s in self.specs}
         self.stale: set[str] = set()
+        self._id = uuid.uuid4().hex[:12]  # this WeightSync's state on the trainer ranks
         self._connected = False
         self._model: dict | None = None  # the trainer's model_config summary
 
@@ -108,7 +109,7 @@ class WeightSync:
         return [s for s in self.specs if s.label not in self.stale]
 
     def _run(self, fn: Callable, *args: Any) -> list[Any]:
-        return self.trainers.run_all(fn, *args, timeout_s=self.config.step_timeout_s)
+        return self.trainers.run_all(fn, self._id, *args, timeout_s=self.config.step_timeout_s)
 
     def connect(self) -> None:
         """Set up the transport between the source rank and every engine (once)."""
@@ -186,7 +187,8 @@ class WeightSync:
         try:
             # Twice the step deadline: a rank may still sit in a collective until its own
             # deadline fires, and a Ray actor runs one call at a time.
-            self.trainers.run_all(TrainerSync.reset, timeout_s=2 * self.config.step_timeout_s)
+            timeout = 2 * self.config.step_timeout_s
+            self.trainers.run_all(TrainerSync.reset, self._id, timeout_s=timeout)
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
 

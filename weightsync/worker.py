@@ -1,6 +1,7 @@
 """The steps ``WeightSync`` runs inside the trainer workers (``fn(worker, ...)`` on every rank).
 
-State lives on the worker object (``worker.weightsync``) for the lifetime of the job: the
+State lives on the worker object (``worker.weightsync[sync_id]``, one per ``WeightSync``) for
+the lifetime of the job: the
 ``WeightSender`` on every rank; on the source rank also the engines' data planes
 (``engines.base.DataPlane``) and the transport sender. The source rank sets up the transport
 with the engines itself (``connect``): the driver never sees a group, a ring or a port. The
@@ -40,8 +41,8 @@ class _State:
     ring: Any = None
 
 
-def _state(worker: Any) -> _State:
-    state = getattr(worker, "weightsync", None)
+def _state(worker: Any, sync_id: str) -> _State:
+    state = getattr(worker, "weightsync", {}).get(sync_id)
     if state is None:
         raise RuntimeError("weightsync is not installed on this worker (WeightSync.connect)")
     return state
@@ -87,51 +88,59 @@ class TrainerSync:
 
     @staticmethod
     def install(
-        worker: Any, specs: Sequence[EngineSpec], config: SyncConfig, int4: Int4Config | None
+        worker: Any,
+        sync_id: str,
+        specs: Sequence[EngineSpec],
+        config: SyncConfig,
+        int4: Int4Config | None,
     ) -> None:
-        TrainerSync.uninstall(worker)  # a reconnect after a failed update replaces the state
+        """State for the WeightSync ``sync_id``: several (fleets with their own transports)
+        can drive one trainer job side by side."""
+        TrainerSync.uninstall(worker, sync_id)  # a reconnect replaces the state
         sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
         state = _State(sender=sender, specs=list(specs), config=config)
         if sender.is_source:
             state.engines = [s.connect(config) for s in specs]
-        worker.weightsync = state
+        if not hasattr(worker, "weightsync"):
+            worker.weightsync = {}
+        worker.weightsync[sync_id] = state
 
     @staticmethod
-    def model_summary(worker: Any) -> dict:
+    def model_summary(worker: Any, sync_id: str) -> dict:
         """The trainer model's config fields every engine must share (``model_config``)."""
         from weightsync.model_config import summary
 
-        sender = _state(worker).sender
+        sender = _state(worker, sync_id).sender
         qc = sender.int4.to_quantization_config() if sender.int4 else {}
         return summary(worker.hf_config, qc)
 
     @staticmethod
-    def connect(worker: Any) -> None:
+    def connect(worker: Any, sync_id: str) -> None:
         """All ranks: the transport between the source rank and every engine rank, built
         from the source rank (it hosts the group's store or owns the ring)."""
-        state = _state(worker)
+        state = _state(worker, sync_id)
         if state.config.transport == "ipc":
             _open_shm(state)
         elif state.sender.is_source:
             _open_broadcast(state)
 
     @staticmethod
-    def prepare(worker: Any, probe_seed: int = 0) -> int:
-        state = _state(worker)
+    def prepare(worker: Any, sync_id: str, probe_seed: int = 0) -> int:
+        state = _state(worker, sync_id)
         plan = state.sender.prepare(state.engines, probe_seed)
         state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
         return plan.total_nbytes
 
     @staticmethod
-    def send(worker: Any) -> SendStats:
-        state = _state(worker)
+    def send(worker: Any, sync_id: str) -> SendStats:
+        state = _state(worker, sync_id)
         return state.sender.send(state.engines, state.transport)
 
     @staticmethod
-    def reset(worker: Any) -> None:
+    def reset(worker: Any, sync_id: str) -> None:
         """Drop the transport (group, ring, sender), keep the rest: the next connect rebuilds
         it. Best effort, as a peer of the group may be gone."""
-        state = getattr(worker, "weightsync", None)
+        state = getattr(worker, "weightsync", {}).get(sync_id)
         if state is None:
             return
         # The sender is dropped, not closed: a broadcast sender's close() flushes, which would
@@ -148,14 +157,14 @@ class TrainerSync:
                 destroy_weight_group(group)
 
     @staticmethod
-    def uninstall(worker: Any) -> None:
-        state = getattr(worker, "weightsync", None)
+    def uninstall(worker: Any, sync_id: str) -> None:
+        state = getattr(worker, "weightsync", {}).get(sync_id)
         if state is None:
             return
-        TrainerSync.reset(worker)
+        TrainerSync.reset(worker, sync_id)
         for engine in state.engines:
             engine.close()
-        worker.weightsync = None
+        del worker.weightsync[sync_id]
 
 
 def _open_broadcast(state: _State) -> None:

@@ -106,6 +106,30 @@ def test_one_update_reaches_every_rank_of_a_mixed_fleet(fleet, transport):
         ws.close()
 
 
+def test_two_weightsyncs_drive_one_trainer_job_side_by_side(fleet):
+    """One WeightSync per engine (each its own transport), updates alternating: each keeps
+    its own state on the trainer ranks, and each engine serves what its last update sent."""
+    from weightsync import SyncConfig, WeightSync
+
+    group, servers, model_dir, reset = fleet
+    reset()
+    syncs = {tp: WeightSync(group, _specs({tp: s}), SyncConfig()) for tp, s in servers.items()}
+    try:
+        for version, seed in enumerate((21, 22), start=1):
+            group.run_all(_perturb, seed, timeout_s=TIMEOUT_S)
+            for ws in syncs.values():
+                assert not ws.update(version).stale
+        exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+        reference = reference_model(model_dir, exported)
+        for server in servers.values():
+            _, got = generate(server.url, PROMPTS[0], max_tokens=1, api_key=KEY)
+            want = model_logprobs(reference, PROMPTS[0])
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
+    finally:
+        for ws in syncs.values():
+            ws.close()
+
+
 def test_a_spec_that_miscounts_an_engines_ranks_is_refused_before_any_pause(fleet):
     from weightsync import SyncConfig, WeightSync
     from weightsync.engines.vllm import VllmEngine, VllmEngineConfig

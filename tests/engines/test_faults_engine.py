@@ -113,21 +113,26 @@ def _poison(worker, suffix: str, how: str):
     if how == "shape":
         # A config that is neither the trainer model's nor the served one's (a wider MLP):
         # the trainer's own shards are checked against it first, before the engines see it.
-        sender = worker.weightsync.sender
+        sender = _sender(worker)
         worker._saved_config = sender.hf_config
         sender.hf_config = {**sender.hf_config, "intermediate_size": 2 * 256}
+
+
+def _sender(worker):
+    (state,) = worker.weightsync.values()  # the one WeightSync of the rig
+    return state.sender
 
 
 def _restore(worker):
     for p, data in worker._saved:
         p.data = data
     if hasattr(worker, "_saved_config"):
-        worker.weightsync.sender.hf_config = worker._saved_config
+        _sender(worker).hf_config = worker._saved_config
         del worker._saved_config
 
 
 def _set_int4(worker, int4):
-    worker.weightsync.sender.int4 = int4
+    _sender(worker).int4 = int4
 
 
 # --- 5. bad input: refused before any engine is paused ---------------------------------------
