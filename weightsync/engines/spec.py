@@ -20,7 +20,8 @@ class EngineSpec:
     name: str = ""
     api_key: str | None = None
     tp_size: int = 1
-    """Ranks the engine occupies in a broadcast group (its TP size)."""
+    """Ranks the engine occupies in a broadcast group or the ring (its TP size); checked
+    against the count the engine reports when WeightSync connects."""
     timeout_s: float | None = None
     """This engine's deadline for every call; None: ``SyncConfig.step_timeout_s``."""
 
