@@ -92,12 +92,16 @@ class VllmEngine:
         return r.json() if r.content else {}
 
     def _rpc(self, query: str) -> dict:
+        return self._rpc_all(query)[0]
+
+    def _rpc_all(self, query: str) -> list[dict]:
+        """Every worker's answer to ``query``, one per rank."""
         body = {
             "method": "weight_transfer_engine",
             "args": [query],
             "timeout": self.config.timeout_s,
         }
-        return self._call("POST", "/collective_rpc", json=body)["results"][0]
+        return self._call("POST", "/collective_rpc", json=body)["results"]
 
     # --- data plane (source rank) --------------------------------------------------------
     def check_link(self, link: Link) -> None:
@@ -239,8 +243,7 @@ class VllmEngine:
 
     def ranks(self) -> int:
         """Every worker of the engine answers a collective RPC: one result per rank."""
-        body = {"method": "weight_transfer_engine", "args": ["model_config"]}
-        return len(self._call("POST", "/collective_rpc", json=body | {"timeout": 60})["results"])
+        return len(self._rpc_all("model_config"))
 
     def model_config(self) -> dict:
         """The served model's config fields (``weightsync.model_config``)."""
