@@ -92,6 +92,14 @@ def checkpoint_digests(
             continue
         base = name.rpartition(".")[0]
         parts = {p: named[f"{base}.{p}"] for p in INT4_PARTS if f"{base}.{p}" in named}
-        cols = probe_columns(seed, int(parts["weight_shape"][-1]))
-        out[logical] = digest(int4_columns(parts, cols, group_size, symmetric))
+        out[logical] = int4_probe_digest(parts, seed, group_size, symmetric)
     return out
+
+
+def int4_probe_digest(
+    parts: dict[str, torch.Tensor], seed: int, group_size: int, symmetric: bool
+) -> str:
+    """The probe digest of a pack-quantized weight (its parts by leaf name): the probed
+    columns dequantized from the packed bytes."""
+    cols = probe_columns(seed, int(parts["weight_shape"][-1]))
+    return digest(int4_columns(parts, cols, group_size, symmetric))

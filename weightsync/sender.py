@@ -33,7 +33,7 @@ from weightsync.engines.base import DataPlane, EngineFailed, Pending
 from weightsync.model_config import config_field
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan
 from weightsync.plan_checks import check_plan_identical
-from weightsync.probe import digest, int4_columns, probe_columns, probe_digest
+from weightsync.probe import int4_probe_digest, probe_digest
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.tensors import all_finite
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -220,21 +220,20 @@ class WeightSender:
             stats.quantize_s += time.perf_counter() - t0
             if self.config.verify:
                 t0 = time.perf_counter()
-                stats.digests[name] = self._probe(name, tensor, out)
+                stats.digests[name] = self._probe(out)
                 if name in self._aliases:
                     stats.digests[self._aliases[name]] = stats.digests[name]
                 stats.probe_s += time.perf_counter() - t0
             yield from out
 
-    def _probe(self, name: str, tensor: torch.Tensor, sent: list) -> str:
+    def _probe(self, sent: list) -> str:
         """The probe digest of the weight the engine will compute with: the tensor itself,
         or for int4 its dequantized columns, taken from the packed bytes that were sent."""
         if len(sent) == 1:
             return probe_digest(sent[0][1], self.probe_seed)
         parts = {n.rpartition(".")[2]: t for n, t in sent}
-        cols = probe_columns(self.probe_seed, tensor.shape[-1])
         assert self.int4 is not None
-        return digest(int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric))
+        return int4_probe_digest(parts, self.probe_seed, self.int4.group_size, self.int4.symmetric)
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []
