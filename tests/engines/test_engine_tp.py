@@ -3,11 +3,14 @@ update from a megatron TP=2 trainer on Ray, over broadcast and over the shared-m
 
 Each engine's own logprobs on fixed prompts are held to transformers running the weights the
 trainer exports after the update: every rank of the TP=2 engine received every bucket and
-loaded its own shard. The engine's rank count comes from the engine itself: a spec that says
-otherwise is refused before anything is paused.
+loaded its own shard, and ``verify`` read every rank's shards back through its kernels. The
+engine's rank count comes from the engine itself: a spec that says otherwise is refused before
+anything is paused.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -33,10 +36,16 @@ def fleet(tmp_path_factory):
     from weightsync_demo.policy import PolicyWorker, as_hf_dict
 
     tmp = tmp_path_factory.mktemp("tp")
-    # Two KV heads: each rank of the TP=2 engine holds one. A vocabulary big enough for the
-    # update to span several 1 MiB buckets.
+    # One KV head: both ranks of the TP=2 engine hold a replica of it. A tied LM head (each
+    # rank a vocabulary shard of the embedding). A vocabulary big enough for the update to
+    # span several 1 MiB buckets.
     hf_config = tiny_config(
-        "llama", num_key_value_heads=2, head_dim=64, vocab_size=2048, bos_token_id=1
+        "llama",
+        num_key_value_heads=1,
+        head_dim=64,
+        vocab_size=2048,
+        bos_token_id=1,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
@@ -56,6 +65,7 @@ def fleet(tmp_path_factory):
                 tensor_parallel_size=tp,
                 startup_timeout_s=TIMEOUT_S,
                 extra_args=("--enable-scale-out",),  # /inference/v1/generate: token ids in
+                extra_env={"WEIGHTSYNC_FAULT_INJECTION": "1"},
             )
             servers[tp] = VllmServer(cfg).start()
         weights = load_file(tmp / "hf" / "model.safetensors")
@@ -86,12 +96,13 @@ def test_one_update_reaches_every_rank_of_a_mixed_fleet(fleet, transport):
 
     group, servers, model_dir, reset = fleet
     reset()  # every case starts from the served weights
-    ws = WeightSync(group, _specs(servers), SyncConfig(transport=transport, bucket_bytes=1 << 20))
+    config = SyncConfig(transport=transport, bucket_bytes=1 << 20, verify=True)
+    ws = WeightSync(group, _specs(servers), config)
     try:
         for version, seed in enumerate((11, 12), start=1):
             group.run_all(_perturb, seed, timeout_s=TIMEOUT_S)
-            stats = ws.update(version)
-            assert not stats.stale and stats.num_buckets > 1
+            stats = ws.update(version)  # verified: every rank's shards read back
+            assert not stats.stale and stats.num_buckets > 1 and stats.verify_s > 0
             exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
             reference = reference_model(model_dir, exported)
             for tp, server in servers.items():
@@ -144,3 +155,28 @@ def test_a_spec_that_miscounts_an_engines_ranks_is_refused_before_any_pause(flee
     probe = VllmEngine(VllmEngineConfig(url=servers[2].url, api_key=KEY))
     assert probe.ranks() == 2 and not probe.is_paused() and probe.get_version() != "99"
     probe.close()
+
+
+def test_verify_catches_one_rank_left_old_and_the_next_update_repairs(fleet):
+    """One rank of the TP=2 engine skips a layer (its shards stay old, the other rank's are
+    new): verify names the layer, only that engine goes stale, the TP=1 engine serves."""
+    from weightsync import SyncConfig, WeightSync
+    from weightsync.driver import UpdateFailed
+
+    group, servers, _, reset = fleet
+    reset()
+    ws = WeightSync(group, _specs(servers), SyncConfig(verify=True))
+    try:
+        ws.update(1)
+        group.run_all(_perturb, 31, timeout_s=TIMEOUT_S)
+        faults = {"skip": ["model.layers.1."], "tp_ranks": [1]}
+        ws.engines["tp2"]._rpc_all("fault:" + json.dumps(faults))
+        with pytest.raises(UpdateFailed, match="verify") as info:
+            ws.update(2)
+        assert "model.layers.1." in str(info.value), info.value
+        assert ws.stale == {"tp2"} and [s.label for s in ws.live_engines] == ["tp1"]
+        assert ws.versions() == {"tp1": "2", "tp2": "partial-2"}
+        assert not ws.update(3).stale  # nothing armed: a full update repairs it, verified
+        assert ws.versions() == {"tp1": "3", "tp2": "3"}
+    finally:
+        ws.close()

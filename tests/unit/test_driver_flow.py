@@ -27,6 +27,7 @@ class ScriptedEngine:
         self.calls: list[str] = []
         self.versions: list[str] = []
         self.served = None  # what model_config answers
+        self.holds = {"w": "new"}  # what live_digests reads back
 
     def model_config(self):
         return self.served
@@ -54,6 +55,9 @@ class ScriptedEngine:
     def abort_update(self):
         return self._step("abort")
 
+    def live_digests(self, seed):
+        return self._step("verify", dict(self.holds))
+
     def set_version(self, version):
         self.versions.append(version)
         return self._step("version")
@@ -77,7 +81,7 @@ class ScriptedTrainers:
             self.on_send()
             if self.send_error is not None:
                 raise self.send_error
-            return [SendStats(nbytes=1, num_buckets=1)]
+            return [SendStats(nbytes=1, num_buckets=1, digests={"w": "new"})]
         return [None, None]
 
 
@@ -194,16 +198,24 @@ def test_a_model_config_mismatch_is_refused_before_any_pause():
     assert all(e.calls == [] for e in engines)
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        EngineSpec(kind="sglang", url="http://127.0.0.1:9", name="sg"),
-        EngineSpec(kind="vllm", url="http://127.0.0.1:9", name="tp2", tp_size=2),
-    ],
-)
-def test_verify_is_refused_up_front_where_the_engine_cannot_read_back(spec):
+def test_verify_is_refused_up_front_where_the_engine_cannot_read_back():
+    spec = EngineSpec(kind="sglang", url="http://127.0.0.1:9", name="sg")
     with pytest.raises(ValueError, match=f"verify.*{spec.name}"):
         WeightSync(ScriptedTrainers(), [spec], SyncConfig(verify=True))
+
+
+def test_an_engine_that_fails_verify_is_stale_and_the_verified_ones_stay_live():
+    good, bad = ScriptedEngine("good"), ScriptedEngine("bad")
+    bad.holds = {"w": "old"}
+    ws = _sync([good, bad], ScriptedTrainers(), verify=True)
+    ws.stale = {"good"}  # an earlier failure: a verified update makes it live again
+    with pytest.raises(UpdateFailed, match=r"verify.*\['w'\]") as info:
+        ws.update(4)
+    assert info.value.stale == ["bad"] and ws.stale == {"bad"}
+    assert [s.label for s in ws.live_engines] == ["good"]
+    assert good.calls == ["pause", "flush", "begin", "end", "verify", "version", "resume"]
+    assert good.versions == ["4"] and bad.versions == ["partial-4"]
+    assert bad.calls[-3:] == ["abort", "version", "resume"]
 
 
 def test_a_session_left_open_is_recovered_through_abort():

@@ -8,7 +8,16 @@ import torch
 
 from tests.models import tiny_dims
 from weightsync.model_config import mismatches, summary
-from weightsync.probe import int4_columns, logical_name, probe_columns, probe_digest
+from weightsync.probe import (
+    assemble,
+    cols_piece,
+    int4_columns,
+    logical_name,
+    probe_columns,
+    probe_digest,
+    probe_view,
+    rows_piece,
+)
 from weightsync.quant import pack_int4, unpack_int4
 
 
@@ -38,6 +47,76 @@ def test_int4_columns_equal_the_full_dequantization(symmetric, group_size):
     full = unpack_int4(parts, group_size, symmetric)
     got = int4_columns(parts, cols, group_size, symmetric)
     assert got.dtype == full.dtype and torch.equal(got, full[:, cols])
+
+
+def _row_shards(w: torch.Tensor, seed: int, ranks: int) -> list[dict]:
+    """Each rank's piece of a column-parallel weight: its output rows, probed."""
+    n = w.shape[0] // ranks
+    return [
+        rows_piece(probe_view(w[r * n : (r + 1) * n], seed), r * n, w.shape[0])
+        for r in range(ranks)
+    ]
+
+
+def _col_shards(w: torch.Tensor, seed: int, ranks: int) -> list[dict]:
+    """Each rank's piece of a row-parallel weight: the probed input columns it holds."""
+    total, n = w.shape[-1], w.shape[-1] // ranks
+    out = []
+    for r in range(ranks):
+        cols = [c for c in probe_columns(seed, total).tolist() if r * n <= c < (r + 1) * n]
+        out.append(cols_piece(w[:, cols], cols, total, seed) if cols else None)
+    return out
+
+
+def test_shards_assemble_to_the_whole_weights_digest():
+    seed = 3
+    qkv, down, norm = torch.randn(96, 64), torch.randn(64, 160), torch.randn(64)
+    qkv, down = qkv.to(torch.bfloat16), down.to(torch.bfloat16)
+    rows, cols = _row_shards(qkv, seed, 2), _col_shards(down, seed, 2)
+    answers = [{"qkv": rows[r], "norm": rows_piece(norm, 0, 64)} for r in range(2)]
+    for r in range(2):
+        if cols[r] is not None:
+            answers[r]["down"] = cols[r]
+    got = assemble(answers, seed)
+    assert got == {
+        "qkv": probe_digest(qkv, seed),
+        "down": probe_digest(down, seed),
+        "norm": probe_digest(norm, seed),
+    }
+    # TP=1: a rank holding the whole weight sends only its digest.
+    assert set(rows_piece(probe_view(qkv, seed), 0, 96)) == {"digest"}
+    assert set(
+        cols_piece(probe_view(down, seed), probe_columns(seed, 160).tolist(), 160, seed)
+    ) == {"digest"}
+
+
+def test_replicated_kv_shards_must_agree_and_every_row_must_be_held():
+    seed, k = 1, torch.randn(16, 64).to(torch.bfloat16)
+    same = rows_piece(probe_view(k[:8], seed), 0, 16)
+    other = rows_piece(probe_view(k[8:], seed), 8, 16)
+    assert assemble([{"k": same}, {"k": same}, {"k": other}, {"k": other}], seed)["k"] == (
+        probe_digest(k, seed)
+    )
+    stale = rows_piece(probe_view(k[:8] + 1, seed), 0, 16)
+    assert "disagree" in assemble([{"k": same}, {"k": stale}, {"k": other}], seed)["k"]
+    assert "no rank" in assemble([{"k": other}], seed)["k"]
+    assert "cover" in assemble([{"k": same}], seed)["k"]
+
+
+def test_a_stale_shard_or_a_disagreeing_replica_changes_the_digest():
+    seed, w = 2, torch.randn(32, 128).to(torch.bfloat16)
+    good = _row_shards(w, seed, 2)
+    old = w.clone()
+    old[16:] += 1  # rank 1 kept old weights
+    assert assemble([{"w": good[0]}, {"w": _row_shards(old, seed, 2)[1]}], seed)["w"] != (
+        probe_digest(w, seed)
+    )
+    cols = _col_shards(w, seed, 2)
+    assert "no rank" in assemble([{"w": c} for c in cols[:1] if c is not None], seed)["w"]
+    n1, n2 = torch.ones(4), torch.zeros(4)
+    assert (
+        "disagree" in assemble([{"n": rows_piece(n1, 0, 4)}, {"n": rows_piece(n2, 0, 4)}], 0)["n"]
+    )
 
 
 def test_logical_names_fold_int4_parts_into_their_weight():

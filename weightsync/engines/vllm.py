@@ -26,6 +26,7 @@ from weightsync.engines.base import BroadcastLink, Link, ShmLink
 from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan
+from weightsync.probe import assemble
 from weightsync.tensors import all_finite, dtype_name
 from weightsync.transport.base import Ticket
 
@@ -251,8 +252,8 @@ class VllmEngine:
 
     def live_digests(self, seed: int) -> dict[str, str]:
         """Probe digests of the weights the engine's kernels compute with, HF names, aliases
-        included (``weightsync.probe``)."""
-        return self._rpc(f"readback:{seed}")
+        included, every rank's shard put together (``weightsync.probe``)."""
+        return assemble(self._rpc_all(f"readback:{seed}"), seed)
 
     # --- diagnostics (neither plane: tests, benchmarks, operators) ------------------------
     def health(self) -> bool:

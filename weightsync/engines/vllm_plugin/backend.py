@@ -168,36 +168,41 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             "timings|abort|readback:<seed below 2**31>"
         )
 
-    def readback(self, seed: int) -> dict[str, str]:
-        """Probe digests of the weights the kernels compute with (``weightsync.probe``)."""
-        from weightsync.engines.vllm_plugin.readback import live_digests
+    def readback(self, seed: int) -> dict[str, dict]:
+        """This rank's probe pieces of the weights the kernels compute with
+        (``weightsync.probe``; the driver assembles the ranks' pieces)."""
+        from weightsync.engines.vllm_plugin.readback import live_pieces
         from weightsync.probe import logical_name
 
         if self._open:
             raise RuntimeError("weightsync backend: readback during an open update session")
-        if self.parallel_config.world_size > 1:
-            raise RuntimeError("weightsync backend: readback needs a TP=1 engine")
         expected = self("expected_params")
         wanted = {logical_name(n) for n in expected} - {None}
         if config_field(self.model_config.hf_config, "tie_word_embeddings", False):
             wanted.add("lm_head.weight")  # read through the head's own kernel
-        return live_digests(self.model, seed, wanted)
+        return live_pieces(self.model, seed, wanted)
 
     def inject_faults(self, faults: dict) -> dict:
         """Test-only (the engine must run with WEIGHTSYNC_FAULT_INJECTION=1): break the next
         session the way real bugs do, so tests can see ``verify`` catch it. ``skip``: names
         (prefixes) never loaded; ``stale_alias``: a tied head keeps a private copy of the old
-        embedding; ``post_twice``: the MoE kernels' post-processing applied twice."""
+        embedding; ``post_twice``: the MoE kernels' post-processing applied twice;
+        ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
         if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
             raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
-        allowed = {"skip", "stale_alias", "post_twice"}
+        allowed = {"skip", "stale_alias", "post_twice", "tp_ranks"}
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
         skip = faults.get("skip", [])
         if not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
             raise ValueError("faults.skip: a list of tensor names or name prefixes")
-        self._faults = faults
-        return {"armed": sorted(faults)}
+        ranks = faults.pop("tp_ranks", None)
+        if ranks is not None and not (
+            isinstance(ranks, list) and all(type(r) is int for r in ranks)
+        ):
+            raise ValueError("faults.tp_ranks: a list of TP rank numbers")
+        self._faults = faults if ranks is None or self.parallel_config.rank in ranks else {}
+        return {"armed": sorted(self._faults)}
 
 
 def _untie(model) -> list:
