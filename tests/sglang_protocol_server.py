@@ -4,11 +4,13 @@ SGLang's server cannot run on CPU, so the SGLang adapter is tested against this 
 assembled from SGLang's own importable receiver pieces: the io_struct request structs (bodies
 validated the way FastAPI does, 422 on a bad body), ``init_custom_process_group`` for the update
 group, ``FlattenedTensorBucket`` to rebuild received buffers and ``MultiprocessingSerializer``
-(SafeUnpickler) for the tensor path. Received weights are applied by HF name to a tiny
-transformers Qwen2. Endpoint semantics follow SGLang 0.5.23's HTTP server: session gating,
-pause modes, flush refusals, weight_version in /model_info, and a tensor-path failure "kills the
-scheduler" (every later call answers 503), as the real server's uncaught exceptions do.
-Test-only endpoints live under /_test/ and skip auth.
+(SafeUnpickler) for the tensor path. The server starts from a tiny transformers Qwen2
+checkpoint; its TP ranks are processes of their own (``sglang_fixture_ranks``), each joining
+the group, receiving every bucket and keeping its shard by HF name, as SGLang's are. Endpoint
+semantics follow SGLang 0.5.23's HTTP server: session gating, pause modes, flush refusals,
+weight_version in /model_info, and a tensor-path failure "kills the scheduler" (every later
+call answers 503), as the real server's uncaught exceptions do. Test-only endpoints live under
+/_test/ and skip auth.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
 import shutil
@@ -29,7 +32,6 @@ import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -37,8 +39,8 @@ import requests
 import torch
 
 from tests.models import tiny_config
+from tests.sglang_fixture_ranks import RankError, Ranks, rank_main
 
-_GROUP_TIMEOUT = timedelta(seconds=60)
 _DISTRIBUTED_FAIL = "Failed to update parameter online: {} The full weights of the ModelRunner are "
 _FLUSH_REFUSED = "Weights were updated, but the cache was not flushed because requests are still "
 
@@ -107,7 +109,7 @@ def import_io_struct() -> types.ModuleType:
     return io_struct
 
 
-def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
+def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
     from transformers import Qwen2ForCausalLM
 
     # Narrower than the tiny default: the dims the SGLang adapter tests size their buckets for.
@@ -118,6 +120,7 @@ def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
+        **overrides,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
@@ -142,31 +145,36 @@ def _fail(message: str) -> Reply:
 
 
 class FakeSGLangEngine:
-    """Engine state. One lock serialises control calls, like SGLang's single scheduler loop."""
+    """Engine state. One lock serialises control calls, like SGLang's single scheduler loop;
+    the weights live in the TP rank processes behind ``conns``."""
 
-    def __init__(self, model_dir: str, seed: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, model_dir: str, seed: int, conns: list[mp.connection.Connection]) -> None:
         import pydantic
         from safetensors.torch import save_file
 
         self.io, self.adapter = import_io_struct(), pydantic.TypeAdapter
-        self.model = tiny_qwen2(seed)
-        self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
         # The "checkpoint the server was launched from": /model_info reports its directory.
         self.model_dir = model_dir
-        save_file(self.initial, os.path.join(model_dir, "model.safetensors"))
-        self.default_tp_size = tp_size
+        checkpoint = os.path.join(model_dir, "model.safetensors")
+        if not os.path.exists(checkpoint):  # else the test's own, copied in by ProtocolServer
+            save_file(tiny_qwen2(seed).state_dict(), checkpoint)
+        self.ranks = Ranks(conns, model_dir)
+        self.tp_size = len(conns)
         self.lock = threading.Lock()
-        self.groups: dict[str, object] = {}
+        self.groups: set[str] = set()
         self.reset()
 
     def reset(self) -> None:
-        self.model.load_state_dict(self.initial)
+        self.ranks.run_all("reset")
         self.version, self.paused, self.session, self.dead = "default", None, None, None
         self.running = self.waiting = self.busy_flushes = 0
         self.api_key: str | None = None
         self.legacy = False
-        self.tp_size = self.default_tp_size
         self.log: list[dict] = []
+
+    def refuse_rank(self, rank: int | None) -> None:
+        """Test fault: TP rank ``rank`` receives updates but refuses to load them."""
+        self.ranks.run("set_refuse", [{"refuse": r == rank} for r in range(self.tp_size)])
 
     def parse(self, struct: str, raw: bytes):
         return self.adapter(getattr(self.io, struct)).validate_json(raw or b"null")
@@ -220,90 +228,57 @@ class FakeSGLangEngine:
             return _fail(_FLUSH_REFUSED + "running or queued.")
         return _ok(message)
 
-    def apply(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        # HF names straight onto the transformers state dict; SGLang's load_weights would fuse.
-        params = self.model.state_dict(keep_vars=True)
-        for name, tensor in named:
-            param = params[name]  # KeyError for an unknown name, as SGLang's params_dict[name]
-            assert param.shape == tensor.shape, f"{name}: {tuple(tensor.shape)} != {param.shape}"
-            param.data.copy_(tensor)
-
     # -- distributed path ----------------------------------------------------------------
+    # Any rank's failure fails the request (SGLang answers with TP rank 0's result): stricter,
+    # so that a test sees a rank that went wrong.
     def init_weights_update_group(self, req) -> Reply:
-        from sglang.srt.utils import init_custom_process_group
-
-        host = f"[{req.master_address}]" if ":" in req.master_address else req.master_address
         try:
-            self.groups[req.group_name] = init_custom_process_group(
-                backend=req.backend,
-                init_method=f"tcp://{host}:{req.master_port}",
+            self.ranks.run_all(
+                "init_group",
+                master_address=req.master_address,
+                master_port=req.master_port,
                 world_size=req.world_size,
-                rank=req.rank_offset,
+                rank_offset=req.rank_offset,
                 group_name=req.group_name,
-                timeout=_GROUP_TIMEOUT,
+                backend=req.backend,
             )
-        except Exception as e:  # noqa: BLE001 - reported to the client like SGLang does
+        except RankError as e:  # reported to the client like SGLang does
             return _fail(f"Failed to initialize custom process group: {e}.")
+        self.groups.add(req.group_name)
         return _ok("Succeeded to initialize custom process group.")
 
     def destroy_weights_update_group(self, req) -> Reply:
         if req.group_name not in self.groups:
             return _fail("The group to be destroyed does not exist.")
-        torch.distributed.destroy_process_group(self.groups.pop(req.group_name))
+        self.groups.remove(req.group_name)
+        self.ranks.run_all("destroy_group", group_name=req.group_name)
         return _ok("Succeeded to destroy custom process group.")
 
     def update_weights_from_distributed(self, req) -> Reply:
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
         if (refused := self._gate("update_weights_from_distributed")) is not None:
             return refused
-        group = self.groups[req.group_name]
         try:
-            if req.load_format == "flattened_bucket":
-                bucket = FlattenedTensorBucket.empty(req.names, req.dtypes, req.shapes, "cpu")
-                torch.distributed.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
-                named = bucket.reconstruct_tensors()
-            else:
-                named = [
-                    (n, torch.empty(s, dtype=getattr(torch, d)))
-                    for n, d, s in zip(req.names, req.dtypes, req.shapes, strict=True)
-                ]
-                for _, t in named:
-                    torch.distributed.broadcast(t, src=0, group=group)
-        except Exception as e:  # noqa: BLE001
-            return _fail(f"Failed to receive weights: {e}.")
-        try:
-            self.apply(named)
-        except Exception as e:  # noqa: BLE001
+            self.ranks.run_all(
+                "receive",
+                names=req.names,
+                dtypes=req.dtypes,
+                shapes=req.shapes,
+                group_name=req.group_name,
+                load_format=req.load_format,
+            )
+        except RankError as e:
             return _fail(_DISTRIBUTED_FAIL.format(e) + "partially updated.")
         return self._finish_update(req, "Succeeded to update parameter online.")
 
     # -- tensor path ---------------------------------------------------------------------
     def update_weights_from_tensor(self, req) -> Reply:
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import (
-            FlattenedTensorBucket,
-            FlattenedTensorMetadata,
-        )
-
         if (refused := self._gate("update_weights_from_tensor")) is not None:
             return refused
         # Uncaught in SGLang's scheduler: any failure from here on kills the server.
         try:
-            for rank in range(self.tp_size):
-                obj = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[rank])
-                if req.load_format == "flattened_bucket":
-                    meta = [
-                        FlattenedTensorMetadata(
-                            m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel
-                        )
-                        for m in obj["metadata"]
-                    ]
-                    obj = FlattenedTensorBucket(
-                        flattened_tensor=obj["flattened_tensor"], metadata=meta
-                    ).reconstruct_tensors()
-                if rank == 0:
-                    self.apply(obj)
+            payloads = [req.serialized_named_tensors[rank] for rank in range(self.tp_size)]
+            per_rank = [{"payload": p, "load_format": req.load_format} for p in payloads]
+            self.ranks.run("load_payload", per_rank)  # each rank opens only its own payload
         except Exception as e:  # noqa: BLE001
             self.dead = f"Scheduler hit an exception: {type(e).__name__}: {e}"
             return Reply(500, {"error": {"message": self.dead}})
@@ -330,16 +305,17 @@ class FakeSGLangEngine:
     def weights_checker(self, req) -> Reply:
         if req.action != "checksum":
             return _fail(f"action {req.action!r} is not implemented by the test fixture")
+        # Over the reassembled HF tensors: SGLang's own are of fused, sharded parameters.
         sums = {
             k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).digest()[:8].hex()
-            for k, v in self.model.state_dict().items()
+            for k, v in self.ranks.state().items()
         }
         return _ok("ok", ranks=[{"checksums": sums, "parallelism_info": []}])
 
     def state_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        return save({k: v.contiguous() for k, v in self.model.state_dict().items()})
+        return save({k: v.contiguous() for k, v in self.ranks.state().items()})
 
 
 # path -> (request struct or None, handler name); all update endpoints take a JSON body.
@@ -437,21 +413,20 @@ class _Handler(BaseHTTPRequestHandler):
         engine = self.engine
         with engine.lock:
             if path == "/_test/state":
-                return Reply(200, engine.state_bytes())
+                try:
+                    return Reply(200, engine.state_bytes())
+                except (RankError, ValueError) as e:  # e.g. replicas that disagree
+                    return Reply(409, str(e))
             if path == "/_test/log":
                 return Reply(200, {"log": engine.log})
             if path == "/_test/reset":
                 engine.reset()
             elif path == "/_test/set":
                 for key, value in json.loads(raw).items():
-                    assert key in (
-                        "api_key",
-                        "legacy",
-                        "running",
-                        "waiting",
-                        "busy_flushes",
-                        "tp_size",
-                    ), key
+                    if key == "refuse_rank":
+                        engine.refuse_rank(value)
+                        continue
+                    assert key in ("api_key", "legacy", "running", "waiting", "busy_flushes"), key
                     setattr(engine, key, value)
             else:
                 return Reply(404, {"detail": "Not Found"})
@@ -482,9 +457,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve(ready: mp.Queue, model_dir: str, seed: int = 0, tp_size: int = 1) -> None:
+def serve(ready: mp.Queue, model_dir: str, seed: int, conns: list) -> None:
     """Process entry point: bind 127.0.0.1 on a free port, report it, serve until killed."""
-    engine = FakeSGLangEngine(model_dir, seed, tp_size)
+    engine = FakeSGLangEngine(model_dir, seed, conns)
     handler = type("Handler", (_Handler,), {"engine": engine})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ready.put(server.server_address[1])
@@ -492,19 +467,37 @@ def serve(ready: mp.Queue, model_dir: str, seed: int = 0, tp_size: int = 1) -> N
 
 
 class ProtocolServer:
-    """Test-side handle: starts ``serve`` in a spawned process and reads its test endpoints.
+    """Test-side handle: starts ``serve`` and its TP rank processes, reads its test endpoints.
 
-    Spawned by multiprocessing so the child shares this process's authkey: torch shares CPU
-    tensors by file descriptor through multiprocessing's resource sharer, which checks it.
+    Spawned by multiprocessing so the children share this process's authkey: torch shares CPU
+    tensors by file descriptor through multiprocessing's resource sharer, which checks it. The
+    ranks are the server's siblings, not its children: a daemonic process cannot have any.
     """
 
-    def __init__(self, seed: int = 0, tp_size: int = 1, start_timeout_s: float = 120) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        tp_size: int = 1,
+        start_timeout_s: float = 120,
+        checkpoint: str | None = None,
+    ) -> None:
+        """``checkpoint``: a safetensors file to serve instead of ``tiny_qwen2(seed)``."""
         ctx = mp.get_context("spawn")
         ready = ctx.Queue()
         self.model_dir = tempfile.mkdtemp(prefix="sglang-fixture-")
-        args = (ready, self.model_dir, seed, tp_size)
+        if checkpoint:
+            shutil.copy(checkpoint, os.path.join(self.model_dir, "model.safetensors"))
+        pipes = [ctx.Pipe() for _ in range(tp_size)]
+        self.ranks = [
+            ctx.Process(target=rank_main, args=(child, rank, tp_size), daemon=True)
+            for rank, (_, child) in enumerate(pipes)
+        ]
+        args = (ready, self.model_dir, seed, [server_end for server_end, _ in pipes])
         self.process = ctx.Process(target=serve, args=args, daemon=True)
-        self.process.start()
+        for process in (*self.ranks, self.process):
+            process.start()
+        for conn in (c for pipe in pipes for c in pipe):  # the children hold their own copies
+            conn.close()
         deadline = time.monotonic() + start_timeout_s
         while True:
             try:
@@ -517,7 +510,8 @@ class ProtocolServer:
 
     def _call(self, path: str, body: dict | None = None) -> requests.Response:
         response = requests.post(self.url + path, json=body or {}, timeout=30)
-        response.raise_for_status()
+        if not response.ok:
+            raise RuntimeError(f"{path}: HTTP {response.status_code}: {response.text}")
         return response
 
     def reset(self) -> dict:
@@ -541,6 +535,7 @@ class ProtocolServer:
         return load(self._call("/_test/state").content)
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.join(timeout=10)
+        for process in (self.process, *self.ranks):
+            process.kill()
+            process.join(timeout=10)
         shutil.rmtree(self.model_dir, ignore_errors=True)
