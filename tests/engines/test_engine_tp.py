@@ -5,16 +5,20 @@ Each engine's own logprobs on fixed prompts are held to transformers running the
 trainer exports after the update: every rank of the TP=2 engine received every bucket and
 loaded its own shard, and ``verify`` read every rank's shards back through its kernels. The
 engine's rank count comes from the engine itself: a spec that says otherwise is refused before
-anything is paused.
+anything is paused. Last (it restarts the TP=2 engine): one rank of it killed mid-update.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
+import psutil
 import pytest
 import torch
 
+from tests import fault_helpers as fh
 from tests.engines.test_engine_matrix import _export, _perturb
 from tests.models import tiny_config
 from tests.vllm_helpers import PROMPTS, generate, model_logprobs, reference_model
@@ -178,5 +182,52 @@ def test_verify_catches_one_rank_left_old_and_the_next_update_repairs(fleet):
         assert ws.versions() == {"tp1": "2", "tp2": "partial-2"}
         assert not ws.update(3).stale  # nothing armed: a full update repairs it, verified
         assert ws.versions() == {"tp1": "3", "tp2": "3"}
+    finally:
+        ws.close()
+
+
+def _worker_pid(server, title: str) -> int:
+    """The pid of the engine's worker process titled ``title`` (vLLM's ``VLLM::Worker_TP1``)."""
+    for proc in psutil.Process(server.pid).children(recursive=True):
+        if title in " ".join(proc.cmdline()):
+            return proc.pid
+    raise LookupError(f"no {title} under the engine's process tree")
+
+
+def test_one_rank_of_a_tp2_engine_killed_mid_update_then_a_restart_repairs(fleet):
+    """Rank 1 of the TP=2 engine dies while the update has it paused: the update fails within
+    the deadline naming that engine, which is stale; the TP=1 engine is resumed and serves. The
+    engine restarted on the same URL is repaired by the next update, verified on both ranks."""
+    from weightsync import SyncConfig, WeightSync
+    from weightsync.driver import UpdateFailed
+
+    group, servers, model_dir, reset = fleet
+    reset()
+    step_s = 60.0
+    ws = WeightSync(group, _specs(servers), SyncConfig(step_timeout_s=step_s, verify=True))
+    try:
+        ws.update(1)
+        group.run_all(_perturb, 41, timeout_s=TIMEOUT_S)
+        rank1 = _worker_pid(servers[2], "Worker_TP1")
+        kill = fh.when_paused(ws.engines["tp2"], lambda: os.kill(rank1, fh.SIGKILL))
+        t0 = time.perf_counter()
+        with pytest.raises(UpdateFailed, match="tp2") as info:
+            ws.update(2)
+        detect_s = time.perf_counter() - t0
+        kill.join(timeout=5)
+        print(f"one rank of tp2 killed: failure surfaced in {detect_s:.2f} s; {info.value}")
+        assert detect_s < 2 * step_s and "tp2" in ws.stale
+        assert not ws.engines["tp1"].is_paused()
+        tokens, _ = generate(servers[1].url, PROMPTS[0], max_tokens=2, api_key=KEY)
+        assert len(tokens) == 2  # the TP=1 engine serves
+
+        servers[2] = fh.restart(servers[2], timeout_s=TIMEOUT_S)
+        assert not ws.update(3).stale  # verified: every rank of both engines
+        exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+        reference = reference_model(model_dir, exported)
+        for server in servers.values():
+            _, got = generate(server.url, PROMPTS[0], max_tokens=1, api_key=KEY)
+            want = model_logprobs(reference, PROMPTS[0])
+            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
     finally:
         ws.close()
