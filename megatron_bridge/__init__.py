@@ -11,6 +11,8 @@ needs it. Entry points:
 - ``hf_weight_metadata`` / ``iter_hf_units`` / ``export_hf_weights``: the export stream.
 - ``load_hf_weights``: HF tensors -> this rank's shards.
 - ``check_local_shapes``: this rank's shards fit ``hf_config`` (no communication, no bytes).
+- ``apply_lora`` / ``export_lora`` / ``load_lora_weights`` / ``adapter_config``: LoRA adapters
+  sharded like their linears, exported under PEFT names (see ``lora.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ _LAZY = {
     "load_hf_weights": "megatron_bridge.load",
     "check_local_shapes": "megatron_bridge.load",
     "register_family": "megatron_bridge.families",
+    "LoraSpec": "megatron_bridge.lora",
+    "apply_lora": "megatron_bridge.lora",
+    "export_lora": "megatron_bridge.lora_export",
+    "load_lora_weights": "megatron_bridge.lora_export",
+    "lora_weight_metadata": "megatron_bridge.lora_export",
+    "adapter_config": "megatron_bridge.lora_export",
 }
 
 __all__ = ["HFWeightMeta", *_LAZY]

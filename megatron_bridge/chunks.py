@@ -15,6 +15,14 @@ from megatron_bridge.units import Unit
 # TransformerEngine's grouped experts name expert i's weights "experts.linear_fc1.weight<i>".
 _TE_GROUPED = re.compile(r"(.*\.experts\.)(linear_fc[12])\.weight(\d+)")
 
+ADAPTER = "lora_adapter"
+"""Child module of a linear holding its LoRA weights (megatron_bridge.lora): exported by
+``export_lora``, not by the weight export."""
+
+
+def is_adapter(name: str) -> bool:
+    return f".{ADAPTER}." in f".{name}"
+
 
 def unwrap(chunk: nn.Module) -> nn.Module:
     """Strip DDP / Float16Module style wrappers (they keep the model in ``.module``)."""
@@ -72,7 +80,9 @@ def check_coverage(
         if holds(unit, layout):
             expected[unit.vp_stage].update(p.mcore for p in unit.pieces)
     for vp, chunk in enumerate(chunks):
-        names = {canonical_name(n) for n, _ in unwrap(chunk).named_parameters()}
+        names = {
+            canonical_name(n) for n, _ in unwrap(chunk).named_parameters() if not is_adapter(n)
+        }
         unknown = names - expected[vp] - ({"output_layer.weight"} if d.tied else set())
         if unknown:
             raise ValueError(f"parameters with no HF mapping (chunk {vp}): {sorted(unknown)}")

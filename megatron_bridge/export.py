@@ -43,7 +43,8 @@ from megatron_bridge.parallel import Layout, current_layout
 from megatron_bridge.units import Piece, Unit, plan_units
 
 
-def _plan(chunks: Sequence[nn.Module], hf_config: Any) -> tuple[Any, list[Unit]]:
+def plan(chunks: Sequence[nn.Module], hf_config: Any) -> tuple[Any, list[Unit]]:
+    """The HF config object and the export plan of ``chunks``."""
     if not chunks:
         raise ValueError("model_chunks is empty")
     cfg = as_hf_config(hf_config)
@@ -55,7 +56,7 @@ def hf_weight_metadata(model_chunks: Sequence[nn.Module], hf_config: Any) -> lis
 
     Identical on all ranks and computed from the configs alone: no communication, no data.
     """
-    _, units = _plan(model_chunks, hf_config)
+    _, units = plan(model_chunks, hf_config)
     dtype = model_dtype(model_chunks)
     return [
         HFWeightMeta(name, shape, piece.dtype or dtype, unit.name)
@@ -122,7 +123,22 @@ def iter_hf_units(
     same unit (``every_rank``: the other ranks yield an empty list per unit, so they can count
     units in step with the source). Tensors are on the model's device.
     """
-    cfg, units = _plan(model_chunks, hf_config)
+    cfg, units = plan(model_chunks, hf_config)
+    yield from stream_units(model_chunks, cfg, units, every_rank, check=True)
+
+
+def stream_units(
+    model_chunks: Sequence[nn.Module],
+    cfg: Any,
+    units: list[Unit],
+    every_rank: bool = False,
+    check: bool = False,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``iter_hf_units`` for any plan of units (the weights', or a LoRA adapter's).
+
+    ``check``: first refuse local parameters that no unit exports (for a plan of the whole
+    model; LoRA weights are never counted).
+    """
     layout = current_layout()
     if len(model_chunks) != layout.vpp:
         raise ValueError(
@@ -130,7 +146,8 @@ def iter_hf_units(
         )
     d = get_family(cfg).dims(cfg)
     tensors = local_tensors(model_chunks)
-    check_coverage(units, tensors, model_chunks, layout, d)
+    if check:
+        check_coverage(units, tensors, model_chunks, layout, d)
     device = next(iter(model_chunks[0].parameters())).device
     ex = _Export(layout, d, model_dtype(model_chunks), device, tensors)
     with torch.no_grad():

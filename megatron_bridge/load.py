@@ -46,7 +46,7 @@ class _SafetensorsDir(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
-def _source(hf_weights: Mapping[str, torch.Tensor] | str | Path) -> Mapping[str, torch.Tensor]:
+def hf_source(hf_weights: Mapping[str, torch.Tensor] | str | Path) -> Mapping[str, torch.Tensor]:
     if isinstance(hf_weights, Mapping):
         return hf_weights
     path = Path(hf_weights)
@@ -79,7 +79,7 @@ def _lookup(source: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | Non
     return t if which == "down" else t.chunk(2, dim=0)[which == "up"]
 
 
-def _read(source: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def read_hf(source: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
     t = _lookup(source, name)
     if t is None:
         raise ValueError(f"HF tensor {name!r} is missing from the checkpoint")
@@ -127,7 +127,7 @@ def load_hf_weights(
     """
     here = _local(model_chunks, hf_config)
     d, layout = here.d, here.layout
-    source = _source(hf_weights)
+    source = hf_source(hf_weights)
     known = {n for u in here.units for p in u.pieces for n in p.hf}
     known |= {f for n in known for f in _fused_names(n)} | ({"lm_head.weight"} if d.tied else set())
     extra = sorted(set(source) - known)
@@ -137,16 +137,14 @@ def load_hf_weights(
         )
     with torch.no_grad():
         for piece, local, expert in here.held_pieces():
-            hf = [_read(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
-            local.copy_(
-                _local_shard(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore)
-            )
+            hf = [read_hf(source, n, s) for n, s in zip(piece.hf, piece.shapes, strict=True)]
+            local.copy_(local_shard(local, piece.kind.to_mcore, hf, d, layout, expert, piece.mcore))
         # Under pipeline parallelism the last stage keeps its own copy of a tied output layer.
         head = here.tensors[-1].get("output_layer.weight")
         if d.tied and head is not None and layout.pp_rank == layout.pp - 1:
-            embed = [_read(source, "model.embed_tokens.weight", (d.vocab, d.hidden))]
+            embed = [read_hf(source, "model.embed_tokens.weight", (d.vocab, d.hidden))]
             head.copy_(
-                _local_shard(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
+                local_shard(head, VOCAB.to_mcore, embed, d, layout, False, "output_layer.weight")
             )
 
 
@@ -158,7 +156,7 @@ def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> Non
     for piece, local, expert in here.held_pieces():
         hf = [torch.empty(s, device="meta") for s in piece.shapes]
         try:
-            _local_shard(local, piece.kind.to_mcore, hf, here.d, here.layout, expert, piece.mcore)
+            local_shard(local, piece.kind.to_mcore, hf, here.d, here.layout, expert, piece.mcore)
         except RuntimeError as e:  # a view or cat that the wrong shape cannot make
             raise ValueError(
                 f"{piece.mcore}: local shard {tuple(local.shape)} does not fit the HF "
@@ -166,7 +164,7 @@ def check_local_shapes(model_chunks: Sequence[nn.Module], hf_config: Any) -> Non
             ) from e
 
 
-def _local_shard(
+def local_shard(
     local: torch.Tensor,
     to_mcore: Any,
     hf: list[torch.Tensor],
