@@ -78,9 +78,6 @@ def test_the_driver_drives_engines_through_the_control_plane_only():
             return getattr(self._inner, name)
 
     class Reading(ScriptedEngine):
-        def live_digests(self, seed):
-            return {}
-
         def get_version(self):
             return "1"
 
