@@ -2,7 +2,7 @@
 
 The public API::
 
-    from weightsync import EngineSpec, Int4Config, SyncConfig, UpdateFailed, WeightSync
+    from weightsync import EngineSpec, Int4Config, LoraSync, SyncConfig, UpdateFailed, WeightSync
 
 Imported on first use, so ``weightsync``'s command line starts without loading torch.
 """
@@ -13,12 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from weightsync.config import SyncConfig
-    from weightsync.driver import SyncStats, UpdateFailed, WeightSync
+    from weightsync.config import LoraSync, SyncConfig
+    from weightsync.driver import AdapterStats, SyncStats, UpdateFailed, WeightSync
     from weightsync.engines.spec import EngineSpec
     from weightsync.quant import Int4Config
 
 _HOMES = {
+    "AdapterStats": "weightsync.driver",
+    "LoraSync": "weightsync.config",
     "SyncConfig": "weightsync.config",
     "EngineSpec": "weightsync.engines.spec",
     "Int4Config": "weightsync.quant",
@@ -27,8 +29,10 @@ _HOMES = {
     "WeightSync": "weightsync.driver",
 }
 __all__ = [
+    "AdapterStats",
     "EngineSpec",
     "Int4Config",
+    "LoraSync",
     "SyncConfig",
     "SyncStats",
     "UpdateFailed",

@@ -8,7 +8,10 @@ field, what was given and what is allowed, before anything touches an engine.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 TransportKind = Literal["broadcast", "ipc"]
@@ -25,6 +28,41 @@ link, short enough that a dead peer is noticed within minutes."""
 def _require(ok: bool, field: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LoraSync:
+    """Adapter-only sync (``WeightSync.update_adapter``; see ``weightsync.lora``)."""
+
+    name: str = "policy"
+    """Adapter name; version N is served as ``<name>@v<N>``."""
+    root: str = "/dev/shm/weightsync-lora"
+    """Where the source rank writes each version, readable by every engine (tmpfs on the
+    engines' host; a shared file system for engines on other hosts)."""
+    keep: int = 2
+    """Versions each engine keeps loaded: the current one and the previous ones in-flight
+    rollouts may still use. The engine's ``--max-loras`` must be at least this."""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(_ADAPTER_NAME.fullmatch(self.name)),
+            "LoraSync.name",
+            self.name,
+            "1-64 of [A-Za-z0-9_.-], not starting with '.'",
+        )
+        _require(os.path.isabs(self.root), "LoraSync.root", self.root, "an absolute path")
+        _require(
+            type(self.keep) is int and self.keep >= 1, "LoraSync.keep", self.keep, "an int >= 1"
+        )
+
+    def served_name(self, version: int) -> str:
+        return f"{self.name}@v{version}"
+
+    def path(self, served: str) -> Path:
+        return Path(self.root) / served
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -54,6 +92,8 @@ class SyncConfig:
     """Export and quantize up to this many bytes of the update before the engines are paused,
     held in the source rank's memory until sent: the pause window then only moves them. 0
     streams everything during the pause (extra trainer memory: two buckets)."""
+    lora: LoraSync | None = None
+    """Adapter-only sync settings; None: ``WeightSync.update_adapter`` is refused."""
 
     def __post_init__(self) -> None:
         _require(

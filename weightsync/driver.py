@@ -70,6 +70,25 @@ class SyncStats:
         return asdict(self)
 
 
+@dataclass
+class AdapterStats:
+    """One adapter-only update (``WeightSync.update_adapter``)."""
+
+    version: int
+    adapter: str
+    """The name rollouts ask for: ``<LoraSync.name>@v<version>``."""
+    nbytes: int
+    export_s: float
+    write_s: float
+    load_s: float
+    """Every live engine loading it, at once."""
+    total_s: float
+    unloaded: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class UpdateFailed(RuntimeError):
     """An update that broke after engines were paused; they were resumed, ``stale`` marked."""
 
@@ -102,6 +121,9 @@ class WeightSync:
         self._id = uuid.uuid4().hex[:12]  # this WeightSync's state on the trainer ranks
         self._connected = False
         self._model: dict | None = None  # the trainer's model_config summary
+        self.adapter: str | None = None
+        """The LoRA adapter rollouts ask for (``update_adapter``); None: the base alone."""
+        self._adapters: list[str] = []  # loaded on the live engines, oldest first
 
     @property
     def live_engines(self) -> list[EngineSpec]:
@@ -161,7 +183,67 @@ class WeightSync:
             # Every engine now holds this version; one that fails to resume is stale again.
             self.stale.difference_update(self.engines)
             t_pause, resumed_at = self._resume(paused)
+            self._retire(self._adapters)  # trained against the old base: they no longer apply
+            self.adapter = None
             return _stats(version, send, resumed_at - t_pause, time.perf_counter() - t0)
+
+    def update_adapter(self, version: int) -> AdapterStats:
+        """Publish the trainer's LoRA adapter (``SyncConfig.lora``, ``weightsync.lora``) as
+        ``<name>@v<version>`` on every live engine; nothing is paused, the base weights are
+        not sent. Rollouts then ask for ``self.adapter``. If an engine cannot load it, no
+        engine switches: UpdateFailed, and ``adapter`` still names the previous version,
+        which every engine still holds."""
+        lora = self.config.lora
+        if lora is None:
+            raise ValueError("SyncConfig.lora is not set: adapter-only sync is off")
+        served = lora.served_name(version)
+        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
+        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4) as lease:
+            t0 = time.perf_counter()
+            if self._model is None:  # the trainer-side state; adapters need no transport
+                self._run(TrainerSync.install, self.specs, self.config, self.int4)
+                self._model = self._run(TrainerSync.model_summary)[0]
+            self._check_models()
+            out = next(r for r in self._run(TrainerSync.write_adapter, lora, served) if r)
+            lease.check()
+            t1 = time.perf_counter()
+            live = [s.label for s in self.live_engines]
+            loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), live)
+            failed = {lb: e for lb, e in loaded.items() if e is not None}
+            if failed:
+                self._settle(
+                    lambda e: e.unload_adapter(served), [lb for lb in live if lb not in failed]
+                )
+                raise UpdateFailed(
+                    f"adapter {served} not loaded: " + "; ".join(map(str, failed.values())), []
+                )
+            load_s = time.perf_counter() - t1
+            self.adapter = served
+            self._adapters.append(served)
+            retired = self._retire(self._adapters[: -lora.keep])
+        return AdapterStats(
+            version=version,
+            adapter=served,
+            nbytes=out["nbytes"],
+            export_s=out["export_s"],
+            write_s=out["write_s"],
+            load_s=load_s,
+            total_s=time.perf_counter() - t0,
+            unloaded=retired,
+        )
+
+    def _retire(self, names: Sequence[str]) -> list[str]:
+        """Unload adapters from every engine, best effort (an engine that keeps one only
+        holds memory: rollouts no longer ask for it)."""
+        names = list(names)
+        for name in names:
+            errors = {
+                lb: e for lb, e in self._settle(lambda e, n=name: e.unload_adapter(n)).items() if e
+            }
+            if errors:
+                log.warning("weightsync: unloading adapter %s failed on %s", name, errors)
+        self._adapters = [a for a in self._adapters if a not in names]
+        return names
 
     def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:
         # Partially written weights must never be served as if they were whole: an engine

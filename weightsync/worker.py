@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from weightsync.config import SyncConfig
+from weightsync.config import LoraSync, SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
 from weightsync.net import free_port
@@ -135,6 +135,38 @@ class TrainerSync:
     def send(worker: Any, sync_id: str) -> SendStats:
         state = _state(worker, sync_id)
         return state.sender.send(state.engines, state.transport)
+
+    @staticmethod
+    def write_adapter(worker: Any, sync_id: str, lora: LoraSync, served: str) -> dict | None:
+        """All ranks (the export is collective): the LoRA adapter the worker trains
+        (``worker.lora_spec``, from ``megatron_bridge.apply_lora``); the source rank writes
+        it for the engines (``weightsync.lora``) and returns where, its size and timings.
+        A non-finite tensor is refused by name before anything is written."""
+        from megatron_bridge import adapter_config, export_lora
+        from weightsync.lora import prune, write_adapter
+        from weightsync.tensors import all_finite
+
+        spec = getattr(worker, "lora_spec", None)
+        if spec is None:
+            raise ValueError("the trainer worker has no lora_spec (megatron_bridge.apply_lora)")
+        t0 = time.perf_counter()
+        chunks, hf = worker.model_chunks, worker.hf_config
+        tensors = {n: t.detach().cpu().clone() for n, t in export_lora(chunks, hf, spec)}
+        if not _state(worker, sync_id).sender.is_source:
+            return None
+        bad = [n for n, t in tensors.items() if not all_finite(t)]
+        if bad:
+            raise ValueError(f"adapter tensors with NaN/Inf: {bad[:5]}")
+        t1 = time.perf_counter()
+        path = lora.path(served)
+        nbytes = write_adapter(path, tensors, adapter_config(spec))
+        prune(path.parent, lora.name, lora.keep)
+        return {
+            "path": str(path),
+            "nbytes": nbytes,
+            "export_s": t1 - t0,
+            "write_s": time.perf_counter() - t1,
+        }
 
     @staticmethod
     def reset(worker: Any, sync_id: str) -> None:

@@ -128,6 +128,15 @@ class ControlPlane(Protocol):
 
     def resume(self) -> None: ...
 
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT adapter in directory ``path`` (``weightsync.lora``) under ``name``
+        through the engine's runtime LoRA API; requests asking for ``name`` then use it."""
+        ...
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; a no-op when the engine does not hold it."""
+        ...
+
     def close(self) -> None: ...
 
 

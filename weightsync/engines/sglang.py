@@ -226,6 +226,15 @@ class SGLangEngine:
         self._post("/continue_generation", request_body("ContinueGenerationReqInput"))
         self.pause_mode = None
 
+    def load_adapter(self, name: str, path: str) -> None:
+        body = request_body("LoadLoRAAdapterReqInput", lora_name=name, lora_path=path)
+        self._post("/load_lora_adapter", body)
+
+    def unload_adapter(self, name: str) -> None:
+        self._post(
+            "/unload_lora_adapter", request_body("UnloadLoRAAdapterReqInput", lora_name=name)
+        )
+
     def flush_cache(self) -> bool:
         """True once flushed; False (reason in ``flush_error``) after the bounded retries.
 

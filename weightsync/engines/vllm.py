@@ -242,6 +242,35 @@ class VllmEngine:
     def resume(self) -> None:
         self._call("POST", "/resume")
 
+    def load_adapter(self, name: str, path: str) -> None:
+        r = self._lora("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        if r.status_code != 200:
+            # The route exists only on a server started with runtime LoRA updating on.
+            hint = ""
+            if r.status_code == 404:
+                hint = " (serve with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+            raise RuntimeError(
+                f"{self.name}: loading adapter {name!r} -> HTTP {r.status_code}{hint}: "
+                f"{r.text[:500]}"
+            )
+
+    def unload_adapter(self, name: str) -> None:
+        r = self._lora("/v1/unload_lora_adapter", {"lora_name": name})
+        if r.status_code not in (200, 404):  # 404: not loaded, nothing to do
+            raise RuntimeError(
+                f"{self.name}: unloading adapter {name!r} -> HTTP {r.status_code}: {r.text[:500]}"
+            )
+
+    def _lora(self, path: str, body: dict) -> requests.Response:
+        try:
+            return self._http.request(
+                "POST", self.config.url + path, timeout=self.config.timeout_s, json=body
+            )
+        except requests.Timeout:
+            raise TimeoutError(
+                f"{self.name} {path}: no answer within {self.config.timeout_s:.1f} s"
+            ) from None
+
     def ranks(self) -> int:
         """Every worker of the engine answers a collective RPC: one result per rank."""
         return len(self._rpc_all("model_config"))

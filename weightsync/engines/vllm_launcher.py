@@ -78,6 +78,10 @@ class VllmServerConfig:
     """Engine TP ranks. On CPU each rank's worker gets its own share of the cores this
     process may use (``cpu_binding``), unless ``extra_env`` sets VLLM_CPU_OMP_THREADS_BIND."""
     max_model_len: int = 256
+    max_lora_rank: int = 0
+    """>0: serve LoRA adapters up to this rank, loaded at runtime (``update_adapter``)."""
+    max_loras: int = 2
+    """Adapters held at once (with ``max_lora_rank``): at least ``LoraSync.keep``."""
     enforce_eager: bool = True
     skip_tokenizer_init: bool = True
     kv_cache_space_gib: int = 1
@@ -93,6 +97,10 @@ class VllmServerConfig:
             raise ValueError(f"model_dir={self.model_dir!r} has no config.json")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
+        if self.max_lora_rank < 0 or self.max_loras < 1:
+            raise ValueError(
+                f"max_lora_rank={self.max_lora_rank} (>= 0), max_loras={self.max_loras} (>= 1)"
+            )
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: >= 1")
 
@@ -149,6 +157,9 @@ class VllmServer:
         ]
         if c.tensor_parallel_size > 1:
             cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
+        if c.max_lora_rank > 0:
+            cmd += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank)]
+            cmd += ["--max-loras", str(c.max_loras)]
         if c.enforce_eager:
             cmd.append("--enforce-eager")
         if c.skip_tokenizer_init:
@@ -173,6 +184,8 @@ class VllmServer:
             }
         )
         env[AUTH_ENV_KEY] = env["VLLM_API_KEY"] = self.api_key
+        if self.config.max_lora_rank > 0:  # /v1/load_lora_adapter exists only with this
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if self.config.tensor_parallel_size > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(self.config.tensor_parallel_size)
         env.update(self.config.extra_env)

