@@ -1,0 +1,118 @@
+"""Adapter-only sync, pure: its settings, the adapter directory the engines load, which
+versions stay, and the driver's flow with scripted engines (nothing paused, all or none)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.unit.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
+from weightsync.config import LoraSync
+from weightsync.driver import UpdateFailed
+from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, prune, write_adapter
+from weightsync.worker import TrainerSync
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"name": "a/b"}, "LoraSync.name"),
+        ({"name": ".hidden"}, "LoraSync.name"),
+        ({"root": "relative/dir"}, "LoraSync.root"),
+        ({"keep": 0}, "LoraSync.keep"),
+        ({"keep": True}, "LoraSync.keep"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        LoraSync(**fields)
+
+
+def test_the_adapter_is_written_whole_and_a_rewrite_replaces_it(tmp_path):
+    path = tmp_path / "policy@v1"
+    a = {"x.lora_A.weight": torch.randn(4, 8).t()}  # not contiguous: written all the same
+    assert write_adapter(path, a, {"r": 4}) == 4 * 8 * 4
+    assert torch.equal(load_file(path / ADAPTER_FILE)["x.lora_A.weight"], a["x.lora_A.weight"])
+    assert json.loads((path / CONFIG_FILE).read_text()) == {"r": 4}
+    b = {"x.lora_A.weight": torch.zeros(2, 2)}
+    write_adapter(path, b, {"r": 2})
+    assert load_file(path / ADAPTER_FILE)["x.lora_A.weight"].shape == (2, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy@v1"]  # no temp left
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+        write_adapter(tmp_path / "policy@v1", {"x": "not a tensor"}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_keeps_the_newest_versions_of_one_adapter_only(tmp_path):
+    for name in ["policy@v2", "policy@v10", "policy@v9", "other@v1", "policy@vX"]:
+        (tmp_path / name).mkdir()
+    assert prune(tmp_path, "policy", 2) == ["policy@v2"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["other@v1", "policy@v10", "policy@v9", "policy@vX"]
+
+
+class AdapterEngine(ScriptedEngine):
+    def __init__(self, name: str, fail: dict | None = None) -> None:
+        super().__init__(name, fail)
+        self.adapters: set[str] = set()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._step("load")
+        self.adapters.add(name)
+
+    def unload_adapter(self, name: str) -> None:
+        self._step("unload")
+        self.adapters.discard(name)
+
+
+class AdapterTrainers(ScriptedTrainers):
+    def run_all(self, fn, *args, timeout_s):
+        if fn is TrainerSync.write_adapter:
+            lora, served = args[1], args[2]
+            out = {"path": str(lora.path(served)), "nbytes": 8, "export_s": 0.0, "write_s": 0.0}
+            return [out, None]
+        return super().run_all(fn, *args, timeout_s=timeout_s)
+
+
+def _adapter_sync(engines, keep: int = 2):
+    return _sync(engines, AdapterTrainers(), lora=LoraSync(root="/nonexistent", keep=keep))
+
+
+def test_adapter_updates_pause_nothing_and_keep_the_last_versions():
+    engines = [AdapterEngine("e0"), AdapterEngine("e1")]
+    ws = _adapter_sync(engines)
+    for version in (1, 2, 3):
+        stats = ws.update_adapter(version)
+    assert ws.adapter == stats.adapter == "policy@v3" and stats.unloaded == ["policy@v1"]
+    for e in engines:
+        assert e.adapters == {"policy@v2", "policy@v3"}
+        assert set(e.calls) == {"load", "unload"}  # never paused, flushed or versioned
+
+
+def test_an_engine_that_cannot_load_means_no_engine_switches():
+    good, bad = AdapterEngine("good"), AdapterEngine("bad")
+    ws = _adapter_sync([good, bad])
+    ws.update_adapter(1)
+    bad.fail = {"load": RuntimeError("HTTP 400: rank too high")}
+    with pytest.raises(UpdateFailed, match=r"policy@v2.*rank too high") as info:
+        ws.update_adapter(2)
+    assert info.value.stale == [] and not ws.stale  # the base is untouched
+    assert ws.adapter == "policy@v1"
+    assert good.adapters == {"policy@v1"} and bad.adapters == {"policy@v1"}
+
+
+def test_a_base_update_retires_every_adapter_and_adapters_need_lora_set():
+    engine = AdapterEngine("e0")
+    ws = _adapter_sync([engine])
+    ws.update_adapter(1)
+    ws.update(2)
+    assert ws.adapter is None and engine.adapters == set()
+    plain = _sync([AdapterEngine("e1")], AdapterTrainers())
+    with pytest.raises(ValueError, match=r"SyncConfig\.lora"):
+        plain.update_adapter(1)
