@@ -9,8 +9,9 @@ checkpoint; its TP ranks are processes of their own (``sglang_fixture_ranks``), 
 the group, receiving every bucket and keeping its shard by HF name, as SGLang's are. Endpoint
 semantics follow SGLang 0.5.23's HTTP server: session gating, pause modes, flush refusals,
 weight_version in /model_info, and a tensor-path failure "kills the scheduler" (every later
-call answers 503), as the real server's uncaught exceptions do. Test-only endpoints live under
-/_test/ and skip auth.
+call answers 503), as the real server's uncaught exceptions do. Runtime LoRA adapters
+(``/load_lora_adapter``, ``/unload_lora_adapter``) live in ``sglang_fixture_lora``. Test-only
+endpoints live under /_test/ and skip auth.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import requests
 import torch
 
 from tests.models import tiny_config
+from tests.sglang_fixture_lora import LoraAdapters, LoraServing
 from tests.sglang_fixture_ranks import RankError, Ranks, rank_main
 
 _DISTRIBUTED_FAIL = "Failed to update parameter online: {} The full weights of the ModelRunner are "
@@ -148,7 +150,13 @@ class FakeSGLangEngine:
     """Engine state. One lock serialises control calls, like SGLang's single scheduler loop;
     the weights live in the TP rank processes behind ``conns``."""
 
-    def __init__(self, model_dir: str, seed: int, conns: list[mp.connection.Connection]) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        seed: int,
+        conns: list[mp.connection.Connection],
+        lora: LoraServing | None = None,
+    ) -> None:
         import pydantic
         from safetensors.torch import save_file
 
@@ -159,6 +167,7 @@ class FakeSGLangEngine:
         if not os.path.exists(checkpoint):  # else the test's own, copied in by ProtocolServer
             save_file(tiny_qwen2(seed).state_dict(), checkpoint)
         self.ranks = Ranks(conns, model_dir)
+        self.loras = LoraAdapters(self.io, lora, checkpoint)
         self.tp_size = len(conns)
         self.lock = threading.Lock()
         self.groups: set[str] = set()
@@ -166,6 +175,7 @@ class FakeSGLangEngine:
 
     def reset(self) -> None:
         self.ranks.run_all("reset")
+        self.loras.reset()
         self.version, self.paused, self.session, self.dead = "default", None, None, None
         self.running = self.waiting = self.busy_flushes = 0
         self.api_key: str | None = None
@@ -284,6 +294,19 @@ class FakeSGLangEngine:
             return Reply(500, {"error": {"message": self.dead}})
         return self._finish_update(req, "Success")
 
+    # -- LoRA adapters ---------------------------------------------------------------------
+    def load_lora_adapter(self, req) -> Reply:
+        return self._lora_reply(self.loras.load(req))
+
+    def unload_lora_adapter(self, req) -> Reply:
+        return self._lora_reply(self.loras.unload(req))
+
+    @staticmethod
+    def _lora_reply(result) -> Reply:
+        from sglang.srt.utils.msgspec_utils import msgspec_to_builtins
+
+        return Reply(200 if result.success else 400, msgspec_to_builtins(result))
+
     # -- version and checks --------------------------------------------------------------
     def update_weight_version(self, req) -> Reply:
         if req.abort_all_requests:
@@ -317,6 +340,14 @@ class FakeSGLangEngine:
 
         return save({k: v.contiguous() for k, v in self.ranks.state().items()})
 
+    def lora_bytes(self, name: str) -> Reply:
+        """The tensors of loaded adapter ``name``, as it read them."""
+        from safetensors.torch import save
+
+        if name not in self.loras.loaded:
+            return Reply(404, f"adapter {name!r} is not loaded")
+        return Reply(200, save(self.loras.loaded[name][1]))
+
 
 # path -> (request struct or None, handler name); all update endpoints take a JSON body.
 _ROUTES = {
@@ -339,6 +370,8 @@ _ROUTES = {
     ),
     "/update_weight_version": ("UpdateWeightVersionReqInput", "update_weight_version"),
     "/weights_checker": ("CheckWeightsReqInput", "weights_checker"),
+    "/load_lora_adapter": ("LoadLoRAAdapterReqInput", "load_lora_adapter"),
+    "/unload_lora_adapter": ("UnloadLoRAAdapterReqInput", "unload_lora_adapter"),
 }
 _LEGACY_ABSENT = ("/begin_weight_update", "/end_weight_update")
 
@@ -419,12 +452,17 @@ class _Handler(BaseHTTPRequestHandler):
                     return Reply(409, str(e))
             if path == "/_test/log":
                 return Reply(200, {"log": engine.log})
+            if path == "/_test/lora":
+                return engine.lora_bytes(json.loads(raw)["name"])
             if path == "/_test/reset":
                 engine.reset()
             elif path == "/_test/set":
                 for key, value in json.loads(raw).items():
                     if key == "refuse_rank":
                         engine.refuse_rank(value)
+                        continue
+                    if key in ("refuse_lora", "enable_lora", "max_lora_rank"):
+                        engine.loras.set(key, value)
                         continue
                     assert key in ("api_key", "legacy", "running", "waiting", "busy_flushes"), key
                     setattr(engine, key, value)
@@ -439,6 +477,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "dead": engine.dead,
                     "running": engine.running,
                     "waiting": engine.waiting,
+                    "loras": engine.loras.paths(),
                 },
             )
 
@@ -457,9 +496,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def serve(ready: mp.Queue, model_dir: str, seed: int, conns: list) -> None:
+def serve(
+    ready: mp.Queue, model_dir: str, seed: int, conns: list, lora: LoraServing | None
+) -> None:
     """Process entry point: bind 127.0.0.1 on a free port, report it, serve until killed."""
-    engine = FakeSGLangEngine(model_dir, seed, conns)
+    engine = FakeSGLangEngine(model_dir, seed, conns, lora)
     handler = type("Handler", (_Handler,), {"engine": engine})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ready.put(server.server_address[1])
@@ -480,8 +521,10 @@ class ProtocolServer:
         tp_size: int = 1,
         start_timeout_s: float = 120,
         checkpoint: str | None = None,
+        lora: LoraServing | None = None,
     ) -> None:
-        """``checkpoint``: a safetensors file to serve instead of ``tiny_qwen2(seed)``."""
+        """``checkpoint``: a safetensors file to serve instead of ``tiny_qwen2(seed)``;
+        ``lora``: serve runtime LoRA adapters (else SGLang's "not enabled" answers)."""
         ctx = mp.get_context("spawn")
         ready = ctx.Queue()
         self.model_dir = tempfile.mkdtemp(prefix="sglang-fixture-")
@@ -492,7 +535,7 @@ class ProtocolServer:
             ctx.Process(target=rank_main, args=(child, rank, tp_size), daemon=True)
             for rank, (_, child) in enumerate(pipes)
         ]
-        args = (ready, self.model_dir, seed, [server_end for server_end, _ in pipes])
+        args = (ready, self.model_dir, seed, [server_end for server_end, _ in pipes], lora)
         self.process = ctx.Process(target=serve, args=args, daemon=True)
         for process in (*self.ranks, self.process):
             process.start()
@@ -533,6 +576,15 @@ class ProtocolServer:
         from safetensors.torch import load
 
         return load(self._call("/_test/state").content)
+
+    def loras(self) -> dict[str, str]:
+        """Loaded adapters: name -> the path each was loaded from."""
+        return self.status()["loras"]
+
+    def lora(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        return load(self._call("/_test/lora", {"name": name}).content)
 
     def stop(self) -> None:
         for process in (self.process, *self.ranks):

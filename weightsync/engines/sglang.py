@@ -231,9 +231,14 @@ class SGLangEngine:
         self._post("/load_lora_adapter", body)
 
     def unload_adapter(self, name: str) -> None:
-        self._post(
-            "/unload_lora_adapter", request_body("UnloadLoRAAdapterReqInput", lora_name=name)
-        )
+        body = request_body("UnloadLoRAAdapterReqInput", lora_name=name)
+        response = self._request("POST", "/unload_lora_adapter", body)
+        # SGLang refuses an unknown name like any other failure (400); only its text tells it
+        # apart. Unloading an adapter the engine does not hold is a no-op (ControlPlane).
+        unknown = f"LoRA with name {name} does not exist"
+        if response.status_code == 400 and unknown in error_text(response):
+            return
+        checked(response, "/unload_lora_adapter")
 
     def flush_cache(self) -> bool:
         """True once flushed; False (reason in ``flush_error``) after the bounded retries.

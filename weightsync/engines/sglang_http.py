@@ -13,7 +13,9 @@ def error_text(response: requests.Response) -> str:
     if isinstance(body, dict):
         error = body.get("error")
         detail = error.get("message") if isinstance(error, dict) else error
-        return str(body.get("message") or detail or body.get("detail") or body)
+        # error_message: the LoRA routes answer with SGLang's LoRAUpdateOutput
+        message = body.get("message") or body.get("error_message")
+        return str(message or detail or body.get("detail") or body)
     return str(body)
 
 
@@ -23,5 +25,5 @@ def checked(response: requests.Response, what: str) -> dict:
         raise RuntimeError(f"SGLang {what}: HTTP {response.status_code}: {error_text(response)}")
     body = response.json() if response.content else {}
     if isinstance(body, dict) and body.get("success") is False:
-        raise RuntimeError(f"SGLang {what}: {body.get('message')}")
+        raise RuntimeError(f"SGLang {what}: {body.get('message') or body.get('error_message')}")
     return body

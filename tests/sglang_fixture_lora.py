@@ -1,0 +1,151 @@
+"""TEST FIXTURE: the protocol server's runtime LoRA (SGLang 0.5.23's ``/load_lora_adapter`` and
+``/unload_lora_adapter``).
+
+The checks and their messages are SGLang's, in its order: the tokenizer manager's (LoRA
+enabled, name registered for unload), then the LoRA manager's (``LoRAConfig`` reads
+``adapter_config.json``, ``validate_new_adapter``: DoRA, name already loaded, rank and target
+modules against the memory pool), then the weights (``*.safetensors`` in the directory). Answers
+are SGLang's own ``LoRAUpdateOutput``. Unlike SGLang, the server process itself loads the
+adapter (its TP ranks do not see it), and it also checks every tensor's shape against the base
+checkpoint, which SGLang finds out only when it copies them into its buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Qwen2's linear projections: what SGLang's --lora-target-modules all resolves to there.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraServing:
+    """The server launched with ``--enable-lora --max-lora-rank --lora-target-modules``."""
+
+    max_lora_rank: int = 8
+    target_modules: tuple[str, ...] = ALL_LINEAR
+
+
+def _normalized(modules) -> set[str]:
+    from sglang.srt.lora.utils import get_normalized_target_modules
+
+    return get_normalized_target_modules(modules)
+
+
+def _base_shape(base: dict[str, tuple], name: str) -> tuple | None:
+    """``...q_proj.lora_A.weight`` (PEFT) -> the shape of ``...q_proj.weight`` it adapts."""
+    module, _, suffix = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+    return base.get(module + ".weight") if suffix in ("A.weight", "B.weight") else None
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], base: dict[str, tuple], r: int) -> None:
+    for name, tensor in tensors.items():
+        shape = _base_shape(base, name)
+        if shape is None:
+            raise ValueError(f"fixture: {name} adapts no linear weight of the base model")
+        out_dim, in_dim = shape
+        want = (r, in_dim) if ".lora_A." in name else (out_dim, r)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"fixture: {name} has shape {tuple(tensor.shape)}, expected {want}")
+
+
+class LoraAdapters:
+    """Loaded adapters by name (path and tensors), as SGLang's registry and LoRA manager."""
+
+    def __init__(self, io, serving: LoraServing | None, checkpoint: str) -> None:
+        from safetensors import safe_open
+
+        self.io, self.launched = io, serving
+        with safe_open(checkpoint, "pt") as f:  # the base shapes adapters must fit
+            names = f.keys()  # a safe_open handle is not iterable
+            self.base = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+        self.reset()
+
+    def reset(self) -> None:
+        self.serving = self.launched
+        self.refuse = False  # test fault: every rank fails the next loads
+        self.loaded: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+
+    def set(self, key: str, value) -> None:
+        """Test faults: ``refuse_lora`` every load; as if launched with ``max_lora_rank``, or
+        without ``enable_lora``."""
+        if key == "refuse_lora":
+            self.refuse = bool(value)
+        elif key == "enable_lora":
+            self.serving = self.launched if value else None
+        else:
+            self.serving = dataclasses.replace(self.launched, max_lora_rank=value)
+
+    def paths(self) -> dict[str, str]:
+        return {name: path for name, (path, _) in self.loaded.items()}
+
+    def _answer(self, error: str | None = None, listed: bool = True):
+        """SGLang's reply: the adapters loaded after the call, except on the tokenizer
+        manager's own refusals, which never reach the ranks."""
+        return self.io.LoRAUpdateOutput(
+            success=error is None,
+            error_message=error or "",
+            loaded_adapters=self.paths() if listed else None,
+        )
+
+    def _not_enabled(self):
+        if self.serving is None:
+            error = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+            return self._answer(error, listed=False)
+        return None
+
+    def load(self, req):
+        if (refused := self._not_enabled()) is not None:
+            return refused
+        try:
+            self.loaded[req.lora_name] = (req.lora_path, self._read(req.lora_name, req.lora_path))
+        except Exception as e:  # noqa: BLE001 - SGLang's ranks report any failure this way
+            return self._answer(str(e))
+        return self._answer()
+
+    def unload(self, req):
+        if (refused := self._not_enabled()) is not None:
+            return refused
+        if req.lora_name not in self.loaded:
+            error = f"LoRA with name {req.lora_name} does not exist. Loaded LoRAs: "
+            return self._answer(error + str(self.loaded.keys()), listed=False)
+        del self.loaded[req.lora_name]
+        return self._answer()
+
+    def _read(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        with open(os.path.join(path, "adapter_config.json")) as f:  # LoRAConfig
+            config = json.load(f)
+        targets, r = config["target_modules"], config["r"]
+        if config.get("use_dora", False):
+            raise ValueError(
+                f"Failed to load {name} because LoRA serving currently doesn't support DoRA "
+                "adapters"
+            )
+        if name in self.loaded:
+            raise ValueError(f"Failed to load LoRA adapter {name} because it is already loaded")
+        wanted = _normalized(targets)
+        fits = "all" in wanted or wanted <= _normalized(list(self.serving.target_modules))
+        if r > self.serving.max_lora_rank or not fits:
+            raise ValueError(
+                f"LoRA adapter {name} with rank {r} is incompatible with the current LoRA memory "
+                "pool configuration. Please ensure that the LoRA adapter's rank is within the "
+                "configured `--max-lora-rank` and that the target modules are included in "
+                "`--lora-target-modules`."
+            )
+        if self.refuse:
+            raise RuntimeError("refused to load (test fault)")
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise RuntimeError(f"Cannot find any model weights with `{path}`")
+        tensors = {n: t for f in files for n, t in load_file(f).items()}
+        _check_shapes(tensors, self.base, r)
+        return tensors
