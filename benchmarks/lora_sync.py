@@ -195,10 +195,10 @@ def _adapter(ws, server, version: int) -> dict:
     return {
         "MiB": s.nbytes / (1 << 20),
         "total_s": s.total_s,
-        "pause_s": 0.0,  # no /pause: the engine keeps serving the base and older adapters
+        "pause_s": s.pause_s,  # 0: no /pause, the engine keeps serving
         "export_s": s.export_s,
-        "transfer_s": s.write_s,  # the safetensors file on tmpfs is the adapter's transport
-        "engine_load_s": s.load_s,
+        "transfer_s": s.transfer_s,  # the safetensors file on tmpfs is the adapter's transport
+        "engine_load_s": s.engine_load_s,
         **_requests_s(server, s.adapter),
     }
 

@@ -64,6 +64,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="QAT in the trainer, packed int4 (W4A16) weights in the engine",
     )
+    p.add_argument(
+        "--lora",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="RANK",
+        help="train LoRA adapters (rank 8, or RANK) on a frozen base and sync only them",
+    )
     p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     p.add_argument(
         "--engine-url",

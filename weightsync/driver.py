@@ -79,10 +79,13 @@ class AdapterStats:
     """The name rollouts ask for: ``<LoraSync.name>@v<version>``."""
     nbytes: int
     export_s: float
-    write_s: float
-    load_s: float
+    transfer_s: float
+    """The source rank writing it to ``LoraSync.root`` (the adapter's transport)."""
+    engine_load_s: float
     """Every live engine loading it, at once."""
     total_s: float
+    pause_s: float = 0.0
+    """Always 0: nothing is paused (named as in ``SyncStats`` for reports side by side)."""
     unloaded: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -204,7 +207,8 @@ class WeightSync:
                 self._run(TrainerSync.install, self.specs, self.config, self.int4)
                 self._model = self._run(TrainerSync.model_summary)[0]
             self._check_models()
-            out = next(r for r in self._run(TrainerSync.write_adapter, lora, served) if r)
+            write = TrainerSync.write_adapter
+            out = next(r for r in self._run(write, lora, version, list(self._adapters)) if r)
             lease.check()
             t1 = time.perf_counter()
             live = [s.label for s in self.live_engines]
@@ -226,16 +230,19 @@ class WeightSync:
             adapter=served,
             nbytes=out["nbytes"],
             export_s=out["export_s"],
-            write_s=out["write_s"],
-            load_s=load_s,
+            transfer_s=out["write_s"],
+            engine_load_s=load_s,
             total_s=time.perf_counter() - t0,
             unloaded=retired,
         )
 
     def _retire(self, names: Sequence[str]) -> list[str]:
-        """Unload adapters from every engine, best effort (an engine that keeps one only
-        holds memory: rollouts no longer ask for it)."""
+        """Unload adapters from every engine, then remove their directories (the source rank
+        wrote them), best effort: an engine that keeps one only holds memory, rollouts no
+        longer ask for it."""
         names = list(names)
+        if not names:
+            return names
         for name in names:
             errors = {
                 lb: e for lb, e in self._settle(lambda e, n=name: e.unload_adapter(n)).items() if e
@@ -243,6 +250,10 @@ class WeightSync:
             if errors:
                 log.warning("weightsync: unloading adapter %s failed on %s", name, errors)
         self._adapters = [a for a in self._adapters if a not in names]
+        try:
+            self._run(TrainerSync.remove_adapters, self.config.lora, names)
+        except Exception as e:  # noqa: BLE001 - the next write prunes them
+            log.warning("weightsync: removing adapter directories %s failed: %s", names, e)
         return names
 
     def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:

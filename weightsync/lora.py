@@ -57,16 +57,12 @@ def remove_adapter(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: Path, name: str, keep: int) -> list[str]:
-    """Remove all but the newest ``keep`` versions of adapter ``name`` under ``root`` (the
-    engines unload the same ones; a loaded adapter's directory stays: an engine may read it
-    again after evicting it from its CPU cache). Returns the names removed."""
-    found = []
-    for p in root.glob(f"{glob.escape(name)}@v*"):
-        version = p.name.removeprefix(f"{name}@v")
-        if version.isdigit():
-            found.append((int(version), p))
-    old = sorted(found)[:-keep]
-    for _, p in old:
-        remove_adapter(p)
-    return [p.name for _, p in old]
+def prune(root: Path, name: str, keep: set[str]) -> list[str]:
+    """Remove every version of adapter ``name`` under ``root`` whose directory is not in
+    ``keep`` (the versions the engines hold: an engine may read a loaded adapter's directory
+    again after evicting it from its CPU cache). Whatever else is there is a failed load's
+    or an earlier run's leftover. Returns the names removed."""
+    gone = sorted(p.name for p in root.glob(f"{glob.escape(name)}@v*") if p.name not in keep)
+    for n in gone:
+        remove_adapter(root / n)
+    return gone

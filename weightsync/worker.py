@@ -137,10 +137,13 @@ class TrainerSync:
         return state.sender.send(state.engines, state.transport)
 
     @staticmethod
-    def write_adapter(worker: Any, sync_id: str, lora: LoraSync, served: str) -> dict | None:
+    def write_adapter(
+        worker: Any, sync_id: str, lora: LoraSync, version: int, loaded: Sequence[str] = ()
+    ) -> dict | None:
         """All ranks (the export is collective): the LoRA adapter the worker trains
         (``worker.lora_spec``, from ``megatron_bridge.apply_lora``); the source rank writes
-        it for the engines (``weightsync.lora``) and returns where, its size and timings.
+        it for the engines (``weightsync.lora``) and returns where, its size and timings;
+        directories of other versions than it and the ``loaded`` ones are removed.
         A non-finite tensor is refused by name before anything is written."""
         from megatron_bridge import adapter_config, export_lora
         from weightsync.lora import prune, write_adapter
@@ -158,15 +161,24 @@ class TrainerSync:
         if bad:
             raise ValueError(f"adapter tensors with NaN/Inf: {bad[:5]}")
         t1 = time.perf_counter()
-        path = lora.path(served)
+        path = lora.path(lora.served_name(version))
         nbytes = write_adapter(path, tensors, adapter_config(spec))
-        prune(path.parent, lora.name, lora.keep)
+        prune(path.parent, lora.name, {path.name, *loaded})
         return {
             "path": str(path),
             "nbytes": nbytes,
             "export_s": t1 - t0,
             "write_s": time.perf_counter() - t1,
         }
+
+    @staticmethod
+    def remove_adapters(worker: Any, sync_id: str, lora: LoraSync, names: Sequence[str]) -> None:
+        """Source rank: the directories of adapters no engine holds any more."""
+        from weightsync.lora import remove_adapter
+
+        if _state(worker, sync_id).sender.is_source:
+            for name in names:
+                remove_adapter(lora.path(name))
 
     @staticmethod
     def reset(worker: Any, sync_id: str) -> None:

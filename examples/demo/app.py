@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from weightsync import SyncConfig, WeightSync
+from weightsync import LoraSync, SyncConfig, WeightSync
 from weightsync.config import MiB
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.loop import run
@@ -25,6 +25,7 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(
         steps=args.steps,
         int4=args.int4,
+        lora_rank=args.lora,
         engine=args.engine,
         engine_url=args.engine_url,
         engine_tp=args.engine_tp,
@@ -44,6 +45,8 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
         bucket_bytes=args.bucket_mib * MiB,
         stage_bytes=args.stage_mib * MiB,
         verify=args.engine == "vllm",
+        # One adapter directory per run (a second demo must not meet the first one's).
+        lora=LoraSync(root=str(Path(args.out).resolve() / "adapters")) if args.lora else None,
     )
 
 
@@ -81,7 +84,15 @@ def run_with_weightsync(cfg: DemoConfig, sync_cfg: SyncConfig) -> Report:
     def make_sync(rt):
         ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg), owner="demo")
         rt.on_close.append(ws.close)  # while the trainer actors still exist
-        return ws.update
+        if not cfg.lora_rank:
+            return ws.update
+
+        def sync_adapter(version: int):
+            stats = ws.update_adapter(version)
+            rt.rollout.adapter = ws.adapter  # the next rollouts ask for the new adapter
+            return stats
+
+        return sync_adapter
 
     report = run(cfg, make_sync)
     for problem in report_problems(report):
@@ -104,7 +115,9 @@ def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -
                 f"step {i}: synced version {step.sync.get('version')}, engine "
                 f"reports {step.engine_version!r}, expected {want}"
             )
-        verifiable = report.config.get("engine") == "vllm"
+        # verify reads back base weights; an adapter sync moves none (the logprob check
+        # below is what holds the engine's adapter to the trainer's).
+        verifiable = report.config.get("engine") == "vllm" and "adapter" not in step.sync
         if not step.sync.get("verified", False) and verifiable:
             problems.append(f"step {i}: engine weights were not verified after the sync")
         if step.rollout_version not in (None, str(i)) and i > 0:

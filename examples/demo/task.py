@@ -18,6 +18,14 @@ def make_prompts(seed: int, step: int, num: int, length: int, vocab: int) -> lis
     return torch.randint(0, vocab, (num, length), generator=g).tolist()
 
 
+def pretraining_batch(g: torch.Generator, batch: int, length: int, vocab: int) -> torch.Tensor:
+    """Sequences where each token is the previous one + 1, + 2 or + 3 (at random): what the
+    base of the LoRA demo learns before RL, which then only has to sharpen it to + 1."""
+    start = torch.randint(0, vocab, (batch, 1), generator=g)
+    steps = torch.randint(1, 4, (batch, length - 1), generator=g)
+    return torch.cat([start, start + steps.cumsum(1)], 1) % vocab
+
+
 def count_up_reward(prompt: Sequence[int], response: Sequence[int], vocab: int) -> float:
     if not prompt or not response:
         raise ValueError("count_up_reward: prompt and response must be non-empty")

