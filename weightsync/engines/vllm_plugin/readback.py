@@ -52,14 +52,23 @@ def _read(prefix: str, module: torch.nn.Module, seed: int, packed: dict) -> Iter
 
     if isinstance(module, LinearBase):
         yield from _linear(prefix, module, seed, packed)
+        yield from _plain(
+            prefix, module, seed, skip=lambda n: n == "bias" or n.startswith("weight")
+        )
     elif isinstance(module, VocabParallelEmbedding):
         yield f"{prefix}.weight", _vocab(module, seed, isinstance(module, ParallelLMHead))
     elif hasattr(module, "w13_weight") and hasattr(module, "w2_weight"):
         yield from _experts(prefix, module, seed)
     else:
-        for pname, param in module._parameters.items():
-            if param is not None:
-                yield f"{prefix}.{pname}", {"digest": digest(probe_view(param, seed))}
+        yield from _plain(prefix, module, seed)
+
+
+def _plain(prefix: str, module, seed: int, skip=lambda name: False) -> Iterator[Piece]:
+    """The module's own parameters as they are (a router's expert-score bias rides on the
+    gate's linear layer)."""
+    for pname, param in module._parameters.items():
+        if param is not None and not skip(pname):
+            yield f"{prefix}.{pname}", {"digest": digest(probe_view(param, seed))}
 
 
 def _through_kernel(module: torch.nn.Module, in_features: int, cols_C: torch.Tensor):
