@@ -61,8 +61,10 @@ class LoraSync:
     def served_name(self, version: int) -> str:
         return f"{self.name}@v{version}"
 
-    def path(self, served: str) -> Path:
-        return Path(self.root) / served
+    def path(self, sync_id: str, served: str) -> Path:
+        """Each WeightSync writes under its own directory: two runs sharing ``root`` never
+        prune or overwrite each other's adapters."""
+        return Path(self.root) / sync_id / served
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -77,6 +77,8 @@ class AdapterStats:
     version: int
     adapter: str
     """The name rollouts ask for: ``<LoraSync.name>@v<version>``."""
+    path: str
+    """Where the source rank wrote it (``LoraSync.path``): the engines load it from there."""
     nbytes: int
     export_s: float
     transfer_s: float
@@ -199,10 +201,17 @@ class WeightSync:
         lora = self.config.lora
         if lora is None:
             raise ValueError("SyncConfig.lora is not set: adapter-only sync is off")
+        if type(version) is not int:
+            raise ValueError(f"version={version!r}: an int")
         served = lora.served_name(version)
+        if served in self._adapters:  # its directory may be read again: never rewritten
+            raise ValueError(f"adapter {served} is already published: use a new version")
         token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
         with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4) as lease:
             t0 = time.perf_counter()
+            live = [s.label for s in self.live_engines]
+            if not live:
+                raise UpdateFailed(f"adapter {served}: no live engine (all stale)", [])
             if self._model is None:  # the trainer-side state; adapters need no transport
                 self._run(TrainerSync.install, self.specs, self.config, self.int4)
                 self._model = self._run(TrainerSync.model_summary)[0]
@@ -211,13 +220,13 @@ class WeightSync:
             out = next(r for r in self._run(write, lora, version, list(self._adapters)) if r)
             lease.check()
             t1 = time.perf_counter()
-            live = [s.label for s in self.live_engines]
             loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), live)
             failed = {lb: e for lb, e in loaded.items() if e is not None}
             if failed:
-                self._settle(
-                    lambda e: e.unload_adapter(served), [lb for lb in live if lb not in failed]
-                )
+                # Every live engine: one whose load timed out may still have taken it.
+                undone = self._settle(lambda e: e.unload_adapter(served), live)
+                if any(undone.values()):
+                    log.warning("weightsync: unloading failed adapter %s: %s", served, undone)
                 raise UpdateFailed(
                     f"adapter {served} not loaded: " + "; ".join(map(str, failed.values())), []
                 )
@@ -228,6 +237,7 @@ class WeightSync:
         return AdapterStats(
             version=version,
             adapter=served,
+            path=out["path"],
             nbytes=out["nbytes"],
             export_s=out["export_s"],
             transfer_s=out["write_s"],
@@ -269,6 +279,9 @@ class WeightSync:
             teardown = pool.submit(self._disconnect)
             self._resume(paused, abort=begun, label=f"partial-{version}")
             teardown.result()
+        if begun:  # some engine's base changed: adapters trained on the old one no longer apply
+            self._retire(self._adapters)
+            self.adapter = None
         if not isinstance(error, Exception):
             raise error
         raise UpdateFailed(f"update to version {version} failed: {error}", hit) from error

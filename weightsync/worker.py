@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,7 +162,7 @@ class TrainerSync:
         if bad:
             raise ValueError(f"adapter tensors with NaN/Inf: {bad[:5]}")
         t1 = time.perf_counter()
-        path = lora.path(lora.served_name(version))
+        path = lora.path(sync_id, lora.served_name(version))
         nbytes = write_adapter(path, tensors, adapter_config(spec))
         prune(path.parent, lora.name, {path.name, *loaded})
         return {
@@ -178,7 +179,7 @@ class TrainerSync:
 
         if _state(worker, sync_id).sender.is_source:
             for name in names:
-                remove_adapter(lora.path(name))
+                remove_adapter(lora.path(sync_id, name))
 
     @staticmethod
     def reset(worker: Any, sync_id: str) -> None:
@@ -208,6 +209,10 @@ class TrainerSync:
         TrainerSync.reset(worker, sync_id)
         for engine in state.engines:
             engine.close()
+        if state.config.lora is not None and state.sender.is_source:
+            from weightsync.lora import remove_adapter
+
+            remove_adapter(Path(state.config.lora.root) / sync_id)
         del worker.weightsync[sync_id]
 
 

@@ -204,19 +204,20 @@ def _publish(group, ws, version: int, seed: int):
 
 
 def test_the_server_holds_the_trainers_adapter_and_the_last_two_versions(rig):
-    group, srv, ws, root = rig
+    group, srv, ws, _ = rig
     for version in (1, 2):
         stats = _publish(group, ws, version, seed=40 + version)
         assert ws.adapter == stats.adapter == f"policy@v{version}" and not stats.unloaded
         exported = next(s for s in group.run_all(_export_lora, timeout_s=WAIT_S) if s)
         assert_bit_exact(srv.lora(ws.adapter), exported)
-    assert srv.loras() == {f"policy@v{v}": str(root / f"policy@v{v}") for v in (1, 2)}
+    home = Path(stats.path).parent  # this WeightSync's own directory under root
+    assert srv.loras() == {f"policy@v{v}": str(home / f"policy@v{v}") for v in (1, 2)}
     first = next(iter(exported))
     assert not torch.equal(srv.lora("policy@v1")[first], exported[first])  # two adapters
     stats = _publish(group, ws, 3, seed=43)
     assert stats.unloaded == ["policy@v1"]  # keep=2
     assert set(srv.loras()) == {"policy@v2", "policy@v3"}
-    assert sorted(p.name for p in root.iterdir()) == ["policy@v2", "policy@v3"]
+    assert sorted(p.name for p in home.iterdir()) == ["policy@v2", "policy@v3"]
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,8 @@ def rig(tmp_path_factory):
         )
         server = VllmServer(cfg).start()
         spec = EngineSpec(kind="vllm", url=server.url, api_key=KEY, name="tp2", tp_size=2)
-        ws = WeightSync(group, [spec], SyncConfig(lora=LoraSync(root=root)))
+        # verify: a base update reads the weights back through the engine's LoRA wrappers.
+        ws = WeightSync(group, [spec], SyncConfig(lora=LoraSync(root=root), verify=True))
         yield group, server, ws, tmp / "hf", Path(root)
     finally:
         if ws is not None:
@@ -133,15 +134,19 @@ def _loaded(server) -> set[str]:
 
 
 def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
-    group, server, ws, model_dir, root = rig
+    from safetensors.torch import load_file
+
+    group, server, ws, model_dir, _ = rig
     engine = ws.engines["tp2"]
     base_before = engine.live_digests(seed=5)
+    # Read back through the LoRA wrappers (``<layer>.base_layer``): every base weight.
+    assert set(base_before) == set(load_file(model_dir / "model.safetensors"))
     base_logprobs = _logprobs(server, PROMPTS[0], None)
     for version, seed in enumerate((1, 2, 3), start=1):
         group.run_all(_set_lora, seed, timeout_s=TIMEOUT_S)
         stats = ws.update_adapter(version)
         assert ws.adapter == stats.adapter == f"policy@v{version}"
-        reference = _peft_reference(model_dir, root / ws.adapter)
+        reference = _peft_reference(model_dir, Path(stats.path))
         for prompt in PROMPTS:
             got = _logprobs(server, prompt, ws.adapter)
             want = model_logprobs(reference, prompt)
@@ -152,7 +157,7 @@ def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
             assert diff < TOLERANCE, (version, prompt, got, want)
     # keep=2: v1 is unloaded from the engine and its directory removed.
     assert stats.unloaded == ["policy@v1"] and _loaded(server) == {"policy@v2", "policy@v3"}
-    assert sorted(p.name for p in root.iterdir()) == ["policy@v2", "policy@v3"]
+    assert sorted(p.name for p in Path(stats.path).parent.iterdir()) == ["policy@v2", "policy@v3"]
     # The base, read back through the engine's kernels, and its outputs are untouched.
     assert engine.live_digests(seed=5) == base_before
     assert _logprobs(server, PROMPTS[0], None) == base_logprobs
@@ -168,7 +173,7 @@ def test_a_bad_adapter_is_refused_by_name_before_any_engine_is_asked(rig):
         ws.update_adapter(10)
     assert not isinstance(info.value, UpdateFailed)  # refused on the trainer: no engine asked
     assert ws.adapter == before and "policy@v10" not in _loaded(server)
-    assert not (root / "policy@v10").exists()
+    assert not list(root.glob("*/policy@v10"))
 
 
 def test_a_base_update_retires_every_adapter(rig):
@@ -176,5 +181,5 @@ def test_a_base_update_retires_every_adapter(rig):
     group.run_all(_set_lora, 11, timeout_s=TIMEOUT_S)
     ws.update_adapter(20)
     assert "policy@v20" in _loaded(server)
-    stats = ws.update(21)  # the base itself (unchanged here) goes out in full
-    assert not stats.stale and ws.adapter is None and _loaded(server) == set()
+    stats = ws.update(21)  # the base itself (unchanged here) goes out in full, verified
+    assert not stats.stale and stats.verified and ws.adapter is None and _loaded(server) == set()

@@ -75,7 +75,7 @@ class AdapterTrainers(ScriptedTrainers):
         if fn is TrainerSync.write_adapter:
             lora, version = args[1], args[2]
             out = {
-                "path": str(lora.path(lora.served_name(version))),
+                "path": str(lora.path("id", lora.served_name(version))),
                 "nbytes": 8,
                 "export_s": 0.0,
                 "write_s": 0.0,
@@ -120,3 +120,36 @@ def test_a_base_update_retires_every_adapter_and_adapters_need_lora_set():
     plain = _sync([AdapterEngine("e1")], AdapterTrainers())
     with pytest.raises(ValueError, match=r"SyncConfig\.lora"):
         plain.update_adapter(1)
+
+
+def test_a_failed_base_update_retires_adapters_and_adapters_need_a_live_engine():
+    engine = AdapterEngine("e0")
+    ws = _adapter_sync([engine])
+    ws.update_adapter(1)
+    engine.fail = {"end": RuntimeError("reload broke")}
+    with pytest.raises(UpdateFailed):
+        ws.update(2)  # the session opened: the base may have changed
+    assert ws.adapter is None and engine.adapters == set() and ws.stale == {"e0"}
+    engine.fail = {}
+    with pytest.raises(UpdateFailed, match="no live engine"):
+        ws.update_adapter(3)
+
+
+def test_a_published_version_is_never_rewritten():
+    ws = _adapter_sync([AdapterEngine("e0")])
+    ws.update_adapter(1)
+    with pytest.raises(ValueError, match="already published"):
+        ws.update_adapter(1)
+    with pytest.raises(ValueError, match="an int"):
+        ws.update_adapter("2")
+
+
+def test_the_launcher_serves_the_smallest_lora_rank_vllm_accepts(tmp_path):
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+
+    (tmp_path / "config.json").write_text("{}")
+    cfg = VllmServerConfig(model_dir=str(tmp_path), log_path=str(tmp_path / "log"), max_lora_rank=4)
+    cmd = VllmServer(cfg).command()
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        VllmServerConfig(model_dir=str(tmp_path), log_path="x", max_lora_rank=1024)

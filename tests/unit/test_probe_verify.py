@@ -202,3 +202,14 @@ def test_amx_permission_is_granted_on_amx_cpus():
         "assert perm.value & (1 << 18), hex(perm.value)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_empty_shard_decodes_and_a_rank_holding_the_whole_vocab_suffices():
+    from weightsync.probe import decode, encode
+
+    empty = torch.empty(0, 8, dtype=torch.bfloat16)
+    assert decode(encode(empty)).shape == (0, 8)
+    w = torch.randn(32, 128).to(torch.bfloat16)  # rank 0 holds all rows; rank 1 none (padding)
+    assert assemble([{"w": rows_piece(probe_view(w, 4), 0, 32)}, {}], 4) == {
+        "w": probe_digest(w, 4)
+    }

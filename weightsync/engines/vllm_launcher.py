@@ -97,12 +97,22 @@ class VllmServerConfig:
             raise ValueError(f"model_dir={self.model_dir!r} has no config.json")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("startup_timeout_s and stop_timeout_s must be > 0")
-        if self.max_lora_rank < 0 or self.max_loras < 1:
+        if not 0 <= self.max_lora_rank <= LORA_RANKS[-1] or self.max_loras < 1:
             raise ValueError(
-                f"max_lora_rank={self.max_lora_rank} (>= 0), max_loras={self.max_loras} (>= 1)"
+                f"max_lora_rank={self.max_lora_rank} (0..{LORA_RANKS[-1]}), "
+                f"max_loras={self.max_loras} (>= 1)"
             )
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: >= 1")
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The --max-lora-rank values vLLM accepts (its LoRAConfig)."""
+
+
+def _served_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds adapters of ``rank``."""
+    return next(r for r in LORA_RANKS if r >= rank)
 
 
 def cpu_binding(ranks: int, cpus: set[int] | None = None) -> str:
@@ -158,7 +168,7 @@ class VllmServer:
         if c.tensor_parallel_size > 1:
             cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if c.max_lora_rank > 0:
-            cmd += ["--enable-lora", "--max-lora-rank", str(c.max_lora_rank)]
+            cmd += ["--enable-lora", "--max-lora-rank", str(_served_lora_rank(c.max_lora_rank))]
             cmd += ["--max-loras", str(c.max_loras)]
         if c.enforce_eager:
             cmd.append("--enforce-eager")

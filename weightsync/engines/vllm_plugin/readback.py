@@ -38,7 +38,8 @@ def live_pieces(model: torch.nn.Module, seed: int, wanted: set[str]) -> dict[str
         return {
             name: piece
             for prefix, module in model.named_modules()
-            for name, piece in _read(prefix, module, seed, packed)
+            # An engine serving LoRA wraps each layer and keeps it as ``<layer>.base_layer``.
+            for name, piece in _read(prefix.replace(".base_layer", ""), module, seed, packed)
             if name in wanted
         }
 
@@ -56,7 +57,9 @@ def _read(prefix: str, module: torch.nn.Module, seed: int, packed: dict) -> Iter
             prefix, module, seed, skip=lambda n: n == "bias" or n.startswith("weight")
         )
     elif isinstance(module, VocabParallelEmbedding):
-        yield f"{prefix}.weight", _vocab(module, seed, isinstance(module, ParallelLMHead))
+        # vLLM pads the vocabulary before cutting it: a rank may hold none of the real rows.
+        if module.shard_indices.num_org_elements > 0:
+            yield f"{prefix}.weight", _vocab(module, seed, isinstance(module, ParallelLMHead))
     elif hasattr(module, "w13_weight") and hasattr(module, "w2_weight"):
         yield from _experts(prefix, module, seed)
     else:
