@@ -141,10 +141,14 @@ class WeightSync:
     def connect(self) -> None:
         """Set up the transport between the source rank and every engine (once)."""
         self._check_ranks()
-        self._run(TrainerSync.install, self.specs, self.config, self.int4)
-        self._model = self._run(TrainerSync.model_summary)[0]
+        self._install()
         self._run(TrainerSync.connect)
         self._connected = True
+
+    def _install(self) -> None:
+        """This WeightSync's state on every trainer rank, and the trainer's model summary."""
+        self._run(TrainerSync.install, self.specs, self.config, self.int4)
+        self._model = self._run(TrainerSync.model_summary)[0]
 
     def _check_ranks(self) -> None:
         """Every engine runs as many ranks as its spec says: the group's world size and each
@@ -212,9 +216,8 @@ class WeightSync:
             live = [s.label for s in self.live_engines]
             if not live:
                 raise UpdateFailed(f"adapter {served}: no live engine (all stale)", [])
-            if self._model is None:  # the trainer-side state; adapters need no transport
-                self._run(TrainerSync.install, self.specs, self.config, self.int4)
-                self._model = self._run(TrainerSync.model_summary)[0]
+            if self._model is None:  # adapters need the trainer-side state, no transport
+                self._install()
             self._check_models()
             write = TrainerSync.write_adapter
             out = next(r for r in self._run(write, lora, version, list(self._adapters)) if r)
@@ -350,18 +353,21 @@ class WeightSync:
     def _settle(self, call: Callable, labels: Sequence[str] | None = None) -> dict:
         """``call(engine)`` on the engines ``labels`` (default all) at once; each one's error
         (naming it), or None."""
+        return {lb: f.exception() for lb, f in self._run_engines(call, labels).items()}
+
+    def _run_engines(self, call: Callable, labels: Sequence[str] | None = None) -> dict:
+        """``call(engine)`` on the engines ``labels`` (default all) at once, each failure
+        naming its engine; their futures, all done."""
         labels = list(self.engines) if labels is None else labels
         if not labels:
             return {}
         with ThreadPoolExecutor(len(labels), thread_name_prefix="engine") as pool:
-            futures = {lb: pool.submit(_named, lb, call, self.engines[lb]) for lb in labels}
-        return {lb: f.exception() for lb, f in futures.items()}
+            return {lb: pool.submit(_named, lb, call, self.engines[lb]) for lb in labels}
 
     def _each(self, call: Callable) -> dict[str, Any]:
         """``call(engine)`` on every engine at once (one slow engine delays no other step of
         the others); every call has its own deadline. Raises naming each engine that failed."""
-        with ThreadPoolExecutor(len(self.engines), thread_name_prefix="engine") as pool:
-            futures = {lb: pool.submit(_named, lb, call, e) for lb, e in self.engines.items()}
+        futures = self._run_engines(call)
         errors = [f.exception() for f in futures.values() if f.exception() is not None]
         if len(errors) == 1:
             raise errors[0]

@@ -72,14 +72,18 @@ class VllmEngine:
         self._pause_mode = "abort"
 
     # --- HTTP plumbing -------------------------------------------------------------------
-    def _call(self, method: str, path: str, timeout_s: float | None = None, **kw) -> dict:
-        url = self.config.url + path
+    def _request(
+        self, method: str, path: str, timeout_s: float | None = None, **kw
+    ) -> requests.Response:
+        """The raw answer; TimeoutError naming the engine and route past the deadline."""
+        timeout_s = timeout_s or self.config.timeout_s
         try:
-            r = self._http.request(method, url, timeout=timeout_s or self.config.timeout_s, **kw)
+            return self._http.request(method, self.config.url + path, timeout=timeout_s, **kw)
         except requests.Timeout:
-            raise TimeoutError(
-                f"{self.name} {path}: no answer within {timeout_s or self.config.timeout_s:.1f} s"
-            ) from None
+            raise TimeoutError(f"{self.name} {path}: no answer within {timeout_s:.1f} s") from None
+
+    def _call(self, method: str, path: str, timeout_s: float | None = None, **kw) -> dict:
+        r = self._request(method, path, timeout_s, **kw)
         if r.status_code != 200:
             hint = ""
             if r.status_code == 404:
@@ -243,7 +247,8 @@ class VllmEngine:
         self._call("POST", "/resume")
 
     def load_adapter(self, name: str, path: str) -> None:
-        r = self._lora("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        body = {"lora_name": name, "lora_path": path}
+        r = self._request("POST", "/v1/load_lora_adapter", json=body)
         if r.status_code != 200:
             # The route exists only on a server started with runtime LoRA updating on.
             hint = ""
@@ -255,21 +260,11 @@ class VllmEngine:
             )
 
     def unload_adapter(self, name: str) -> None:
-        r = self._lora("/v1/unload_lora_adapter", {"lora_name": name})
+        r = self._request("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
         if r.status_code not in (200, 404):  # 404: not loaded, nothing to do
             raise RuntimeError(
                 f"{self.name}: unloading adapter {name!r} -> HTTP {r.status_code}: {r.text[:500]}"
             )
-
-    def _lora(self, path: str, body: dict) -> requests.Response:
-        try:
-            return self._http.request(
-                "POST", self.config.url + path, timeout=self.config.timeout_s, json=body
-            )
-        except requests.Timeout:
-            raise TimeoutError(
-                f"{self.name} {path}: no answer within {self.config.timeout_s:.1f} s"
-            ) from None
 
     def ranks(self) -> int:
         """Every worker of the engine answers a collective RPC: one result per rank."""
