@@ -48,6 +48,20 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.5):
     return out
 
 
+def save_random_model(hf_config, out_dir: Path, std: float = 0.08) -> None:
+    """A bf16 transformers model of ``hf_config`` with N(0, std) matrices (seed 0), saved to
+    ``out_dir``: large enough weights that the engine's outputs tell updates apart."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    model.save_pretrained(out_dir)
+
+
 def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):
     """A transformers model holding ``state`` (fp32 compute): saved as a checkpoint beside the
     config and loaded the way users load one, so transformers' own checkpoint conversion (MoE

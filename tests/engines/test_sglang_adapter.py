@@ -15,16 +15,15 @@ import pytest
 import requests
 import torch
 
-from tests.sglang_protocol_server import ProtocolServer, import_io_struct, tiny_qwen2
+from tests.sglang_protocol_server import ProtocolServer, tiny_qwen2
 from weightsync.engines.sglang import SGLangConfig, SGLangEngine
-from weightsync.engines.sglang_payloads import io_structs
 from weightsync.net import free_port
 from weightsync.plan import TensorMeta, build_plan
 from weightsync.transport.base import Ticket, send_stream
 from weightsync.transport.broadcast import BroadcastSender, destroy_weight_group, init_weight_group
 from weightsync.transport.ipc import IpcPayloadSender
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("sglang_structs")]
 WAIT_S = 60.0
 UPDATE_FLOW = [
     "/model_info",  # validate(): the checkpoint manifest
@@ -33,16 +32,6 @@ UPDATE_FLOW = [
     "/begin_weight_update",
 ]
 CLOSE_FLOW = ["/end_weight_update", "/update_weight_version", "/continue_generation"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sglang_structs():
-    """Bodies are built from SGLang's own request structs (io_struct needs the stub on CPU)."""
-    import_io_struct()
-    io_structs.cache_clear()
-    assert io_structs() is not None
-    yield
-    io_structs.cache_clear()
 
 
 @pytest.fixture(scope="module")

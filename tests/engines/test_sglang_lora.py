@@ -21,20 +21,11 @@ import torch
 from tests.engines.test_sglang_adapter import WAIT_S, _engine, assert_bit_exact
 from tests.engines.test_vllm_lora import RANK, TARGETS, _apply_lora, _set_lora
 from tests.sglang_fixture_lora import LoraServing
-from tests.sglang_protocol_server import ProtocolServer, import_io_struct, tiny_qwen2
-from weightsync.engines.sglang_payloads import io_structs
+from tests.sglang_protocol_server import ProtocolServer, tiny_qwen2
 from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, write_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("sglang_structs")]
 TP = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sglang_structs():
-    import_io_struct()
-    io_structs.cache_clear()
-    yield
-    io_structs.cache_clear()
 
 
 @pytest.fixture(scope="module")

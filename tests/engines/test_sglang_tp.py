@@ -18,22 +18,13 @@ import torch
 
 from tests.engines.test_sglang_adapter import WAIT_S, _engine, _plan, assert_bit_exact, run_update
 from tests.sglang_fixture_ranks import shard, split_dim, unshard
-from tests.sglang_protocol_server import ProtocolServer, import_io_struct, tiny_qwen2
-from weightsync.engines.sglang_payloads import io_structs
+from tests.sglang_protocol_server import ProtocolServer, tiny_qwen2
 from weightsync.net import free_port
 from weightsync.transport.broadcast import BroadcastSender, destroy_weight_group, init_weight_group
 from weightsync.transport.ipc import IpcPayloadSender
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("sglang_structs")]
 TP = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sglang_structs():
-    import_io_struct()
-    io_structs.cache_clear()
-    yield
-    io_structs.cache_clear()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ a base update retires every adapter.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import requests
 import torch
 
 from tests.models import tiny_config
-from tests.vllm_helpers import PROMPTS, model_logprobs
+from tests.vllm_helpers import PROMPTS, model_logprobs, save_random_model
 
 pytestmark = pytest.mark.slow
 KEY = "lora-key"
@@ -53,7 +54,6 @@ def _set_lora(worker, seed: int, scale: float = 0.05, poison: str | None = None)
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from weightsync import EngineSpec, LoraSync, SyncConfig, WeightSync
     from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
@@ -64,13 +64,7 @@ def rig(tmp_path_factory):
     hf_config = tiny_config(
         "llama", num_key_value_heads=2, head_dim=64, vocab_size=2048, bos_token_id=1
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(tmp / "hf")
+    save_random_model(hf_config, tmp / "hf")
     weights = load_file(tmp / "hf" / "model.safetensors")
     root = f"/dev/shm/wsync-lora-test-{uuid.uuid4().hex[:8]}"
     group = TrainerGroup.create(2, tp=2, seed=0, worker_cls=PolicyWorker, timeout_s=TIMEOUT_S)
@@ -99,8 +93,6 @@ def rig(tmp_path_factory):
         if server is not None:
             server.stop()
         group.shutdown()
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
