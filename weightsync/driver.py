@@ -89,6 +89,9 @@ class AdapterStats:
     pause_s: float = 0.0
     """Always 0: nothing is paused (named as in ``SyncStats`` for reports side by side)."""
     unloaded: list[str] = field(default_factory=list)
+    verified: bool = False
+    """Every live engine's LoRA slots hold exactly this adapter (``SyncConfig.verify``)."""
+    verify_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -219,21 +222,17 @@ class WeightSync:
             if self._model is None:  # adapters need the trainer-side state, no transport
                 self._install()
             self._check_models()
+            seed = secrets.randbits(31) if self.config.verify else None
             write = TrainerSync.write_adapter
-            out = next(r for r in self._run(write, lora, version, list(self._adapters)) if r)
+            loaded = list(self._adapters)
+            out = next(r for r in self._run(write, lora, version, loaded, seed) if r)
             lease.check()
             t1 = time.perf_counter()
-            loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), live)
-            failed = {lb: e for lb, e in loaded.items() if e is not None}
-            if failed:
-                # Every live engine: one whose load timed out may still have taken it.
-                undone = self._settle(lambda e: e.unload_adapter(served), live)
-                if any(undone.values()):
-                    log.warning("weightsync: unloading failed adapter %s: %s", served, undone)
-                raise UpdateFailed(
-                    f"adapter {served} not loaded: " + "; ".join(map(str, failed.values())), []
-                )
-            load_s = time.perf_counter() - t1
+            self._load_everywhere(served, out["path"], live)
+            t2 = time.perf_counter()
+            if seed is not None:
+                self._verify_adapter(served, out["digests"], seed, live)
+            t3 = time.perf_counter()
             self.adapter = served
             self._adapters.append(served)
             retired = self._retire(self._adapters[: -lora.keep])
@@ -244,10 +243,39 @@ class WeightSync:
             nbytes=out["nbytes"],
             export_s=out["export_s"],
             transfer_s=out["write_s"],
-            engine_load_s=load_s,
+            engine_load_s=t2 - t1,
             total_s=time.perf_counter() - t0,
             unloaded=retired,
+            verified=seed is not None,
+            verify_s=t3 - t2,
         )
+
+    def _load_everywhere(self, served: str, path: str, live: list[str]) -> None:
+        """Every live engine loads adapter ``served``, or none keeps it (UpdateFailed)."""
+        loaded = self._settle(lambda e: e.load_adapter(served, path), live)
+        failed = {lb: e for lb, e in loaded.items() if e is not None}
+        if failed:
+            self._unload_failed(served, live)
+            raise UpdateFailed(
+                f"adapter {served} not loaded: " + "; ".join(map(str, failed.values())), []
+            )
+
+    def _verify_adapter(self, served: str, sent: dict[str, str], seed: int, live: list) -> None:
+        """Every live engine's LoRA slots hold exactly the adapter written (``verify``), or
+        no engine keeps it: rollouts stay on the previous version."""
+        outcome = self._settle(lambda e: _verify_adapter(e, served, sent, seed), live)
+        bad = {lb: e for lb, e in outcome.items() if e is not None}
+        if bad:
+            self._unload_failed(served, live)
+            raise UpdateFailed(
+                f"adapter {served} failed verify: " + "; ".join(map(str, bad.values())), []
+            )
+
+    def _unload_failed(self, served: str, live: list[str]) -> None:
+        # Every live engine: one whose load timed out may still have taken it.
+        undone = self._settle(lambda e: e.unload_adapter(served), live)
+        if any(undone.values()):
+            log.warning("weightsync: unloading failed adapter %s: %s", served, undone)
 
     def _retire(self, names: Sequence[str]) -> list[str]:
         """Unload adapters from every engine, then remove their directories (the source rank
@@ -469,6 +497,21 @@ def _verify(engine: ControlPlane, sent: dict[str, str], seed: int) -> None:
         raise RuntimeError(
             f"{len(bad)} weights the engine computes with differ from the trainer's "
             f"(verify), e.g. {bad[:3]}{absent}"
+        )
+
+
+def _verify_adapter(engine: ControlPlane, served: str, sent: dict[str, str], seed: int) -> None:
+    """The engine's LoRA kernels compute with exactly the adapter that was written: every
+    A and B, read from the slot a request for ``served`` uses, and nothing else in it."""
+    live = engine.adapter_digests(served, seed)
+    bad = sorted(n for n, d in sent.items() if live.get(n) != d)
+    extra = sorted(set(live) - set(sent))
+    if bad or extra:
+        first = live.get((bad + extra)[0], "not read back")
+        why = first if first.startswith(("mismatch", "not")) else "other values"
+        raise RuntimeError(
+            f"{len(bad) + len(extra)} LoRA tensors the engine computes with differ from the "
+            f"trainer's (verify), e.g. {(bad + extra)[:3]} ({why})"
         )
 
 

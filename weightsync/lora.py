@@ -53,6 +53,21 @@ def write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: dict) ->
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def adapter_digests(tensors: dict[str, torch.Tensor], config: dict, seed: int) -> dict[str, str]:
+    """The probe digests (``weightsync.probe``) an engine's LoRA slots read back when they
+    hold exactly this adapter: A as written, B times ``lora_alpha / r`` rounded once to its
+    dtype, as vLLM folds the scaling into B when it loads an adapter."""
+    from weightsync.probe import probe_digest
+
+    scaling = config["lora_alpha"] / config["r"]
+    return {
+        name: probe_digest(
+            t * scaling if name.endswith("lora_B.weight") and scaling != 1 else t, seed
+        )
+        for name, t in tensors.items()
+    }
+
+
 def remove_adapter(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

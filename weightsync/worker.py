@@ -139,15 +139,21 @@ class TrainerSync:
 
     @staticmethod
     def write_adapter(
-        worker: Any, sync_id: str, lora: LoraSync, version: int, loaded: Sequence[str] = ()
+        worker: Any,
+        sync_id: str,
+        lora: LoraSync,
+        version: int,
+        loaded: Sequence[str] = (),
+        seed: int | None = None,
     ) -> dict | None:
         """All ranks (the export is collective): the LoRA adapter the worker trains
         (``worker.lora_spec``, from ``megatron_bridge.apply_lora``); the source rank writes
-        it for the engines (``weightsync.lora``) and returns where, its size and timings;
+        it for the engines (``weightsync.lora``) and returns where, its size, timings and,
+        with a ``seed``, the probe digests verify compares the engines' slots with;
         directories of other versions than it and the ``loaded`` ones are removed.
         A non-finite tensor is refused by name before anything is written."""
         from megatron_bridge import adapter_config, export_lora
-        from weightsync.lora import prune, write_adapter
+        from weightsync.lora import adapter_digests, prune, write_adapter
         from weightsync.tensors import all_finite
 
         spec = getattr(worker, "lora_spec", None)
@@ -163,13 +169,18 @@ class TrainerSync:
             raise ValueError(f"adapter tensors with NaN/Inf: {bad[:5]}")
         t1 = time.perf_counter()
         path = lora.path(sync_id, lora.served_name(version))
-        nbytes = write_adapter(path, tensors, adapter_config(spec))
+        config = adapter_config(spec)
+        nbytes = write_adapter(path, tensors, config)
         prune(path.parent, lora.name, {path.name, *loaded})
+        t2 = time.perf_counter()
+        digests = {} if seed is None else adapter_digests(tensors, config, seed)
         return {
             "path": str(path),
             "nbytes": nbytes,
             "export_s": t1 - t0,
-            "write_s": time.perf_counter() - t1,
+            "write_s": t2 - t1,
+            "digests": digests,
+            "probe_s": time.perf_counter() - t2,
         }
 
     @staticmethod

@@ -4,11 +4,14 @@ The engine's own logprobs with the published adapter are held to transformers + 
 the served base with the adapter the trainer exported; the base weights the engine's kernels
 compute with (read back, ``verify``'s probe) are unchanged by adapter syncs; old versions are
 unloaded and their directories removed; bad adapters are refused before any engine is asked;
-a base update retires every adapter.
+a base update retires every adapter. With verify, each update reads the adapter back from
+the LoRA slot the engine's kernels use, and a slot that lost a module fails the update
+before any rollout asks for it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -26,13 +29,14 @@ TIMEOUT_S = 240.0
 TOLERANCE = 0.05  # bf16 engine vs fp32 reference, |dlogp| per token (measured ~0.02)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 8
+ALPHA = 12.0  # scaling 1.5: folding it into B rounds, as the engine must match bit for bit
 POISON = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
 
 
 def _apply_lora(worker) -> None:
     import megatron_bridge
 
-    worker.lora_spec = megatron_bridge.apply_lora(worker.model_chunks, TARGETS, RANK, 16.0)
+    worker.lora_spec = megatron_bridge.apply_lora(worker.model_chunks, TARGETS, RANK, ALPHA)
 
 
 def _set_lora(worker, seed: int, scale: float = 0.05, poison: str | None = None) -> None:
@@ -81,6 +85,7 @@ def rig(tmp_path_factory):
             max_lora_rank=RANK,
             startup_timeout_s=TIMEOUT_S,
             extra_args=("--enable-scale-out",),
+            extra_env={"WEIGHTSYNC_FAULT_INJECTION": "1"},
         )
         server = VllmServer(cfg).start()
         spec = EngineSpec(kind="vllm", url=server.url, api_key=KEY, name="tp2", tp_size=2)
@@ -128,6 +133,8 @@ def _loaded(server) -> set[str]:
 def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
     from safetensors.torch import load_file
 
+    from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, adapter_digests
+
     group, server, ws, model_dir, _ = rig
     engine = ws.engines["tp2"]
     base_before = engine.live_digests(seed=5)
@@ -137,14 +144,20 @@ def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
     for version, seed in enumerate((1, 2, 3), start=1):
         group.run_all(_set_lora, seed, timeout_s=TIMEOUT_S)
         stats = ws.update_adapter(version)
-        assert ws.adapter == stats.adapter == f"policy@v{version}"
+        assert ws.adapter == stats.adapter == f"policy@v{version}" and stats.verified
+        # The slot read back on both ranks, against the written file, under another seed.
+        written = load_file(Path(stats.path) / ADAPTER_FILE)
+        config = json.loads((Path(stats.path) / CONFIG_FILE).read_text())
+        slot = engine.adapter_digests(ws.adapter, seed=100 + version)
+        assert slot == adapter_digests(written, config, seed=100 + version)
         reference = _peft_reference(model_dir, Path(stats.path))
         for prompt in PROMPTS:
             got = _logprobs(server, prompt, ws.adapter)
             want = model_logprobs(reference, prompt)
             diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
             print(
-                f"adapter v{version}: {stats.nbytes} B in {stats.total_s:.3f} s, |dlogp| {diff:.4f}"
+                f"adapter v{version}: {stats.nbytes} B in {stats.total_s:.3f} s "
+                f"(verify {stats.verify_s:.3f} s), |dlogp| {diff:.4f}"
             )
             assert diff < TOLERANCE, (version, prompt, got, want)
     # keep=2: v1 is unloaded from the engine and its directory removed.
@@ -175,3 +188,21 @@ def test_a_base_update_retires_every_adapter(rig):
     assert "policy@v20" in _loaded(server)
     stats = ws.update(21)  # the base itself (unchanged here) goes out in full, verified
     assert not stats.stale and stats.verified and ws.adapter is None and _loaded(server) == set()
+
+
+def test_verify_catches_a_slot_that_lost_a_module_and_nothing_switches(rig):
+    from weightsync import UpdateFailed
+
+    group, server, ws, _, _ = rig
+    group.run_all(_set_lora, 12, timeout_s=TIMEOUT_S)
+    ws.update_adapter(30)
+    served = _logprobs(server, PROMPTS[0], ws.adapter)
+    group.run_all(_set_lora, 13, timeout_s=TIMEOUT_S)
+    faults = {"lora_zero": ["model.layers.1.mlp.down_proj"], "tp_ranks": [1]}
+    ws.engines["tp2"]._rpc_all("fault:" + json.dumps(faults))
+    with pytest.raises(UpdateFailed, match=r"policy@v31 failed verify.*layers\.1\.mlp\.down_proj"):
+        ws.update_adapter(31)
+    assert ws.adapter == "policy@v30" and "policy@v31" not in _loaded(server)
+    assert _logprobs(server, PROMPTS[0], ws.adapter) == served
+    stats = ws.update_adapter(32)  # the same adapter again, as a new version: whole
+    assert stats.verified and ws.adapter == "policy@v32"

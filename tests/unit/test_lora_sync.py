@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tests.unit.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
 from weightsync.config import LoraSync
 from weightsync.driver import UpdateFailed
-from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, prune, write_adapter
+from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, adapter_digests, prune, write_adapter
+from weightsync.probe import probe_digest
 from weightsync.worker import TrainerSync
 
 
@@ -60,6 +61,12 @@ class AdapterEngine(ScriptedEngine):
     def __init__(self, name: str, fail: dict | None = None) -> None:
         super().__init__(name, fail)
         self.adapters: set[str] = set()
+        self.slot = dict(SENT)  # what its LoRA kernels read back for any adapter
+
+    def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
+        self._step("readback")
+        assert name in self.adapters
+        return self.slot
 
     def load_adapter(self, name: str, path: str) -> None:
         self._step("load")
@@ -68,6 +75,9 @@ class AdapterEngine(ScriptedEngine):
     def unload_adapter(self, name: str) -> None:
         self._step("unload")
         self.adapters.discard(name)
+
+
+SENT = {"m.q_proj.lora_A.weight": "dA", "m.q_proj.lora_B.weight": "dB"}
 
 
 class AdapterTrainers(ScriptedTrainers):
@@ -79,13 +89,15 @@ class AdapterTrainers(ScriptedTrainers):
                 "nbytes": 8,
                 "export_s": 0.0,
                 "write_s": 0.0,
+                "digests": SENT if args[4] is not None else {},  # the verify seed
             }
             return [out, None]
         return super().run_all(fn, *args, timeout_s=timeout_s)
 
 
-def _adapter_sync(engines, keep: int = 2):
-    return _sync(engines, AdapterTrainers(), lora=LoraSync(root="/nonexistent", keep=keep))
+def _adapter_sync(engines, keep: int = 2, verify: bool = False):
+    lora = LoraSync(root="/nonexistent", keep=keep)
+    return _sync(engines, AdapterTrainers(), lora=lora, verify=verify)
 
 
 def test_adapter_updates_pause_nothing_and_keep_the_last_versions():
@@ -153,3 +165,40 @@ def test_the_launcher_serves_the_smallest_lora_rank_vllm_accepts(tmp_path):
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
     with pytest.raises(ValueError, match="max_lora_rank"):
         VllmServerConfig(model_dir=str(tmp_path), log_path="x", max_lora_rank=1024)
+
+
+def test_verify_reads_every_engine_slot_and_a_wrong_one_means_no_engine_switches():
+    good, bad = AdapterEngine("good"), AdapterEngine("bad")
+    ws = _adapter_sync([good, bad], verify=True)
+    stats = ws.update_adapter(1)
+    assert stats.verified and "readback" in good.calls and "readback" in bad.calls
+    bad.slot = {**SENT, "m.q_proj.lora_B.weight": "stale"}
+    with pytest.raises(UpdateFailed, match=r"policy@v2 failed verify.*bad.*lora_B"):
+        ws.update_adapter(2)
+    assert ws.adapter == "policy@v1" and not ws.stale
+    assert good.adapters == {"policy@v1"} and bad.adapters == {"policy@v1"}
+    bad.slot = {
+        **SENT,
+        "m.k_proj.lora_A.weight": "mismatch: slot holds a LoRA the adapter does not have",
+    }  # more than was sent: fails as well
+    with pytest.raises(UpdateFailed, match=r"k_proj.*does not have"):
+        ws.update_adapter(3)
+    bad.slot = dict(SENT)
+    assert ws.update_adapter(4).verified and ws.adapter == "policy@v4"
+    assert good.adapters == bad.adapters == {"policy@v1", "policy@v4"}
+
+
+def test_adapter_digests_fold_the_scaling_into_b_once_as_vllm_does():
+    a = torch.randn(4, 16).to(torch.bfloat16)
+    b = torch.randn(32, 4).to(torch.bfloat16)
+    config = {"r": 4, "lora_alpha": 12}  # scaling 3: not a power of two, B rounds
+    got = adapter_digests({"x.lora_A.weight": a, "x.lora_B.weight": b}, config, seed=7)
+    folded = b.clone()
+    folded *= 12 / 4  # vLLM's LoRALayerWeights.optimize, in the adapter's dtype
+    assert got == {
+        "x.lora_A.weight": probe_digest(a, 7),
+        "x.lora_B.weight": probe_digest(folded, 7),
+    }
+    assert got["x.lora_B.weight"] != probe_digest(b, 7)
+    unit = adapter_digests({"x.lora_B.weight": b}, {"r": 4, "lora_alpha": 4}, seed=7)
+    assert unit == {"x.lora_B.weight": probe_digest(b, 7)}

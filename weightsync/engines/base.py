@@ -15,6 +15,9 @@ Every engine is driven by two adapter instances in two processes, built from one
       set_version(version); resume()
       on failure: abort_update(); set_version("partial-<version>"); resume()
 
+  An adapter-only update (nothing paused): load_adapter(name, path) on every live engine,
+  adapter_digests(name, seed) with verify, unload_adapter(old) once it is retired.
+
 - ``DataPlane``, on the trainer's source rank, where the bytes are: it joins the transport
   from one typed ``Link``, checks the plan, and hands over the buckets::
 
@@ -135,6 +138,12 @@ class ControlPlane(Protocol):
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name``; a no-op when the engine does not hold it."""
+        ...
+
+    def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
+        """Probe digests of LoRA adapter ``name`` as the engine's LoRA kernels hold it, by
+        PEFT tensor name (``weightsync.lora.adapter_digests``); ValueError where the engine
+        cannot read back."""
         ...
 
     def close(self) -> None: ...

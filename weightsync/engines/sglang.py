@@ -407,6 +407,12 @@ class SGLangEngine:
             "SyncConfig.verify=True for SGLang engines up front"
         )
 
+    def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
+        raise ValueError(
+            f"{self.name}: SGLang cannot read a LoRA adapter back from its kernels' buffers; "
+            "WeightSync refuses SyncConfig.verify=True for SGLang engines up front"
+        )
+
     def weights_checker(self, action: str = "checksum", skip: list[str] | None = None) -> dict:
         """SGLang's /weights_checker: checksum, or snapshot -> reset_tensors -> compare."""
         body = request_body("CheckWeightsReqInput", action=action, skip_tensor_list=skip)

@@ -279,6 +279,11 @@ class VllmEngine:
         included, every rank's shard put together (``weightsync.probe``)."""
         return assemble(self._rpc_all(f"readback:{seed}"), seed)
 
+    def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
+        """Probe digests of LoRA adapter ``name`` read from the slot its requests use, PEFT
+        names, every rank's shard put together (``vllm_plugin.lora_readback``)."""
+        return assemble(self._rpc_all(f"adapter:{seed}:{name}"), seed)
+
     # --- diagnostics (neither plane: tests, benchmarks, operators) ------------------------
     def health(self) -> bool:
         try:

@@ -33,7 +33,7 @@ from typing import Any
 
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from weightsync.engines.vllm_plugin import receive
+from weightsync.engines.vllm_plugin import lora_readback, receive
 from weightsync.engines.vllm_plugin.repair import ReloadRepair
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
 from weightsync.model_config import config_field, summary
@@ -55,6 +55,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._faults: dict = {}  # test-only, see inject_faults
         self._untied: list = []
         self._session_faults: dict = {}
+        lora_readback.track_adapters()  # before any adapter is loaded: they load at runtime
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
@@ -161,11 +162,14 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         kind, _, arg = query.partition(":")
         if kind == "readback" and arg.isdigit() and int(arg) < 1 << 31:
             return self.readback(int(arg))
+        seed, _, name = arg.partition(":")
+        if kind == "adapter" and seed.isdigit() and int(seed) < 1 << 31 and name:
+            return self.adapter_readback(name, int(seed))
         if kind == "fault":
             return self.inject_faults(json.loads(arg))
         raise ValueError(
             f"unknown weightsync query {query[:80]!r}: expected_params|model_config|"
-            "timings|abort|readback:<seed below 2**31>"
+            "timings|abort|readback:<seed below 2**31>|adapter:<seed>:<adapter name>"
         )
 
     def readback(self, seed: int) -> dict[str, dict]:
@@ -182,20 +186,33 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             wanted.add("lm_head.weight")  # read through the head's own kernel
         return live_pieces(self.model, seed, wanted)
 
+    def adapter_readback(self, name: str, seed: int) -> dict[str, dict]:
+        """This rank's probe pieces of LoRA adapter ``name`` as its kernels' slot holds it
+        (``lora_readback``); the name only looks up an adapter this worker loaded."""
+        if not hasattr(self.model, "lora_manager"):
+            raise RuntimeError("weightsync backend: the engine does not serve LoRA")
+        lora, slot = lora_readback.activate(self.model, name)
+        for prefix in self._faults.pop("lora_zero", []):
+            _zero_slot(self.model.lora_manager.modules, slot, prefix)
+        return lora_readback.slot_pieces(self.model, lora, slot, seed)
+
     def inject_faults(self, faults: dict) -> dict:
         """Test-only (the engine must run with WEIGHTSYNC_FAULT_INJECTION=1): break the next
         session the way real bugs do, so tests can see ``verify`` catch it. ``skip``: names
         (prefixes) never loaded; ``stale_alias``: a tied head keeps a private copy of the old
         embedding; ``post_twice``: the MoE kernels' post-processing applied twice;
-        ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
+        ``lora_zero``: the next adapter read back first loses the LoRA B of these modules
+        (prefixes) in its slot; ``tp_ranks``: only these ranks of a TP>1 engine break
+        (default: all)."""
         if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
             raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
-        allowed = {"skip", "stale_alias", "post_twice", "tp_ranks"}
+        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "tp_ranks"}
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
-        skip = faults.get("skip", [])
-        if not (isinstance(skip, list) and all(isinstance(n, str) and n for n in skip)):
-            raise ValueError("faults.skip: a list of tensor names or name prefixes")
+        for key in ("skip", "lora_zero"):
+            names = faults.get(key, [])
+            if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+                raise ValueError(f"faults.{key}: a list of tensor names or name prefixes")
         ranks = faults.pop("tp_ranks", None)
         if ranks is not None and not (
             isinstance(ranks, list) and all(type(r) is int for r in ranks)
@@ -203,6 +220,14 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise ValueError("faults.tp_ranks: a list of TP rank numbers")
         self._faults = faults if ranks is None or self.parallel_config.rank in ranks else {}
         return {"armed": sorted(self._faults)}
+
+
+def _zero_slot(modules: dict, slot: int, prefix: str) -> None:
+    """Fault injection: LoRA layers under ``prefix`` lose their B in ``slot``."""
+    for name, module in modules.items():
+        if name.startswith(prefix) and hasattr(module, "lora_b_stacked"):
+            for b in module.lora_b_stacked:
+                b[slot].zero_()
 
 
 def _untie(model) -> list:

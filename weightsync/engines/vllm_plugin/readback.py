@@ -122,7 +122,7 @@ def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Piece]:
     bias = getattr(module, "bias", None)
     sharded = isinstance(module, ColumnParallelLinear)  # not ReplicatedLinear (the router)
     for k, (name, w) in enumerate(zip(names, w_OC.split(sizes), strict=True)):
-        start, total = _output_shard(module, k, sizes[k]) if sharded else (0, sizes[k])
+        start, total = output_shard(module, k, sizes[k]) if sharded else (0, sizes[k])
         yield f"{name}.weight", rows_piece(w, start, total)
         if isinstance(bias, torch.Tensor):
             # The CPU GEMM may keep the bias in fp32: the checkpoint's dtype is what was sent.
@@ -130,7 +130,7 @@ def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Piece]:
             yield f"{name}.bias", rows_piece(b, start, total)
 
 
-def _output_shard(module, part: int, size: int) -> tuple[int, int]:
+def output_shard(module, part: int, size: int) -> tuple[int, int]:
     """Where this rank's rows of output ``part`` start in the whole part, and its size.
     QKV's k and v are replicated over ``num_kv_head_replicas`` ranks when there are fewer
     KV heads than ranks (vLLM's own ``shard_rank``)."""
