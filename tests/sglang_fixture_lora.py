@@ -1,5 +1,5 @@
-"""TEST FIXTURE: the protocol server's runtime LoRA (SGLang 0.5.23's ``/load_lora_adapter`` and
-``/unload_lora_adapter``).
+"""TEST FIXTURE: the protocol server's runtime LoRA (SGLang 0.5.23's ``/load_lora_adapter``,
+``/load_lora_adapter_from_tensors`` and ``/unload_lora_adapter``).
 
 The checks and their messages are SGLang's, in its order: the tokenizer manager's (LoRA
 enabled, name registered for unload), then the LoRA manager's (``LoRAConfig`` reads
@@ -7,7 +7,9 @@ enabled, name registered for unload), then the LoRA manager's (``LoRAConfig`` re
 modules against the memory pool), then the weights (``*.safetensors`` in the directory). Answers
 are SGLang's own ``LoRAUpdateOutput``. Unlike SGLang, the server process itself loads the
 adapter (its TP ranks do not see it), and it also checks every tensor's shape against the base
-checkpoint, which SGLang finds out only when it copies them into its buffers.
+checkpoint, which SGLang finds out only when it copies them into its buffers. From tensors, each
+TP rank's payload is opened on its own with SGLang's deserializer and held to the request's
+``expected_checksums`` as SGLang's TP worker does (its message); the copies must agree.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from weightsync.tensors import sha256
 
 # Qwen2's linear projections: what SGLang's --lora-target-modules all resolves to there.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,6 +58,21 @@ def _check_shapes(tensors: dict[str, torch.Tensor], base: dict[str, tuple], r: i
         want = (r, in_dim) if ".lora_A." in name else (out_dim, r)
         if tuple(tensor.shape) != want:
             raise ValueError(f"fixture: {name} has shape {tuple(tensor.shape)}, expected {want}")
+
+
+def _check_sums(rank: int, tensors: dict[str, torch.Tensor], expected: dict | None) -> None:
+    """SGLang's TP worker: each tensor's sha256 against ``expected_checksums``, if sent."""
+    if expected is None:
+        return
+    mismatch = [n for n, want in expected.items() if n in tensors and sha256(tensors[n]) != want]
+    missing = [n for n in expected if n not in tensors]
+    extra = [n for n in tensors if n not in expected]
+    if mismatch or missing or extra:
+        raise RuntimeError(
+            f"[LORA-CHECK] rank{rank} adapter sync MISMATCH of {len(expected)} expected: "
+            f"{len(mismatch)} value-diff {mismatch[:5]}, {len(missing)} missing {missing[:5]}, "
+            f"{len(extra)} extra {extra[:5]}"
+        )
 
 
 class LoraAdapters:
@@ -110,6 +129,26 @@ class LoraAdapters:
             return self._answer(str(e))
         return self._answer()
 
+    def load_tensors(self, req, opened: list[list[tuple[str, torch.Tensor]]]):
+        """``/load_lora_adapter_from_tensors``: ``opened`` is every TP rank's own payload."""
+        if (refused := self._not_enabled()) is not None:
+            return refused
+        try:
+            self._check_config(req.lora_name, req.config_dict)
+            per_rank = [dict(named) for named in opened]
+            for rank, tensors in enumerate(per_rank):
+                _check_sums(rank, tensors, req.expected_checksums)
+            tensors = per_rank[0]
+            if any(set(t) != set(tensors) for t in per_rank) or not all(
+                torch.equal(t[n], tensors[n]) for t in per_rank for n in tensors
+            ):
+                raise RuntimeError("fixture: the TP ranks' copies of the adapter differ")
+            _check_shapes(tensors, self.base, req.config_dict["r"])
+            self.loaded[req.lora_name] = ("__tensor__", tensors)
+        except Exception as e:  # noqa: BLE001 - SGLang's ranks report any failure this way
+            return self._answer(str(e))
+        return self._answer()
+
     def unload(self, req):
         if (refused := self._not_enabled()) is not None:
             return refused
@@ -124,6 +163,16 @@ class LoraAdapters:
 
         with open(os.path.join(path, "adapter_config.json")) as f:  # LoRAConfig
             config = json.load(f)
+        self._check_config(name, config)
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise RuntimeError(f"Cannot find any model weights with `{path}`")
+        tensors = {n: t for f in files for n, t in load_file(f).items()}
+        _check_shapes(tensors, self.base, config["r"])
+        return tensors
+
+    def _check_config(self, name: str, config: dict) -> None:
+        """SGLang's LoRAConfig and ``validate_new_adapter`` checks, in its order."""
         targets, r = config["target_modules"], config["r"]
         if config.get("use_dora", False):
             raise ValueError(
@@ -143,9 +192,3 @@ class LoraAdapters:
             )
         if self.refuse:
             raise RuntimeError("refused to load (test fault)")
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise RuntimeError(f"Cannot find any model weights with `{path}`")
-        tensors = {n: t for f in files for n, t in load_file(f).items()}
-        _check_shapes(tensors, self.base, r)
-        return tensors

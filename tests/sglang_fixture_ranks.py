@@ -123,22 +123,26 @@ class _Rank:
         self.load(named)  # after the receive, so a refusing rank never stalls the broadcast
 
     def load_payload(self, payload: str, load_format: str | None) -> None:
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import (
-            FlattenedTensorBucket,
-            FlattenedTensorMetadata,
-        )
+        self.load(open_payload(payload, load_format))
 
-        obj = MultiprocessingSerializer.deserialize(payload)
-        if load_format == "flattened_bucket":
-            meta = [
-                FlattenedTensorMetadata(m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel)
-                for m in obj["metadata"]
-            ]
-            obj = FlattenedTensorBucket(
-                flattened_tensor=obj["flattened_tensor"], metadata=meta
-            ).reconstruct_tensors()
-        self.load(obj)
+
+def open_payload(payload, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """One TP rank's serialized tensors, opened with SGLang's own deserializer and bucket."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import (
+        FlattenedTensorBucket,
+        FlattenedTensorMetadata,
+    )
+
+    obj = MultiprocessingSerializer.deserialize(payload)
+    if load_format != "flattened_bucket":
+        return list(obj.items()) if isinstance(obj, dict) else list(obj)
+    meta = [
+        FlattenedTensorMetadata(m.name, m.shape, m.dtype, m.start_idx, m.end_idx, m.numel)
+        for m in obj["metadata"]
+    ]
+    flat = obj["flattened_tensor"]
+    return list(FlattenedTensorBucket(flattened_tensor=flat, metadata=meta).reconstruct_tensors())
 
 
 def rank_main(conn: multiprocessing.connection.Connection, rank: int, tp_size: int) -> None:

@@ -298,6 +298,19 @@ class FakeSGLangEngine:
     def load_lora_adapter(self, req) -> Reply:
         return self._lora_reply(self.loras.load(req))
 
+    def load_lora_adapter_from_tensors(self, req) -> Reply:
+        from tests.sglang_fixture_ranks import open_payload
+
+        if self.loras.serving is None:  # the tokenizer manager refuses before any rank opens
+            return self._lora_reply(self.loras.load_tensors(req, []))
+        try:
+            opened = [open_payload(p, req.load_format) for p in req.serialized_named_tensors]
+        except Exception as e:  # noqa: BLE001 - a rank that cannot open its payload says so
+            return self._lora_reply(self.loras._answer(f"{type(e).__name__}: {e}"))
+        if len(opened) != self.tp_size:
+            return self._lora_reply(self.loras._answer("fixture: one payload per TP rank"))
+        return self._lora_reply(self.loras.load_tensors(req, opened))
+
     def unload_lora_adapter(self, req) -> Reply:
         return self._lora_reply(self.loras.unload(req))
 
@@ -372,6 +385,10 @@ _ROUTES = {
     "/weights_checker": ("CheckWeightsReqInput", "weights_checker"),
     "/load_lora_adapter": ("LoadLoRAAdapterReqInput", "load_lora_adapter"),
     "/unload_lora_adapter": ("UnloadLoRAAdapterReqInput", "unload_lora_adapter"),
+    "/load_lora_adapter_from_tensors": (
+        "LoadLoRAAdapterFromTensorsReqInput",
+        "load_lora_adapter_from_tensors",
+    ),
 }
 _LEGACY_ABSENT = ("/begin_weight_update", "/end_weight_update")
 

@@ -77,14 +77,16 @@ class AdapterStats:
     version: int
     adapter: str
     """The name rollouts ask for: ``<LoraSync.name>@v<version>``."""
-    path: str
-    """Where the source rank wrote it (``LoraSync.path``): the engines load it from there."""
+    path: str | None
+    """Where the source rank wrote it (``LoraSync.path``) for the engines that load it from
+    disk (vLLM); None when every live engine took it from memory (SGLang)."""
     nbytes: int
     export_s: float
     transfer_s: float
-    """The source rank writing it to ``LoraSync.root`` (the adapter's transport)."""
+    """The source rank writing it to ``LoraSync.root`` and handing it to the engines that
+    load it from memory (their load included)."""
     engine_load_s: float
-    """Every live engine loading it, at once."""
+    """Every engine that loads it from disk loading it, at once."""
     total_s: float
     pause_s: float = 0.0
     """Always 0: nothing is paused (named as in ``SyncStats`` for reports side by side)."""
@@ -223,12 +225,11 @@ class WeightSync:
                 self._install()
             self._check_models()
             seed = secrets.randbits(31) if self.config.verify else None
-            write = TrainerSync.write_adapter
-            loaded = list(self._adapters)
-            out = next(r for r in self._run(write, lora, version, loaded, seed) if r)
+            publish, loaded = TrainerSync.publish_adapter, list(self._adapters)
+            out = next(r for r in self._run(publish, lora, version, live, loaded, seed) if r)
             lease.check()
             t1 = time.perf_counter()
-            self._load_everywhere(served, out["path"], live)
+            self._load_everywhere(served, out, live)
             t2 = time.perf_counter()
             if seed is not None:
                 self._verify_adapter(served, out["digests"], seed, live)
@@ -250,10 +251,12 @@ class WeightSync:
             verify_s=t3 - t2,
         )
 
-    def _load_everywhere(self, served: str, path: str, live: list[str]) -> None:
-        """Every live engine loads adapter ``served``, or none keeps it (UpdateFailed)."""
-        loaded = self._settle(lambda e: e.load_adapter(served, path), live)
-        failed = {lb: e for lb, e in loaded.items() if e is not None}
+    def _load_everywhere(self, served: str, out: dict, live: list[str]) -> None:
+        """Every live engine holds adapter ``served`` (the source rank handed it to those
+        that load from memory; the others load ``out["path"]``), or none keeps it."""
+        disk = [lb for lb in live if lb not in out["in_memory"]]
+        loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), disk)
+        failed = {**out["errors"], **{lb: e for lb, e in loaded.items() if e is not None}}
         if failed:
             self._unload_failed(served, live)
             raise UpdateFailed(

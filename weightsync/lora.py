@@ -1,11 +1,14 @@
 """LoRA adapter-only sync: the base stays frozen on the engines, each update moves the adapter.
 
-The trainer's source rank writes the adapter (``megatron_bridge.export_lora``: PEFT names plus
-``adapter_config.json``) as one directory on a local tmpfs, whole or not at all (written under
-a temporary name, fsynced, renamed); every engine then loads it under a new name
-``<name>@v<version>`` through its own runtime adapter API, so requests already running on the
-previous adapter finish on it, and new rollouts ask for the new name. Nothing is paused: the
-base weights are not touched, and each engine loads the adapter atomically on its side.
+The trainer's source rank exports the adapter (``megatron_bridge.export_lora``: PEFT names plus
+``adapter_config.json``); every engine loads it under a new name ``<name>@v<version>`` through
+its own runtime adapter API, so requests already running on the previous adapter finish on it,
+and new rollouts ask for the new name. Engines that load adapters from memory (SGLang's
+``load_adapter_tensors``) get it from the source rank directly; for the others (vLLM) it is
+written as one directory on a local tmpfs, whole or not at all (written under a temporary
+name, fsynced, renamed), and they load that path. Nothing is paused: the base weights are not
+touched, and each engine loads the adapter atomically on its side. ``adapter_digests`` is what
+``verify`` holds an engine's LoRA slots to.
 
 Settings: ``weightsync.config.LoraSync``. An engine keeps the last ``keep`` versions loaded:
 rollouts of the previous version may still run when the next one is published (one-step

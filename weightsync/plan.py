@@ -202,6 +202,16 @@ def build_plan(metas: Iterable[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_B
     return Plan(tuple(_layout(i, c) for i, c in enumerate(cuts)), bucket_bytes)
 
 
+def flat_bucket(tensors: dict[str, torch.Tensor]) -> tuple[Bucket, torch.Tensor]:
+    """``tensors`` as one bucket (grouped by dtype, in order) and its filled byte buffer: a
+    small set sent whole, e.g. a LoRA adapter."""
+    metas = [TensorMeta(n, t.dtype, tuple(t.shape), "all") for n, t in tensors.items()]
+    bucket = _layout(0, metas)
+    flat = allocate_bucket(bucket.nbytes)
+    fill_bucket(bucket, bucket_views(bucket, flat), tensors.items())
+    return bucket, flat
+
+
 def allocate_bucket(bucket_nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """One uint8 buffer able to hold a bucket (see ``bucket_views``)."""
     return torch.empty(bucket_nbytes, dtype=torch.uint8, device=device)

@@ -138,20 +138,23 @@ class TrainerSync:
         return state.sender.send(state.engines, state.transport)
 
     @staticmethod
-    def write_adapter(
+    def publish_adapter(
         worker: Any,
         sync_id: str,
         lora: LoraSync,
         version: int,
+        live: Sequence[str],
         loaded: Sequence[str] = (),
         seed: int | None = None,
     ) -> dict | None:
         """All ranks (the export is collective): the LoRA adapter the worker trains
-        (``worker.lora_spec``, from ``megatron_bridge.apply_lora``); the source rank writes
-        it for the engines (``weightsync.lora``) and returns where, its size, timings and,
-        with a ``seed``, the probe digests verify compares the engines' slots with;
-        directories of other versions than it and the ``loaded`` ones are removed.
-        A non-finite tensor is refused by name before anything is written."""
+        (``worker.lora_spec``, from ``megatron_bridge.apply_lora``). The source rank hands it
+        to the ``live`` engines that load adapters from memory (each one's error is
+        returned, not raised: the driver keeps all or none) and, when any other engine is
+        live, writes it for them (``weightsync.lora``; directories of other versions than it
+        and the ``loaded`` ones are removed). It returns where, which engines took it from
+        memory, its size, timings and, with a ``seed``, the probe digests verify compares the
+        engines' slots with. A non-finite tensor is refused by name before any engine sees it."""
         from megatron_bridge import adapter_config, export_lora
         from weightsync.lora import adapter_digests, prune, write_adapter
         from weightsync.tensors import all_finite
@@ -162,24 +165,34 @@ class TrainerSync:
         t0 = time.perf_counter()
         chunks, hf = worker.model_chunks, worker.hf_config
         tensors = {n: t.detach().cpu().clone() for n, t in export_lora(chunks, hf, spec)}
-        if not _state(worker, sync_id).sender.is_source:
+        state = _state(worker, sync_id)
+        if not state.sender.is_source:
             return None
         bad = [n for n, t in tensors.items() if not all_finite(t)]
         if bad:
             raise ValueError(f"adapter tensors with NaN/Inf: {bad[:5]}")
         t1 = time.perf_counter()
-        path = lora.path(sync_id, lora.served_name(version))
-        config = adapter_config(spec)
-        nbytes = write_adapter(path, tensors, config)
-        prune(path.parent, lora.name, {path.name, *loaded})
+        served, config = lora.served_name(version), adapter_config(spec)
+        memory = {
+            s.label: plane
+            for s, plane in zip(state.specs, state.engines, strict=True)
+            if s.label in live and hasattr(plane, "load_adapter_tensors")
+        }
+        path = None
+        if set(live) - set(memory):  # some engine reads it from disk
+            path = lora.path(sync_id, served)
+            write_adapter(path, tensors, config)
+            prune(path.parent, lora.name, {path.name, *loaded})
+        errors = _load_in_memory(memory, served, tensors, config)
         t2 = time.perf_counter()
-        digests = {} if seed is None else adapter_digests(tensors, config, seed)
         return {
-            "path": str(path),
-            "nbytes": nbytes,
+            "path": None if path is None else str(path),
+            "in_memory": sorted(memory),
+            "errors": errors,
+            "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "export_s": t1 - t0,
             "write_s": t2 - t1,
-            "digests": digests,
+            "digests": {} if seed is None else adapter_digests(tensors, config, seed),
             "probe_s": time.perf_counter() - t2,
         }
 
@@ -302,3 +315,21 @@ def _open_shm(state: _State) -> None:
     # Every rank of every engine has mapped the ring: the names can leave /dev/shm.
     state.ring.unlink()
     state.transport = ShmSender(state.ring, timeout_s=timeout)
+
+
+def _load_in_memory(
+    planes: dict[str, DataPlane], name: str, tensors: dict[str, torch.Tensor], config: dict
+) -> dict[str, str]:
+    """Adapter ``name`` into every engine of ``planes`` at once; each failure by engine."""
+    if not planes:
+        return {}
+    with ThreadPoolExecutor(len(planes), thread_name_prefix="wsync-lora") as pool:
+        futures = {
+            label: pool.submit(plane.load_adapter_tensors, name, tensors, config)
+            for label, plane in planes.items()
+        }
+    return {
+        label: f"engine {label!r}: {f.exception()}"
+        for label, f in futures.items()
+        if f.exception() is not None
+    }

@@ -1,11 +1,14 @@
-"""LoRA adapter-only sync into SGLang (``/load_lora_adapter``, ``/unload_lora_adapter``), against
-the protocol server, which parses the bodies with SGLang's own request structs, reads the
-adapter directory as SGLang's LoRA loader does and answers with its ``LoRAUpdateOutput``.
+"""LoRA adapter-only sync into SGLang (``/load_lora_adapter``, ``/load_lora_adapter_from_tensors``,
+``/unload_lora_adapter``), against the protocol server, which parses the bodies with SGLang's
+own request structs, reads the adapter directory as SGLang's LoRA loader does, opens each TP
+rank's in-memory payload with SGLang's deserializer and checks its sha256s as SGLang's TP worker
+does, and answers with its ``LoRAUpdateOutput``.
 
 First the adapter alone: bodies and replies round-trip, each refusal SGLang has comes back
-with its message, unloading an unknown name is a no-op. Then the whole path: WeightSync
-publishes a megatron TP=2 trainer's adapter versions into a TP=2 server, which holds exactly
-what the trainer exports; the last ``keep`` versions stay; a failed load changes nothing.
+with its message, unloading an unknown name is a no-op, a payload whose bytes are not the ones
+announced is refused. Then the whole path: WeightSync publishes a megatron TP=2 trainer's
+adapter versions into a TP=2 server, in memory, which holds exactly what the trainer exports;
+nothing is written to disk; the last ``keep`` versions stay; a failed load changes nothing.
 """
 
 from __future__ import annotations
@@ -76,6 +79,27 @@ def test_load_and_unload_round_trip_with_sglangs_structs(fresh, tmp_path):
     load_v1 = {"lora_name": "policy@v1", "lora_path": paths["policy@v1"]}
     assert bodies[0] == ("/load_lora_adapter", load_v1)
     assert bodies[2] == ("/unload_lora_adapter", {"lora_name": "policy@v1"})
+
+
+def test_from_tensors_every_rank_opens_its_own_payload_and_checks_its_bytes(fresh, monkeypatch):
+    import weightsync.engines.sglang as sglang_adapter
+
+    engine = _engine(fresh)
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": list(TARGETS)}
+    adapter = _random_adapter(seed=7)
+    engine.load_adapter_tensors("policy@v1", adapter, config)
+    assert fresh.loras() == {"policy@v1": "__tensor__"}
+    assert_bit_exact(fresh.lora("policy@v1"), adapter)
+    body = fresh.log()[-1]["body"]
+    assert fresh.log()[-1]["path"] == "/load_lora_adapter_from_tensors"
+    assert body["load_format"] == "flattened_bucket" and set(body["expected_checksums"]) == set(
+        adapter
+    )
+    # Bytes that are not the ones announced: every rank refuses, with SGLang's message.
+    monkeypatch.setattr(sglang_adapter, "sha256", lambda t: "0" * 64)
+    with pytest.raises(RuntimeError, match=r"HTTP 400: \[LORA-CHECK\] rank0 adapter sync MISMATCH"):
+        engine.load_adapter_tensors("policy@v2", _random_adapter(seed=8), config)
+    assert list(fresh.loras()) == ["policy@v1"]
 
 
 def test_replies_are_sglangs_lora_update_output(fresh, tmp_path):
@@ -195,20 +219,25 @@ def _publish(group, ws, version: int, seed: int):
 
 
 def test_the_server_holds_the_trainers_adapter_and_the_last_two_versions(rig):
-    group, srv, ws, _ = rig
+    group, srv, ws, root = rig
     for version in (1, 2):
         stats = _publish(group, ws, version, seed=40 + version)
         assert ws.adapter == stats.adapter == f"policy@v{version}" and not stats.unloaded
         exported = next(s for s in group.run_all(_export_lora, timeout_s=WAIT_S) if s)
         assert_bit_exact(srv.lora(ws.adapter), exported)
-    home = Path(stats.path).parent  # this WeightSync's own directory under root
-    assert srv.loras() == {f"policy@v{v}": str(home / f"policy@v{v}") for v in (1, 2)}
+    # In memory: SGLang registers it as "__tensor__", and nothing was written for it.
+    assert stats.path is None and not list(root.rglob("*"))
+    assert srv.loras() == {f"policy@v{v}": "__tensor__" for v in (1, 2)}
     first = next(iter(exported))
     assert not torch.equal(srv.lora("policy@v1")[first], exported[first])  # two adapters
     stats = _publish(group, ws, 3, seed=43)
     assert stats.unloaded == ["policy@v1"]  # keep=2
     assert set(srv.loras()) == {"policy@v2", "policy@v3"}
-    assert sorted(p.name for p in home.iterdir()) == ["policy@v2", "policy@v3"]
+    loads = [e for e in srv.log() if "lora" in e["path"]]
+    assert {e["path"] for e in loads} == {
+        "/load_lora_adapter_from_tensors",
+        "/unload_lora_adapter",
+    }
 
 
 @pytest.mark.parametrize(

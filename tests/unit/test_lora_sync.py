@@ -81,15 +81,29 @@ SENT = {"m.q_proj.lora_A.weight": "dA", "m.q_proj.lora_B.weight": "dB"}
 
 
 class AdapterTrainers(ScriptedTrainers):
+    """The source rank's publish_adapter: engines in ``memory`` took the adapter from it
+    (the ones in ``refused`` failed to), the others get its path."""
+
+    def __init__(self, memory: dict[str, AdapterEngine] | None = None, refused=()) -> None:
+        super().__init__()
+        self.memory, self.refused = memory or {}, set(refused)
+
     def run_all(self, fn, *args, timeout_s):
-        if fn is TrainerSync.write_adapter:
-            lora, version = args[1], args[2]
+        if fn is TrainerSync.publish_adapter:
+            lora, version, live, seed = args[1], args[2], args[3], args[5]
+            served = lora.served_name(version)
+            taken = {lb: e for lb, e in self.memory.items() if lb in live}
+            for label, engine in taken.items():
+                if label not in self.refused:
+                    engine.adapters.add(served)
             out = {
-                "path": str(lora.path("id", lora.served_name(version))),
+                "path": str(lora.path("id", served)) if set(live) - set(taken) else None,
+                "in_memory": sorted(taken),
+                "errors": {lb: f"engine {lb!r}: checksum mismatch" for lb in self.refused},
                 "nbytes": 8,
                 "export_s": 0.0,
                 "write_s": 0.0,
-                "digests": SENT if args[4] is not None else {},  # the verify seed
+                "digests": SENT if seed is not None else {},
             }
             return [out, None]
         return super().run_all(fn, *args, timeout_s=timeout_s)
@@ -202,3 +216,19 @@ def test_adapter_digests_fold_the_scaling_into_b_once_as_vllm_does():
     assert got["x.lora_B.weight"] != probe_digest(b, 7)
     unit = adapter_digests({"x.lora_B.weight": b}, {"r": 4, "lora_alpha": 4}, seed=7)
     assert unit == {"x.lora_B.weight": probe_digest(b, 7)}
+
+
+def test_engines_that_load_from_memory_and_from_disk_switch_together_or_not_at_all():
+    disk, memory = AdapterEngine("disk"), AdapterEngine("memory")
+    trainers = AdapterTrainers(memory={"memory": memory})
+    ws = _sync([disk, memory], trainers, lora=LoraSync(root="/nonexistent"))
+    stats = ws.update_adapter(1)
+    assert stats.path is not None and disk.adapters == memory.adapters == {"policy@v1"}
+    assert "load" in disk.calls and "load" not in memory.calls  # its data plane took it
+    trainers.refused = {"memory"}
+    with pytest.raises(UpdateFailed, match=r"policy@v2 not loaded: engine 'memory'.*checksum"):
+        ws.update_adapter(2)
+    assert ws.adapter == "policy@v1" and disk.adapters == memory.adapters == {"policy@v1"}
+    only_memory = _sync([AdapterEngine("m")], AdapterTrainers(memory={}), lora=LoraSync())
+    only_memory.trainers.memory = {"m": only_memory.engines["m"]}
+    assert only_memory.update_adapter(1).path is None  # nothing written for anyone

@@ -15,8 +15,9 @@ Every engine is driven by two adapter instances in two processes, built from one
       set_version(version); resume()
       on failure: abort_update(); set_version("partial-<version>"); resume()
 
-  An adapter-only update (nothing paused): load_adapter(name, path) on every live engine,
-  adapter_digests(name, seed) with verify, unload_adapter(old) once it is retired.
+  An adapter-only update (nothing paused): load_adapter(name, path) on every live engine
+  (or, in memory, the data plane's load_adapter_tensors), adapter_digests(name, seed) with
+  verify, unload_adapter(old) once it is retired.
 
 - ``DataPlane``, on the trainer's source rank, where the bytes are: it joins the transport
   from one typed ``Link``, checks the plan, and hands over the buckets::
@@ -168,5 +169,9 @@ class DataPlane(Protocol):
         ...
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending: ...
+
+    # An engine that loads LoRA adapters from memory also has
+    # ``load_adapter_tensors(name, tensors, config)`` (SGLang); the others read them from disk
+    # (``ControlPlane.load_adapter``).
 
     def close(self) -> None: ...

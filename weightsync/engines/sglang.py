@@ -12,6 +12,10 @@ One update through this adapter::
     end_update()                     # POST /end_weight_update (re-packs quantized layers)
     set_version(v); resume()         # /update_weight_version, /continue_generation
 
+A LoRA adapter (``WeightSync.update_adapter``) goes in memory, from the source rank:
+``load_adapter_tensors`` -> /load_lora_adapter_from_tensors, one payload per TP rank, checked
+by SGLang against each tensor's sha256 before it loads; unloading is the control plane's.
+
 The broadcast group is created once with ``init_group(...)`` *while* the trainer (rank 0, which
 hosts the TCP store) builds its side like SGLang's ``init_custom_process_group``. sglang itself
 is imported only lazily, for request structs and payload checks (``sglang_payloads``).
@@ -42,8 +46,8 @@ from weightsync.engines.sglang_payloads import (
     manifest_from_checkpoint,
     request_body,
 )
-from weightsync.plan import Bucket, Plan
-from weightsync.tensors import dtype_name
+from weightsync.plan import Bucket, Plan, flat_bucket
+from weightsync.tensors import dtype_name, sha256
 from weightsync.transport.base import Ticket
 
 log = logging.getLogger(__name__)
@@ -229,6 +233,29 @@ class SGLangEngine:
     def load_adapter(self, name: str, path: str) -> None:
         body = request_body("LoadLoRAAdapterReqInput", lora_name=name, lora_path=path)
         self._post("/load_lora_adapter", body)
+
+    def load_adapter_tensors(
+        self, name: str, tensors: Mapping[str, torch.Tensor], config: dict
+    ) -> None:
+        """Data plane (source rank): adapter ``name`` (PEFT names, ``config`` its
+        adapter_config.json) in memory, its bytes inside the request (megabytes: no file, no
+        shared memory, no process SGLang must be related to). Each TP rank opens its own
+        flattened_bucket payload and refuses the adapter unless every tensor's sha256 is the
+        one sent."""
+        from weightsync.transport.ipc import encode_payload
+
+        bucket, flat = flat_bucket(dict(tensors))
+        body = request_body(
+            "LoadLoRAAdapterFromTensorsReqInput",
+            lora_name=name,
+            config_dict=config,
+            serialized_named_tensors=[
+                encode_payload(bucket, flat, inline=True) for _ in range(self.config.tp_size)
+            ],
+            load_format="flattened_bucket",
+            expected_checksums={n: sha256(t) for n, t in tensors.items()},
+        )
+        self._post("/load_lora_adapter_from_tensors", body)
 
     def unload_adapter(self, name: str) -> None:
         body = request_body("UnloadLoRAAdapterReqInput", lora_name=name)

@@ -1,4 +1,5 @@
-"""Same-host transport for SGLang: tensor payloads (CUDA IPC; CPU tensors by file descriptor).
+"""Same-host transport for SGLang: tensor payloads (CUDA IPC; CPU tensors by file descriptor,
+or inline for small sets).
 
 The CPU shared-memory ring is ``weightsync.transport.shm``.
 
@@ -47,7 +48,9 @@ def _patch_reductions_for_cuda(device: torch.device) -> None:
         monkey_patch_torch_reductions()
 
 
-def encode_payload(bucket: Bucket, flat: torch.Tensor, uuid_devices: bool = True) -> str:
+def encode_payload(
+    bucket: Bucket, flat: torch.Tensor, uuid_devices: bool = True, inline: bool = False
+) -> str:
     """One TP rank's base64 payload of ``bucket`` held in ``flat`` (its byte layout).
 
     Built without importing sglang (whose package import patches transformers in this
@@ -55,8 +58,13 @@ def encode_payload(bucket: Bucket, flat: torch.Tensor, uuid_devices: bool = True
     its loader reads by attribute, and the pickler is torch's ForkingPickler, as in SGLang's
     ``MultiprocessingSerializer``. ``uuid_devices`` (CUDA only) applies SGLang's reductions
     patch so the engine maps the GPU by UUID; it may be off only when both processes number
-    the GPUs alike (same ``CUDA_VISIBLE_DEVICES``).
+    the GPUs alike (same ``CUDA_VISIBLE_DEVICES``). ``inline`` (CPU only) puts the bytes
+    themselves in the payload (plain pickle: SGLang rebuilds the storage with a weights-only
+    ``torch.load``): for small sets, e.g. a LoRA adapter, to a process that does not share
+    this one's multiprocessing authkey, which a file descriptor needs.
     """
+    if inline and flat.device.type != "cpu":
+        raise ValueError("encode_payload: inline payloads carry CPU bytes")
     if uuid_devices:
         _patch_reductions_for_cuda(flat.device)
     metadata, start = [], 0
@@ -75,7 +83,8 @@ def encode_payload(bucket: Bucket, flat: torch.Tensor, uuid_devices: bool = True
         start += size
     assert start == bucket.nbytes, "plan byte layout is unpadded"
     buf = io.BytesIO()
-    ForkingPickler(buf).dump({"flattened_tensor": flat[: bucket.nbytes], "metadata": metadata})
+    pickler = pickle.Pickler if inline else ForkingPickler
+    pickler(buf).dump({"flattened_tensor": flat[: bucket.nbytes], "metadata": metadata})
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
