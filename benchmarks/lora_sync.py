@@ -13,11 +13,12 @@ Columns: bytes moved; the update's wall time; the pause window (adapters pause n
 the trainer's export (gather to HF names); the transport (full: buckets to the engine minus its
 load; adapter: the safetensors write to tmpfs); the engine's own load time (full: applying the
 buckets, inside the pause; adapter: the ``/v1/load_lora_adapter`` call, in which vLLM reads
-the files into its adapter cache and activates it in a slot, between two engine steps); the
-first 1-token request on the new weights and the same request again (any first-use cost shows
-as their difference). Medians, and full / adapter.
+the files into its adapter cache and activates it in a slot, between two engine steps); with
+``--verify``, the read-back (full: every base weight through the kernels, inside the pause;
+adapter: its LoRA slots, nothing paused); the first 1-token request on the new weights and the
+same request again (any first-use cost shows as their difference). Medians, and full / adapter.
 
-    .venv/bin/python -m benchmarks.lora_sync [--repeats 5] [--sizes 50M,200M]
+    .venv/bin/python -m benchmarks.lora_sync [--repeats 5] [--sizes 50M,200M] [--verify]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ KEYS = (
     "export_s",
     "transfer_s",
     "engine_load_s",
+    "verify_s",
     "first_request_s",
     "next_request_s",
 )
@@ -186,6 +188,7 @@ def _full(ws, server, version: int) -> dict:
         "export_s": s.export_s,
         "transfer_s": s.transfer_s,
         "engine_load_s": s.engine_load_s,
+        "verify_s": s.verify_s,  # inside the pause
         **_requests_s(server, None),
     }
 
@@ -199,6 +202,7 @@ def _adapter(ws, server, version: int) -> dict:
         "export_s": s.export_s,
         "transfer_s": s.transfer_s,  # the safetensors file on tmpfs is the adapter's transport
         "engine_load_s": s.engine_load_s,
+        "verify_s": s.verify_s,  # the adapter's LoRA slots read back, nothing paused
         **_requests_s(server, s.adapter),
     }
 
@@ -223,7 +227,7 @@ def _param_count(hf_dir: Path) -> int:
         return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())  # noqa: SIM118
 
 
-def measure(size: str, repeats: int, engine_tp: int, out_dir: str) -> dict:
+def measure(size: str, repeats: int, engine_tp: int, out_dir: str, verify: bool) -> dict:
     from weightsync import EngineSpec, LoraSync, SyncConfig, WeightSync
     from weightsync_demo.config import DemoConfig
     from weightsync_demo.model import tiny_qwen2_config, write_model_dirs
@@ -235,7 +239,7 @@ def measure(size: str, repeats: int, engine_tp: int, out_dir: str) -> dict:
     hf_config = as_hf_dict(tiny_qwen2_config(cfg))
     root = f"/dev/shm/wsync-lora-bench-{uuid.uuid4().hex[:8]}"
     lora = LoraSync(root=root)
-    sync_cfg = SyncConfig(bucket_bytes=BUCKET, step_timeout_s=TIMEOUT_S, lora=lora)
+    sync_cfg = SyncConfig(bucket_bytes=BUCKET, step_timeout_s=TIMEOUT_S, lora=lora, verify=verify)
     owns_ray = _start_quiet_ray()
     try:
         with _rig(cfg, dirs, hf_config, engine_tp, out) as (group, server):
@@ -285,12 +289,15 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: 50M,200M")
     parser.add_argument("--engine-tp", type=int, default=1)
     parser.add_argument("--out", default="bench_out/lora_sync")
+    parser.add_argument(
+        "--verify", action="store_true", help="SyncConfig.verify: read back after each update"
+    )
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or args.repeats < 1:
         parser.error(f"--sizes: one or more of {list(SIZES)} (got {unknown}); --repeats >= 1")
-    rows = [measure(size, args.repeats, args.engine_tp, args.out) for size in sizes]
+    rows = [measure(size, args.repeats, args.engine_tp, args.out, args.verify) for size in sizes]
     print_table(rows, args.repeats, args.engine_tp)
 
 
