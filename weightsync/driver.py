@@ -225,15 +225,15 @@ class WeightSync:
                 self._install()
             self._check_models()
             seed = secrets.randbits(31) if self.config.verify else None
-            publish, loaded = TrainerSync.publish_adapter, list(self._adapters)
-            out = next(r for r in self._run(publish, lora, version, live, loaded, seed) if r)
-            lease.check()
-            t1 = time.perf_counter()
-            self._load_everywhere(served, out, live)
-            t2 = time.perf_counter()
-            if seed is not None:
-                self._verify_adapter(served, out["digests"], seed, live)
-            t3 = time.perf_counter()
+            try:
+                out, t1, t2, t3 = self._publish(served, version, live, seed, lease)
+            except ValueError:
+                raise  # refused on the trainer (a bad adapter) before any engine was asked
+            except BaseException:
+                # Any engine may hold it by now (the source rank loads some from memory, a
+                # timed-out load may still land): none keeps it.
+                self._unload_failed(served, live)
+                raise
             self.adapter = served
             self._adapters.append(served)
             retired = self._retire(self._adapters[: -lora.keep])
@@ -251,25 +251,41 @@ class WeightSync:
             verify_s=t3 - t2,
         )
 
+    def _publish(
+        self, served: str, version: int, live: list[str], seed: int | None, lease: Lease
+    ) -> tuple[dict, float, float, float]:
+        """The source rank's publish_adapter, the disk loads, verify; raises on any failure
+        (the caller unloads). Returns its result and when the loads and verify began/ended."""
+        publish, loaded = TrainerSync.publish_adapter, list(self._adapters)
+        lora = self.config.lora
+        out = next(r for r in self._run(publish, lora, version, live, loaded, seed) if r)
+        lease.check()
+        t1 = time.perf_counter()
+        self._load_everywhere(served, out, live)
+        t2 = time.perf_counter()
+        if seed is not None:
+            self._verify_adapter(served, out["digests"], seed, live)
+        return out, t1, t2, time.perf_counter()
+
     def _load_everywhere(self, served: str, out: dict, live: list[str]) -> None:
         """Every live engine holds adapter ``served`` (the source rank handed it to those
-        that load from memory; the others load ``out["path"]``), or none keeps it."""
-        disk = [lb for lb in live if lb not in out["in_memory"]]
-        loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), disk)
-        failed = {**out["errors"], **{lb: e for lb, e in loaded.items() if e is not None}}
+        that load from memory; the others load ``out["path"]``), or UpdateFailed."""
+        failed = dict(out["errors"])
+        if not failed:  # else no engine keeps it anyway: spare the disk loads
+            disk = [lb for lb in live if lb not in out["in_memory"]]
+            loaded = self._settle(lambda e: e.load_adapter(served, out["path"]), disk)
+            failed = {lb: e for lb, e in loaded.items() if e is not None}
         if failed:
-            self._unload_failed(served, live)
             raise UpdateFailed(
                 f"adapter {served} not loaded: " + "; ".join(map(str, failed.values())), []
             )
 
     def _verify_adapter(self, served: str, sent: dict[str, str], seed: int, live: list) -> None:
         """Every live engine's LoRA slots hold exactly the adapter written (``verify``), or
-        no engine keeps it: rollouts stay on the previous version."""
+        UpdateFailed: rollouts stay on the previous version."""
         outcome = self._settle(lambda e: _verify_adapter(e, served, sent, seed), live)
         bad = {lb: e for lb, e in outcome.items() if e is not None}
         if bad:
-            self._unload_failed(served, live)
             raise UpdateFailed(
                 f"adapter {served} failed verify: " + "; ".join(map(str, bad.values())), []
             )
@@ -510,8 +526,12 @@ def _verify_adapter(engine: ControlPlane, served: str, sent: dict[str, str], see
     bad = sorted(n for n, d in sent.items() if live.get(n) != d)
     extra = sorted(set(live) - set(sent))
     if bad or extra:
-        first = live.get((bad + extra)[0], "not read back")
+        name = (bad + extra)[0]
+        first, want = live.get(name, "not read back"), sent.get(name, "nothing")
         why = first if first.startswith(("mismatch", "not")) else "other values"
+        if why == "other values" and first.partition(":")[0] != want.partition(":")[0]:
+            why = f"the engine holds {first.partition(':')[0]}, the trainer sent "
+            why += want.partition(":")[0]  # e.g. vLLM serving with another --lora-dtype
         raise RuntimeError(
             f"{len(bad) + len(extra)} LoRA tensors the engine computes with differ from the "
             f"trainer's (verify), e.g. {(bad + extra)[:3]} ({why})"

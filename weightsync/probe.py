@@ -192,7 +192,7 @@ def _tile_cols(pieces: list[dict], seed: int) -> str:
 
 def encode(t: torch.Tensor) -> dict:
     """A tensor as JSON: dtype name, shape, base64 of its bytes."""
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "b64": b64encode(raw).decode()}
 
 

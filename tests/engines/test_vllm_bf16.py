@@ -353,7 +353,11 @@ def test_malformed_bodies_to_every_weightsync_route_leave_the_weights_alone(serv
     answers = []
     for route, body in _FUZZ:
         r = requests.post(server.url + route, json=body, headers=headers, timeout=TIMEOUT_S)
-        answers.append((route, r.status_code))
+        # A weightsync query never raises (it would desynchronise a TP>1 engine's RPC
+        # answers): each rank answers {"error"}, which the adapter turns into RuntimeError.
+        refused = r.status_code == 200 and route == "/collective_rpc"
+        refused = refused and all(set(a) == {"error"} for a in r.json()["results"])
+        answers.append((route, 400 if refused else r.status_code))
     # Truncated JSON and a slow client (headers, then nothing) on the same routes.
     r = requests.post(
         server.url + "/update_weights", data=b'{"update_info": {"gro', headers=headers, timeout=60

@@ -162,6 +162,8 @@ def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
             assert diff < TOLERANCE, (version, prompt, got, want)
     # keep=2: v1 is unloaded from the engine and its directory removed.
     assert stats.unloaded == ["policy@v1"] and _loaded(server) == {"policy@v2", "policy@v3"}
+    with pytest.raises(RuntimeError, match="'policy@v1' is not loaded"):
+        engine.adapter_digests("policy@v1", seed=7)  # unloaded: never read back again
     assert sorted(p.name for p in Path(stats.path).parent.iterdir()) == ["policy@v2", "policy@v3"]
     # The base, read back through the engine's kernels, and its outputs are untouched.
     assert engine.live_digests(seed=5) == base_before

@@ -87,6 +87,7 @@ class AdapterTrainers(ScriptedTrainers):
     def __init__(self, memory: dict[str, AdapterEngine] | None = None, refused=()) -> None:
         super().__init__()
         self.memory, self.refused = memory or {}, set(refused)
+        self.after: Exception | None = None  # raised once the in-memory engines took it
 
     def run_all(self, fn, *args, timeout_s):
         if fn is TrainerSync.publish_adapter:
@@ -96,6 +97,8 @@ class AdapterTrainers(ScriptedTrainers):
             for label, engine in taken.items():
                 if label not in self.refused:
                     engine.adapters.add(served)
+            if self.after is not None:
+                raise self.after
             out = {
                 "path": str(lora.path("id", served)) if set(live) - set(taken) else None,
                 "in_memory": sorted(taken),
@@ -226,8 +229,15 @@ def test_engines_that_load_from_memory_and_from_disk_switch_together_or_not_at_a
     assert stats.path is not None and disk.adapters == memory.adapters == {"policy@v1"}
     assert "load" in disk.calls and "load" not in memory.calls  # its data plane took it
     trainers.refused = {"memory"}
+    disk.calls.clear()
     with pytest.raises(UpdateFailed, match=r"policy@v2 not loaded: engine 'memory'.*checksum"):
         ws.update_adapter(2)
+    assert ws.adapter == "policy@v1" and disk.adapters == memory.adapters == {"policy@v1"}
+    assert "load" not in disk.calls  # no engine keeps it anyway: no disk load was tried
+    # The trainer step fails after the source rank loaded it (e.g. its deadline): unloaded.
+    trainers.refused, trainers.after = set(), TimeoutError("publish_adapter: 600 s")
+    with pytest.raises(TimeoutError):
+        ws.update_adapter(3)
     assert ws.adapter == "policy@v1" and disk.adapters == memory.adapters == {"policy@v1"}
     only_memory = _sync([AdapterEngine("m")], AdapterTrainers(memory={}), lora=LoraSync())
     only_memory.trainers.memory = {"m": only_memory.engines["m"]}

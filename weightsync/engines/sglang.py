@@ -245,13 +245,12 @@ class SGLangEngine:
         from weightsync.transport.ipc import encode_payload
 
         bucket, flat = flat_bucket(dict(tensors))
+        payload = encode_payload(bucket, flat, inline=True)  # bytes inside: one copy serves all
         body = request_body(
             "LoadLoRAAdapterFromTensorsReqInput",
             lora_name=name,
             config_dict=config,
-            serialized_named_tensors=[
-                encode_payload(bucket, flat, inline=True) for _ in range(self.config.tp_size)
-            ],
+            serialized_named_tensors=[payload] * self.config.tp_size,
             load_format="flattened_bucket",
             expected_checksums={n: sha256(t) for n, t in tensors.items()},
         )

@@ -100,13 +100,25 @@ class VllmEngine:
         return self._rpc_all(query)[0]
 
     def _rpc_all(self, query: str) -> list[dict]:
-        """Every worker's answer to ``query``, one per rank."""
+        """Every worker's answer to ``query``, one per rank; RuntimeError naming the ranks
+        that failed it (they answer ``{"error"}``, ``vllm_plugin.backend``)."""
         body = {
             "method": "weight_transfer_engine",
             "args": [query],
             "timeout": self.config.timeout_s,
         }
-        return self._call("POST", "/collective_rpc", json=body)["results"]
+        results = self._call("POST", "/collective_rpc", json=body)["results"]
+        failed = [
+            f"rank {rank}: {r['error']}"
+            for rank, r in enumerate(results)
+            if isinstance(r, dict) and set(r) == {"error"}
+        ]
+        if failed:
+            what = query.partition(":")[0]
+            raise RuntimeError(
+                f"{self.name}: weightsync query {what!r} failed: " + "; ".join(failed)
+            )
+        return results
 
     # --- data plane (source rank) --------------------------------------------------------
     def check_link(self, link: Link) -> None:
@@ -265,6 +277,7 @@ class VllmEngine:
             raise RuntimeError(
                 f"{self.name}: unloading adapter {name!r} -> HTTP {r.status_code}: {r.text[:500]}"
             )
+        self._rpc_all(f"forget_adapter:{name}")  # the workers never hear of an unload
 
     def ranks(self) -> int:
         """Every worker of the engine answers a collective RPC: one result per rank."""

@@ -149,6 +149,17 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             receive.close_source(source)
 
     def __call__(self, query: str) -> dict:
+        """The answer to ``query``, or ``{"error": ...}``: a query never raises. vLLM's
+        multiprocess executor stops reading a collective RPC's answers at the first rank that
+        raised, so the other ranks' answers would be read by the next RPC instead."""
+        try:
+            return self._answer(query)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, rank by rank
+            return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+    def _answer(self, query: str) -> dict:
+        if not isinstance(query, str):
+            raise TypeError(f"a weightsync query is a string, got {type(query).__name__}")
         if query == "expected_params":
             if self._expected is None:
                 self._expected = receive.checkpoint_params(self.model_config.model)
@@ -165,11 +176,13 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         seed, _, name = arg.partition(":")
         if kind == "adapter" and seed.isdigit() and int(seed) < 1 << 31 and name:
             return self.adapter_readback(name, int(seed))
+        if kind == "forget_adapter" and arg:
+            return {"forgotten": lora_readback.forget(arg)}
         if kind == "fault":
             return self.inject_faults(json.loads(arg))
         raise ValueError(
             f"unknown weightsync query {query[:80]!r}: expected_params|model_config|"
-            "timings|abort|readback:<seed below 2**31>|adapter:<seed>:<adapter name>"
+            "timings|abort|readback:<seed below 2**31>|adapter:<seed>:<name>|forget_adapter:<name>"
         )
 
     def readback(self, seed: int) -> dict[str, dict]:

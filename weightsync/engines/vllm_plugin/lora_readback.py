@@ -13,7 +13,8 @@ have, reads as a mismatch.
 
 The worker knows adapters by the integer id the API server gave them, not by name:
 ``track_adapters`` records, in this worker process, the request each name was last loaded
-with (vLLM's ``add_adapter`` / ``remove_adapter`` wrapped, nothing else changed).
+with (vLLM's ``add_adapter`` / ``remove_adapter`` wrapped, nothing else changed), and
+``forget`` drops a name the adapter unloaded through the API server.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def track_adapters() -> None:
             cls.add_adapter = _recording_add(cls.add_adapter)
         if "remove_adapter" in vars(cls) and not hasattr(cls.remove_adapter, "_weightsync"):
             cls.remove_adapter = _recording_remove(cls.remove_adapter)
+
+
+def forget(name: str) -> bool:
+    """The API server unloaded ``name`` (vLLM's unload never reaches the workers): it is not
+    read back any more. Its CPU copy stays in vLLM's bounded cache, where running requests
+    may still need it."""
+    return _LOADED.pop(name, None) is not None
 
 
 def _recording_add(add):
@@ -71,8 +79,10 @@ def activate(model: torch.nn.Module, name: str) -> tuple[object, int]:
     if name not in _LOADED:
         raise KeyError(f"adapter {name!r} is not loaded on this engine")
     manager, request = _LOADED[name]
-    manager.add_adapter(request)
+    manager.add_adapter(request)  # vLLM's own add_lora does the same between two steps
     models = model.lora_manager
+    if request.lora_int_id not in models.lora_index_to_id:  # a manager that only caches it
+        models.activate_adapter(request.lora_int_id)
     slot = models.lora_index_to_id.index(request.lora_int_id)
     return models.get_adapter(request.lora_int_id), slot
 
@@ -98,6 +108,10 @@ def _modules(modules: dict, lora, slot: int, seed: int, packed: dict) -> Iterato
         parts = packed.get(leaf, [leaf]) if n > 1 else [leaf]
         weights = lora.get_lora(module_name)
         has = _slices_present(weights, n)
+        if len(parts) != n or len(has) != n:  # a packing this read-back does not know
+            bad = {"digest": f"mismatch: {n} LoRA slices for {parts}, not read back"}
+            yield f"base_model.model.{module_name}.lora_A.weight", bad
+            continue
         for k, part in enumerate(parts):
             peft = f"base_model.model.{parent}.{part}" if parent else f"base_model.model.{part}"
             a_RI = module.lora_a_stacked[k][slot, 0]
