@@ -220,6 +220,27 @@ def _alternate(ws, server, repeats: int) -> dict[str, list[dict]]:
     return {kind: r[1:] for kind, r in runs.items()}
 
 
+def _export_s(worker, batched: bool) -> float:
+    """Every rank: one adapter export (``export_lora``), timed."""
+    import megatron_bridge
+
+    t0 = time.perf_counter()
+    spec = worker.lora_spec
+    for _ in megatron_bridge.export_lora(worker.model_chunks, worker.hf_config, spec, batched):
+        pass
+    return time.perf_counter() - t0
+
+
+def _exports(group, repeats: int) -> dict[str, float]:
+    """The adapter export with one TP gather per tensor and with one for all, interleaved;
+    medians of the source rank's time."""
+    times: dict[str, list[float]] = {"per_tensor": [], "batched": []}
+    for _ in range(repeats + 1):
+        for kind, batched in (("per_tensor", False), ("batched", True)):
+            times[kind].append(group.run_all(_export_s, batched, timeout_s=TIMEOUT_S)[0])
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
 def _param_count(hf_dir: Path) -> int:
     from safetensors import safe_open
 
@@ -252,6 +273,7 @@ def measure(size: str, repeats: int, engine_tp: int, out_dir: str, verify: bool)
                 runs = _alternate(ws, server, repeats)
             finally:
                 ws.close()
+            exports = _exports(group, repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if owns_ray:
@@ -259,7 +281,8 @@ def measure(size: str, repeats: int, engine_tp: int, out_dir: str, verify: bool)
 
             ray.shutdown()
     med = {k: {c: statistics.median(r[c] for r in v) for c in KEYS} for k, v in runs.items()}
-    return {"size": size, "params": _param_count(dirs.hf_dir), "lora": adapter_params, **med}
+    params = _param_count(dirs.hf_dir)
+    return {"size": size, "params": params, "lora": adapter_params, "exports": exports, **med}
 
 
 def _cell(full: float, adapter: float) -> str:
@@ -281,6 +304,13 @@ def print_table(rows: list[dict], repeats: int, engine_tp: int) -> None:
             print(f"| {r['size']} | {kind} | {cells} |")
         ratios = " | ".join(_cell(r["full"][k], r["adapter"][k]) for k in KEYS)
         print(f"| {r['size']} | full / adapter | {ratios} |")
+    print("adapter export, one TP gather per tensor vs one for all (medians, interleaved):")
+    for r in rows:
+        e = r["exports"]
+        print(
+            f"- {r['size']}: {e['per_tensor']:.3f} s vs {e['batched']:.3f} s "
+            f"({_cell(e['per_tensor'], e['batched'])}x)"
+        )
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from megatron_bridge.chunks import (
 )
 from megatron_bridge.families import get_family
 from megatron_bridge.families.base import Dims
-from megatron_bridge.gather import gather_to_first, hop
+from megatron_bridge.gather import gather_many_to_first, gather_to_first, hop
 from megatron_bridge.meta import HFWeightMeta
 from megatron_bridge.model import as_hf_config
 from megatron_bridge.parallel import Layout, current_layout
@@ -77,10 +77,8 @@ class _Export:
     tensors: list[dict[str, torch.Tensor]]
 
 
-def _convert(
-    piece: Piece, local: torch.Tensor, ex: _Export, expert: bool
-) -> list[torch.Tensor] | None:
-    full = gather_to_first(local, ex.layout.etp_group if expert else ex.layout.tp_group)
+def _convert(piece: Piece, full: torch.Tensor | None, ex: _Export) -> list[torch.Tensor] | None:
+    """The HF tensors of ``piece`` from its gathered megatron tensor (None off TP rank 0)."""
     if full is None:
         return None
     hf = piece.kind.to_hf(full, ex.dims)
@@ -93,16 +91,42 @@ def _convert(
     return hf
 
 
-def _collect(unit: Unit, ex: _Export) -> list[tuple[str, torch.Tensor]]:
+def _gather_all(units: list[Unit], ex: _Export) -> dict[int, list[torch.Tensor | None]]:
+    """Every dense piece this rank holds, gathered over TP in one collective (batched
+    ``stream_units``): ``{unit index: full tensor per piece}``, None off TP rank 0."""
+    layout = ex.layout
+    held = [
+        i
+        for i, u in enumerate(units)
+        if u.expert_owner is None and layout.dense_holder and holds(u, layout)
+    ]
+    params = [lookup(ex.tensors[units[i].vp_stage], p.mcore) for i in held for p in units[i].pieces]
+    fulls = gather_many_to_first(params, layout.tp_group)
+    out, at = {}, 0
+    for i in held:
+        n = len(units[i].pieces)
+        out[i] = [None] * n if fulls is None else fulls[at : at + n]
+        at += n
+    return out
+
+
+def _collect(
+    unit: Unit, ex: _Export, gathered: list[torch.Tensor | None] | None = None
+) -> list[tuple[str, torch.Tensor]]:
     layout = ex.layout
     expert = unit.expert_owner is not None
     holder = layout.expert_holder if expert else layout.dense_holder
     out: list[tuple[str, torch.Tensor]] = []
-    for piece in unit.pieces:
+    for k, piece in enumerate(unit.pieces):
         like = [(s, piece.dtype or ex.dtype) for s in piece.shapes]
         hf = None
         if holder and holds(unit, layout):
-            hf = _convert(piece, lookup(ex.tensors[unit.vp_stage], piece.mcore), ex, expert)
+            if gathered is None:
+                local = lookup(ex.tensors[unit.vp_stage], piece.mcore)
+                full = gather_to_first(local, layout.etp_group if expert else layout.tp_group)
+            else:
+                full = gathered[k]
+            hf = _convert(piece, full, ex)
         ep_endpoint = layout.etp_rank == 0 and layout.ep_rank in (0, unit.expert_owner)
         if expert and holder and layout.pp_rank == unit.pp_rank and ep_endpoint:
             hf = hop(hf, unit.expert_owner, layout.ep_group, like, ex.device)
@@ -133,11 +157,14 @@ def stream_units(
     units: list[Unit],
     every_rank: bool = False,
     check: bool = False,
+    batched: bool = False,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """``iter_hf_units`` for any plan of units (the weights', or a LoRA adapter's).
 
     ``check``: first refuse local parameters that no unit exports (for a plan of the whole
-    model; LoRA weights are never counted).
+    model; LoRA weights are never counted). ``batched``: gather every dense piece over TP in
+    one collective first (one message per rank, not one per tensor), holding the whole set on
+    TP rank 0: for small plans of many tensors, a LoRA adapter.
     """
     layout = current_layout()
     if len(model_chunks) != layout.vpp:
@@ -151,8 +178,9 @@ def stream_units(
     device = next(iter(model_chunks[0].parameters())).device
     ex = _Export(layout, d, model_dtype(model_chunks), device, tensors)
     with torch.no_grad():
-        for unit in units:
-            named = _collect(unit, ex)
+        gathered = _gather_all(units, ex) if batched else {}
+        for i, unit in enumerate(units):
+            named = _collect(unit, ex, gathered.get(i))
             if layout.is_source or every_rank:
                 yield named
             del named  # hold one unit, not two, while the next one is gathered

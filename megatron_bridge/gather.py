@@ -43,9 +43,7 @@ def gather_to_first(param: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
         return None
     dim, stride = param.partition_dim, param.partition_stride
     block = shard.shape[dim] // stride
-    full_shape = list(shard.shape)
-    full_shape[dim] *= world
-    full = shard.new_empty(full_shape)
+    full = _full_like(shard, dim, world)
     for rank in range(world):
         if rank > 0 and dim == 0 and stride == 1:
             dist.recv(full.narrow(0, rank * block, block), group=group, group_src=rank)
@@ -53,9 +51,57 @@ def gather_to_first(param: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
         if rank > 0:
             shard = torch.empty_like(shard)
             dist.recv(shard, group=group, group_src=rank)
-        for j, part in enumerate(shard.chunk(stride, dim)):
-            full.narrow(dim, (j * world + rank) * block, block).copy_(part)
+        _place(full, shard, param, rank, world)
     return full
+
+
+def gather_many_to_first(
+    params: list[torch.Tensor], group: dist.ProcessGroup
+) -> list[torch.Tensor] | None:
+    """``gather_to_first`` of every parameter at once: one message per rank and dtype instead
+    of one per parameter, for many small ones (a LoRA adapter). The whole set is held on rank
+    0 at the end; None elsewhere."""
+    world = dist.get_world_size(group)
+    first = dist.get_rank(group) == 0
+    locals_ = [p.detach() for p in params]
+    if world == 1:
+        return locals_ if first else None
+    sharded = [i for i, p in enumerate(params) if is_sharded(p)]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in sharded:
+        by_dtype.setdefault(locals_[i].dtype, []).append(i)
+    if not first:
+        for idx in by_dtype.values():
+            flat = torch.cat([locals_[i].reshape(-1) for i in idx])
+            dist.send(flat, group=group, group_dst=0)
+        return None
+    out = list(locals_)
+    for i in sharded:
+        out[i] = _full_like(locals_[i], params[i].partition_dim, world)
+        _place(out[i], locals_[i], params[i], 0, world)
+    for idx in by_dtype.values():
+        # Every rank holds shards of the same shapes (megatron shards evenly).
+        sizes = [locals_[i].numel() for i in idx]
+        for rank in range(1, world):
+            flat = locals_[idx[0]].new_empty(sum(sizes))
+            dist.recv(flat, group=group, group_src=rank)
+            for i, piece in zip(idx, flat.split(sizes), strict=True):
+                _place(out[i], piece.view(locals_[i].shape), params[i], rank, world)
+    return out
+
+
+def _full_like(shard: torch.Tensor, dim: int, world: int) -> torch.Tensor:
+    shape = list(shard.shape)
+    shape[dim] *= world
+    return shard.new_empty(shape)
+
+
+def _place(full: torch.Tensor, shard: torch.Tensor, param, rank: int, world: int) -> None:
+    """Write rank ``rank``'s ``shard`` of ``param`` into ``full`` (see the module doc)."""
+    dim, stride = param.partition_dim, param.partition_stride
+    block = shard.shape[dim] // stride
+    for j, part in enumerate(shard.chunk(stride, dim)):
+        full.narrow(dim, (j * world + rank) * block, block).copy_(part)
 
 
 def hop(

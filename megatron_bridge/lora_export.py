@@ -84,15 +84,17 @@ def lora_weight_metadata(
 
 
 def export_lora(
-    model_chunks: Sequence[nn.Module], hf_config: Any, spec: LoraSpec
+    model_chunks: Sequence[nn.Module], hf_config: Any, spec: LoraSpec, batched: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(PEFT name, full tensor) of the adapter, on the export source rank only.
 
     Collective like ``export_hf_weights``: every rank iterates it to the end. Unsharded
     tensors alias the parameters: copy them if you keep them past the next optimizer step.
+    ``batched``: megabytes in hundreds of tensors go in one TP gather, not one each
+    (``stream_units``); False only to measure the difference.
     """
     cfg, units = lora_units(model_chunks, hf_config, spec)
-    for unit in stream_units(model_chunks, cfg, units):
+    for unit in stream_units(model_chunks, cfg, units, batched=batched):
         yield from unit
 
 

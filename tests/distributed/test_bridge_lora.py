@@ -305,3 +305,35 @@ def test_bad_targets_and_ranks_are_value_errors(results: dict) -> None:
     assert errors["untouched"], "a refused apply_lora froze parameters"
     assert "already has a LoRA adapter" in errors["twice"]
     assert errors["dropout_moves"]
+
+
+def _gather_both_ways(rank: int, world: int) -> list | None:
+    """Shards of mixed dtypes, dims and strides, and one unsharded tensor: gathered one by one
+    and all at once."""
+    from megatron_bridge.gather import gather_many_to_first, gather_to_first, shard_of
+
+    g = torch.Generator().manual_seed(0)
+    specs = [(0, 1, torch.bfloat16), (1, 1, torch.float32), (0, 2, torch.bfloat16), None]
+    params = []
+    for spec in specs:
+        full = torch.randn(8, 6, generator=g)
+        if spec is None:
+            params.append(full)
+            continue
+        dim, stride, dtype = spec
+        p = shard_of(full.to(dtype), dim, stride, rank, world).clone()
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, stride
+        params.append(p)
+    group = dist.group.WORLD
+    one_by_one = [gather_to_first(p, group) for p in params]
+    at_once = gather_many_to_first(params, group)
+    if rank != 0:
+        assert at_once is None
+        return None
+    return [(a.dtype, torch.equal(a, b)) for a, b in zip(one_by_one, at_once, strict=True)]
+
+
+def test_the_batched_gather_equals_the_one_by_one_gather():
+    got = run_ranks(_gather_both_ways, 2)[0]
+    want = [(torch.bfloat16, True), (torch.float32, True), (torch.bfloat16, True)]
+    assert got == [*want, (torch.float32, True)]
