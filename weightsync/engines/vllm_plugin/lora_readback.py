@@ -24,8 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
-from weightsync.engines.vllm_plugin.readback import output_shard
-from weightsync.probe import cols_piece, digest, probe_columns, probe_view, rows_piece
+from weightsync.engines.vllm_plugin.readback import held_columns, output_shard
+from weightsync.probe import cols_piece, digest, probe_view, rows_piece
 
 Piece = tuple[str, dict]
 
@@ -145,12 +145,9 @@ def _slice(peft: str, module, k: int, a_RI, b_OR, rank: int, seed: int) -> Itera
     a_RI, b_OR = a_RI[:rank], b_OR[:, :rank]
     base = module.base_layer
     if isinstance(base, RowParallelLinear):  # A holds this rank's input columns
-        per_rank, total = base.input_size_per_partition, base.input_size
-        start = base.tp_rank * per_rank
-        cols = [c for c in probe_columns(seed, total).tolist() if start <= c < start + per_rank]
+        cols, local = held_columns(base, seed)
         if cols:
-            a_RC = a_RI[:, torch.tensor(cols) - start]
-            yield f"{peft}.lora_A.weight", cols_piece(a_RC, cols, total, seed)
+            yield f"{peft}.lora_A.weight", cols_piece(a_RI[:, local], cols, base.input_size, seed)
         yield f"{peft}.lora_B.weight", {"digest": digest(probe_view(b_OR, seed))}
         return
     yield f"{peft}.lora_A.weight", {"digest": digest(probe_view(a_RI, seed))}

@@ -139,19 +139,22 @@ def output_shard(module, part: int, size: int) -> tuple[int, int]:
     return (tp_rank // replicas) * size, size * (tp_size // replicas)
 
 
-def _row_parallel(name: str, module, seed: int) -> Iterator[Piece]:
-    """Input columns are sharded: read the probed ones this rank holds."""
+def held_columns(module, seed: int) -> tuple[list[int], torch.Tensor]:
+    """The probed input columns of row-parallel ``module`` this rank holds: their global
+    indices (ascending) and where they sit in its shard."""
     per_rank = module.input_size_per_partition
     start = module.tp_rank * per_rank
-    cols = [
-        c for c in probe_columns(seed, module.input_size).tolist() if start <= c < start + per_rank
-    ]
+    probed = probe_columns(seed, module.input_size).tolist()
+    cols = [c for c in probed if start <= c < start + per_rank]
+    return cols, torch.tensor(cols, dtype=torch.long) - start
+
+
+def _row_parallel(name: str, module, seed: int) -> Iterator[Piece]:
+    """Input columns are sharded: read the probed ones this rank holds."""
+    cols, local = held_columns(module, seed)
     if cols:
-        local = torch.tensor(cols) - start
-        yield (
-            f"{name}.weight",
-            cols_piece(_through_kernel(module, per_rank, local), cols, module.input_size, seed),
-        )
+        w_OC = _through_kernel(module, module.input_size_per_partition, local)
+        yield f"{name}.weight", cols_piece(w_OC, cols, module.input_size, seed)
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):  # not sharded: every rank adds it after the reduce
         yield f"{name}.bias", {"digest": digest(bias.to(_act_dtype(module)))}
