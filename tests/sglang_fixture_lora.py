@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
-
-from weightsync.tensors import sha256
 
 # Qwen2's linear projections: what SGLang's --lora-target-modules all resolves to there.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,11 +59,19 @@ def _check_shapes(tensors: dict[str, torch.Tensor], base: dict[str, tuple], r: i
             raise ValueError(f"fixture: {name} has shape {tuple(tensor.shape)}, expected {want}")
 
 
+def _sglang_sha256(t: torch.Tensor) -> str:
+    """The hash SGLang's TP worker takes (its own expression, not weightsync's helper)."""
+    raw = t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()
+
+
 def _check_sums(rank: int, tensors: dict[str, torch.Tensor], expected: dict | None) -> None:
     """SGLang's TP worker: each tensor's sha256 against ``expected_checksums``, if sent."""
     if expected is None:
         return
-    mismatch = [n for n, want in expected.items() if n in tensors and sha256(tensors[n]) != want]
+    mismatch = [
+        n for n, want in expected.items() if n in tensors and _sglang_sha256(tensors[n]) != want
+    ]
     missing = [n for n in expected if n not in tensors]
     extra = [n for n in tensors if n not in expected]
     if mismatch or missing or extra:
