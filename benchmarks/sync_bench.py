@@ -3,7 +3,7 @@
 From the repository root::
 
     python -m benchmarks.sync_bench --out bench_out      # 50M / 200M / 1B, bf16 + int4, vLLM run
-    python -m benchmarks.sync_bench --quick --out /tmp/b  # < 2 minutes: one small model, no engine
+    python -m benchmarks.sync_bench --quick --out bench_q  # < 2 minutes: one small model, no engine
 
 Writes ``bench.json``, ``bench.md`` (README table) and ``bench.png`` into ``--out``.
 """

@@ -10,6 +10,11 @@ name, fsynced, renamed), and they load that path. Nothing is paused: the base we
 touched, and each engine loads the adapter atomically on its side. ``adapter_digests`` is what
 ``verify`` holds an engine's LoRA slots to.
 
+An engine loads whatever is at the path it is given, so adapters are written only into a
+directory no other local user can change (``weightsync.private_dir``): the default root is in
+/dev/shm, where another user may have created it first. A root that fails is refused with
+ValueError before anything is written, and so before any engine is asked to load it.
+
 Settings: ``weightsync.config.LoraSync``. An engine keeps the last ``keep`` versions loaded:
 rollouts of the previous version may still run when the next one is published (one-step
 off-policy loops); older ones are unloaded and their directories removed. A base update
@@ -27,18 +32,38 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weightsync.private_dir import private_dir
+
 if TYPE_CHECKING:
     import torch
+
+    from weightsync.config import LoraSync
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
+def adapter_dir(lora: LoraSync, sync_id: str) -> Path:
+    """Where WeightSync ``sync_id`` writes its adapters (the parent of ``LoraSync.path``),
+    created or accepted as a private directory, or ValueError naming ``LoraSync.root``. The
+    check ``write_adapter`` makes, for callers that want it earlier."""
+    return _private(Path(lora.root) / sync_id)
+
+
+def _private(path: Path) -> Path:
+    try:
+        return private_dir(path)
+    except ValueError as e:
+        raise ValueError(f"LoraSync.root: {e}") from None
+
+
 def write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> int:
-    """The adapter as PEFT saves it, at ``path``, whole or not at all; returns its bytes."""
+    """The adapter as PEFT saves it, at ``path``, whole or not at all; returns its bytes.
+    ``path.parent`` must be a private directory (``adapter_dir``): ValueError otherwise,
+    before anything is written."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _private(path.parent) / path.name
     tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from weightsync.engines.spec import EngineSpec
+from weightsync.private_dir import private_dir
 from weightsync.ray_group import TrainerGroup
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.model import ModelDirs, int4_config, tiny_qwen2_config, write_model_dirs
@@ -46,7 +47,7 @@ class DemoRuntime:
 
     @classmethod
     def start(cls, cfg: DemoConfig) -> DemoRuntime:
-        out = Path(cfg.out_dir)
+        out = private_dir(cfg.out_dir)  # the engine loads the models written here: only ours
         dirs = write_model_dirs(cfg, out / "models")
         hf_config = as_hf_dict(tiny_qwen2_config(cfg))
         owns_ray = _start_local_ray(cfg, out)

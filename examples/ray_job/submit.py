@@ -11,6 +11,7 @@ if the job SUCCEEDED (the demo itself exits non-zero when a sync or its checks f
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -25,7 +26,8 @@ def main() -> int:
         help="interpreter on the cluster nodes that has weightsync installed",
     )
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default="/tmp/weightsync-ray-job")
+    # One per user, made private by the demo (it refuses one someone else created first).
+    parser.add_argument("--out", default=f"/tmp/weightsync-ray-job-{os.getuid()}")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument(
         "demo_args", nargs=argparse.REMAINDER, help="extra `weightsync demo` arguments after --"
