@@ -28,8 +28,8 @@ import contextlib
 import math
 import shutil
 import statistics
+import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -258,7 +258,7 @@ def measure(size: str, repeats: int, engine_tp: int, out_dir: str, verify: bool)
     cfg = DemoConfig(out_dir=str(out), timeout_s=TIMEOUT_S, **SIZES[size])
     dirs = write_model_dirs(cfg, out / "models")
     hf_config = as_hf_dict(tiny_qwen2_config(cfg))
-    root = f"/dev/shm/wsync-lora-bench-{uuid.uuid4().hex[:8]}"
+    root = tempfile.mkdtemp(prefix="wsync-lora-bench-", dir="/dev/shm")  # 0700, ours
     lora = LoraSync(root=root)
     sync_cfg = SyncConfig(bucket_bytes=BUCKET, step_timeout_s=TIMEOUT_S, lora=lora, verify=verify)
     owns_ray = _start_quiet_ray()

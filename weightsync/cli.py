@@ -89,6 +89,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
     p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")
+    p.add_argument(
+        "--verify",
+        choices=("off", "sample", "full"),
+        default="sample",
+        help="read the engine's weights back through its kernels after every sync: sampled "
+        "columns, every element, or not at all (completeness is checked whatever it says)",
+    )
     p.add_argument("--bucket-mib", type=int, default=512)
     p.add_argument(
         "--stage-mib",

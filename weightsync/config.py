@@ -16,9 +16,13 @@ from typing import Literal
 
 TransportKind = Literal["broadcast", "ipc"]
 PauseMode = Literal["abort", "retract", "in_place"]
+VerifyLevel = Literal["off", "sample", "full"]
+OnVerifyFailure = Literal["hold", "resume"]
 
 _TRANSPORTS = ("broadcast", "ipc")
 _PAUSE_MODES = ("abort", "retract", "in_place")
+_LEVELS = ("off", "sample", "full")
+_ON_FAILURE = ("hold", "resume")
 MiB = 1 << 20
 DEFAULT_TIMEOUT_S = 300.0
 """The default deadline of every single wait: long enough for a multi-GiB bucket on a slow
@@ -88,8 +92,15 @@ class SyncConfig:
     flush_backoff_s: float = 0.05
     """First wait after a refused flush; doubles each time up to ``flush_backoff_max_s``."""
     flush_backoff_max_s: float = 2.0
-    verify: bool = False
-    """After the update, compare engine weights against what was sent."""
+    verify: VerifyLevel = "sample"
+    """How much of what each engine computes with is read back through its kernels and
+    compared with what the trainer sent, inside the pause (``weightsync.proof``): ``sample``
+    one random column per column range of every weight (every int4 group and TP shard
+    holds one; new columns each update), all rows; ``full`` every element; ``off`` none.
+    Whatever the level, an update fails unless every engine rank loaded every tensor sent."""
+    on_verify_failure: OnVerifyFailure = "hold"
+    """An engine that fails verify or the completeness check: ``hold`` keeps it paused,
+    serving nothing, until an update verifies it; ``resume`` lets it serve, marked stale."""
     stage_bytes: int = 0
     """Export and quantize up to this many bytes of the update before the engines are paused,
     held in the source rank's memory until sent: the pause window then only moves them. 0
@@ -112,5 +123,12 @@ class SyncConfig:
             "flush_backoff_s",
             self.flush_backoff_s,
             f"0 <= flush_backoff_s <= flush_backoff_max_s ({self.flush_backoff_max_s})",
+        )
+        _require(self.verify in _LEVELS, "verify", self.verify, f"one of {_LEVELS}")
+        _require(
+            self.on_verify_failure in _ON_FAILURE,
+            "on_verify_failure",
+            self.on_verify_failure,
+            f"one of {_ON_FAILURE}",
         )
         _require(self.stage_bytes >= 0, "stage_bytes", self.stage_bytes, "must be >= 0")

@@ -1,12 +1,10 @@
-"""Probe digests: what ``verify`` compares between the trainer's tensors and an engine's kernels.
+"""Probe digests of a LoRA adapter: what ``verify`` compares between the adapter the trainer
+wrote and the one an engine's LoRA slots hold (``weightsync.lora``, ``lora_readback``); and the
+int4 column dequantize both proofs share. (Base weights are proven by ``weightsync.proof``.)
 
-An engine does not compute with the bytes it received: it computes with whatever its
-post-processing made of them (repacked for oneDNN, prepacked MoE experts, int4 repacked for the
-WNA16 kernel, an LM head that aliases the embedding). So verify reads the weights back *through
-the engine's kernels*: a linear layer fed one-hot rows e_j returns column j of the weight it
-multiplies with, exactly (one product by 1.0, the rest by 0.0: no rounding), whatever layout it
-keeps. A handful of columns, chosen afresh per update from a seed, are read back from every
-weight and digested; the trainer digests the same columns of what it sent.
+A handful of columns, chosen afresh per update from a seed, are read from every A and B and
+digested (sha256 of dtype, shape and bytes); a TP>1 engine's ranks send their pieces, put back
+together here.
 
 Legend: ``w_OI`` a weight [out, in]; ``cols_C`` the probed input columns.
 """
@@ -77,34 +75,6 @@ def int4_columns(
         offset_OC = zp_OG[..., cols_C // k]
     q_OC = codes_OC.to(torch.int16) - offset_OC.to(torch.int16)
     return q_OC.to(scale_OG.dtype) * scale_OG[..., cols_C // k]
-
-
-def checkpoint_digests(
-    named: dict[str, torch.Tensor], seed: int, group_size: int = 128, symmetric: bool = True
-) -> dict[str, str]:
-    """The probe digests an engine holding exactly the checkpoint tensors ``named`` reads
-    back, by weight name: int4 weights dequantized from their parts (``group_size`` and
-    ``symmetric`` as packed), every other tensor as it is."""
-    out = {}
-    for name, t in named.items():
-        logical = logical_name(name)
-        if logical is None or logical == name:
-            if logical is not None:
-                out[name] = probe_digest(t, seed)
-            continue
-        base = name.rpartition(".")[0]
-        parts = {p: named[f"{base}.{p}"] for p in INT4_PARTS if f"{base}.{p}" in named}
-        out[logical] = int4_probe_digest(parts, seed, group_size, symmetric)
-    return out
-
-
-def int4_probe_digest(
-    parts: dict[str, torch.Tensor], seed: int, group_size: int, symmetric: bool
-) -> str:
-    """The probe digest of a pack-quantized weight (its parts by leaf name): the probed
-    columns dequantized from the packed bytes."""
-    cols = probe_columns(seed, int(parts["weight_shape"][-1]))
-    return digest(int4_columns(parts, cols, group_size, symmetric))
 
 
 # --- engines with several ranks ---------------------------------------------------------

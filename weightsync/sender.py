@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import DataPlane, EngineFailed, Pending
-from weightsync.model_config import config_field
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan
 from weightsync.plan_checks import check_plan_identical
-from weightsync.probe import int4_probe_digest, probe_digest
+from weightsync.probe import INT4_PARTS, int4_columns
+from weightsync.proof import Probe, fingerprint, fingerprint_columns
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.tensors import all_finite
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -54,12 +54,14 @@ class SendStats:
     nbytes: int = 0
     num_buckets: int = 0
     probe_s: float = 0.0
-    """Digesting the probed columns of what was sent (``SyncConfig.verify``)."""
+    """Fingerprinting what was sent (``SyncConfig.verify``), on the source rank."""
     digests: dict[str, str] = field(default_factory=dict)
-    """Probe digest of every weight sent, HF names, aliases included (``SyncConfig.verify``;
-    ``weightsync.probe``), to compare with what the engines' kernels read back."""
+    """Fingerprint of every weight sent, HF names, aliases included (``SyncConfig.verify``;
+    ``weightsync.proof``), to compare with what the engines' kernels read back."""
     verify_s: float = 0.0
-    """Filled in by the driver: the engines' read-back and the comparison."""
+    """Filled in by the driver: completeness, the engines' read-back and the comparison."""
+    unverified: list[str] = field(default_factory=list)
+    """Engines nothing could be read back from (the driver fills it in)."""
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:
@@ -129,15 +131,9 @@ class WeightSender:
         self._units: Iterator | None = None  # the open export, between stage and send
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._stats = SendStats()
-        self.probe_seed = 0
-        """Which columns ``verify`` probes this update (``weightsync.probe``)."""
-        # A tied LM head computes with the embedding: the engine reads it back under its own
-        # name, through its own kernel.
-        self._aliases = (
-            {"model.embed_tokens.weight": "lm_head.weight"}
-            if config_field(hf_config, "tie_word_embeddings", False)
-            else {}
-        )
+        self.probe: Probe | None = None
+        """What ``verify`` reads this update (``weightsync.proof``); None: nothing."""
+        self._aliases: dict[str, list[str]] = {}  # checkpoint name -> the engines' aliases
 
     @property
     def is_source(self) -> bool:
@@ -145,11 +141,21 @@ class WeightSender:
 
         return not dist.is_initialized() or dist.get_rank() == EXPORT_SOURCE_RANK
 
-    def prepare(self, engines: Sequence[DataPlane] = (), probe_seed: int = 0) -> Plan:
-        """Everything that can fail on bad input, done before any engine is paused."""
+    def prepare(
+        self,
+        engines: Sequence[DataPlane] = (),
+        probe: Probe | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> Plan:
+        """Everything that can fail on bad input, done before any engine is paused.
+        ``probe``: fingerprint what is sent for verify; ``aliases``: names the engines also
+        compute with, ``{alias: checkpoint name}`` (a tied head), fingerprinted too."""
         from megatron_bridge import hf_weight_metadata
 
-        self.probe_seed = probe_seed
+        self.probe = probe
+        self._aliases = {}
+        for alias, source in (aliases or {}).items():
+            self._aliases.setdefault(source, []).append(alias)
         self._drop_staged()  # an update that failed between stage and send
         metas = plan_metas(hf_weight_metadata(self.model_chunks, self.hf_config), self.int4)
         plan = build_plan(metas, self.config.bucket_bytes)
@@ -218,22 +224,26 @@ class WeightSender:
             t0 = time.perf_counter()
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
-            if self.config.verify:
+            if self.probe is not None and self.is_source:
                 t0 = time.perf_counter()
-                stats.digests[name] = self._probe(out)
-                if name in self._aliases:
-                    stats.digests[self._aliases[name]] = stats.digests[name]
+                for as_name in [name, *self._aliases.get(name, [])]:
+                    stats.digests[as_name] = self._fingerprint(out, as_name)
                 stats.probe_s += time.perf_counter() - t0
             yield from out
 
-    def _probe(self, sent: list) -> str:
-        """The probe digest of the weight the engine will compute with: the tensor itself,
+    def _fingerprint(self, sent: list, name: str) -> str:
+        """The fingerprint of the weight the engine will compute with: the tensor itself,
         or for int4 its dequantized columns, taken from the packed bytes that were sent."""
+        assert self.probe is not None
         if len(sent) == 1:
-            return probe_digest(sent[0][1], self.probe_seed)
-        parts = {n.rpartition(".")[2]: t for n, t in sent}
+            return fingerprint(sent[0][1], self.probe, name)
         assert self.int4 is not None
-        return int4_probe_digest(parts, self.probe_seed, self.int4.group_size, self.int4.symmetric)
+        parts = {n.rpartition(".")[2]: t for n, t in sent if n.rpartition(".")[2] in INT4_PARTS}
+        in_features = int(parts["weight_shape"][-1])
+        cols = self.probe.columns(name, in_features)
+        cols = torch.arange(in_features) if cols is None else cols
+        w_OC = int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric)
+        return fingerprint_columns(w_OC, cols, in_features, self.probe, name)
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []

@@ -25,6 +25,7 @@ from weightsync.config import LoraSync, SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
 from weightsync.net import free_port
+from weightsync.proof import Probe
 from weightsync.quant import Int4Config
 from weightsync.sender import SendStats, WeightSender
 
@@ -126,11 +127,15 @@ class TrainerSync:
             _open_broadcast(state)
 
     @staticmethod
-    def prepare(worker: Any, sync_id: str, probe_seed: int = 0) -> int:
+    def prepare(
+        worker: Any, sync_id: str, probe: Probe | None = None, aliases: dict | None = None
+    ) -> dict[str, int]:
+        """The plan (checked), and the first ``stage_bytes`` staged. Returns what the plan
+        sends, ``{tensor name: elements}``: every engine rank must load all of it."""
         state = _state(worker, sync_id)
-        plan = state.sender.prepare(state.engines, probe_seed)
+        plan = state.sender.prepare(state.engines, probe, aliases)
         state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
-        return plan.total_nbytes
+        return {s.name: s.numel for b in plan.buckets for g in b.groups for s in g.entries}
 
     @staticmethod
     def send(worker: Any, sync_id: str) -> SendStats:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from weightsync import LoraSync, SyncConfig, WeightSync
 from weightsync.config import MiB
+from weightsync.private_dir import private_dir
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.loop import run
 from weightsync_demo.model import int4_config
@@ -37,14 +38,14 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
 
 
 def sync_config(args: argparse.Namespace) -> SyncConfig:
-    # verify reads the weights back through the engine's kernels (every rank's shard): the
-    # vLLM backend does it.
+    # verify reads the weights back through the engine's kernels (every rank's shard) where
+    # the engine can (vLLM); an SGLang engine is reported as unverified.
     return SyncConfig(
         transport=args.transport,
         pause_mode=args.pause_mode,
         bucket_bytes=args.bucket_mib * MiB,
         stage_bytes=args.stage_mib * MiB,
-        verify=args.engine == "vllm",
+        verify=args.verify,
         # One adapter directory per run (a second demo must not meet the first one's).
         lora=LoraSync(root=str(Path(args.out).resolve() / "adapters")) if args.lora else None,
     )
@@ -53,8 +54,8 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
 def main(args: argparse.Namespace) -> int:
     """``weightsync demo``: 0 when every promise held (``report_problems``), else 1."""
     cfg, sync_cfg = demo_config(args), sync_config(args)  # ValueError before anything starts
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # The engine loads the models (and adapters) the demo writes here: only ours (ValueError).
+    out = private_dir(cfg.out_dir)
     log_file = _log_to_file(out / "demo.log")
     try:
         report = run_with_weightsync(cfg, sync_cfg)
@@ -118,8 +119,11 @@ def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -
         # verify reads back the base weights after a full sync, the adapter's LoRA slots
         # after an adapter sync.
         verifiable = report.config.get("engine") == "vllm"
-        if not step.sync.get("verified", False) and verifiable:
+        level = step.sync.get("verify", "sample")
+        if not step.sync.get("verified", False) and verifiable and level != "off":
             problems.append(f"step {i}: engine weights were not verified after the sync")
+        if step.sync.get("verified") and step.sync.get("unverified"):
+            problems.append(f"step {i}: {step.sync['unverified']} counted as verified")
         if step.rollout_version not in (None, str(i)) and i > 0:
             problems.append(f"step {i}: rollouts ran on version {step.rollout_version}, not {i}")
         if step.logprob_diff > logprob_bound:

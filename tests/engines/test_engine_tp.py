@@ -103,7 +103,7 @@ def test_one_update_reaches_every_rank_of_a_mixed_fleet(fleet, transport):
 
     group, servers, model_dir, reset = fleet
     reset()  # every case starts from the served weights
-    config = SyncConfig(transport=transport, bucket_bytes=1 << 20, verify=True)
+    config = SyncConfig(transport=transport, bucket_bytes=1 << 20, verify="sample")
     ws = WeightSync(group, _specs(servers), config)
     try:
         for version, seed in enumerate((11, 12), start=1):
@@ -159,27 +159,86 @@ def test_a_spec_that_miscounts_an_engines_ranks_is_refused_before_any_pause(flee
     probe.close()
 
 
-def test_verify_catches_one_rank_left_old_and_the_next_update_repairs(fleet):
-    """One rank of the TP=2 engine skips a layer (its shards stay old, the other rank's are
-    new): verify names the layer, only that engine goes stale, the TP=1 engine serves."""
+@pytest.mark.parametrize(
+    "faults, caught_by",
+    [
+        # One rank skips a layer: its shards stay old (vLLM's own count says so).
+        ({"skip": ["model.layers.1."]}, r"completeness.*model\.layers\.1\."),
+        # One rank's shard of a row-parallel weight arrives changed: loaded in full, so
+        # only the read-back sees it; every shard holds sampled columns.
+        (
+            {"corrupt": [{"name": "model.layers.1.mlp.down_proj.weight"}]},
+            r"verify sample.*model\.layers\.1\.mlp\.down_proj\.weight",
+        ),
+    ],
+)
+def test_one_rank_left_wrong_is_caught_held_and_the_next_update_repairs(fleet, faults, caught_by):
+    """Rank 1 of the TP=2 engine ends the update wrong, the other rank right: the failure
+    names the weight, only that engine is stale and held paused (default), the TP=1 engine
+    serves; the next update repairs and resumes it."""
     from weightsync import SyncConfig, WeightSync
     from weightsync.driver import UpdateFailed
 
     group, servers, _, reset = fleet
     reset()
-    ws = WeightSync(group, _specs(servers), SyncConfig(verify=True))
+    ws = WeightSync(group, _specs(servers), SyncConfig())  # the defaults: sample, hold
     try:
         ws.update(1)
         group.run_all(_perturb, 31, timeout_s=TIMEOUT_S)
-        faults = {"skip": ["model.layers.1."], "tp_ranks": [1]}
-        ws.engines["tp2"]._rpc_all("fault:" + json.dumps(faults))
-        with pytest.raises(UpdateFailed, match="verify") as info:
+        ws.engines["tp2"]._rpc_all("fault:" + json.dumps({**faults, "tp_ranks": [1]}))
+        with pytest.raises(UpdateFailed, match=caught_by):
             ws.update(2)
-        assert "model.layers.1." in str(info.value), info.value
-        assert ws.stale == {"tp2"} and [s.label for s in ws.live_engines] == ["tp1"]
+        assert ws.stale == ws.held == {"tp2"} and [s.label for s in ws.live_engines] == ["tp1"]
         assert ws.versions() == {"tp1": "2", "tp2": "partial-2"}
-        assert not ws.update(3).stale  # nothing armed: a full update repairs it, verified
-        assert ws.versions() == {"tp1": "3", "tp2": "3"}
+        assert ws.engines["tp2"].is_paused() and not ws.engines["tp1"].is_paused()
+        stats = ws.update(3)  # nothing armed: a full update repairs it, verified
+        assert not stats.stale and stats.verified and not ws.held
+        assert ws.versions() == {"tp1": "3", "tp2": "3"} and not ws.engines["tp2"].is_paused()
+    finally:
+        ws.close()
+
+
+def test_one_wrong_element_sample_catches_it_where_probed_full_always(fleet):
+    """One element of a row-parallel weight arrives changed on every rank of both engines
+    (loaded in full: completeness cannot see it). ``sample`` catches it exactly when its
+    column is one of the update's probed columns (the seed is pinned here to choose), and
+    ``full`` always; an audit (``verify()``) re-reads what the last update read."""
+    import dataclasses
+
+    from weightsync import SyncConfig, WeightSync
+    from weightsync.driver import UpdateFailed
+    from weightsync.proof import Probe
+
+    group, servers, _, reset = fleet
+    reset()
+    name, width = "model.layers.0.mlp.down_proj.weight", tiny_config("llama").intermediate_size
+    ws = WeightSync(group, _specs(servers), SyncConfig())
+    seed = 1234
+    probed = Probe(seed=seed).columns(name, width).tolist()
+    unprobed = next(c for c in range(width) if c not in probed)
+
+    def update_with(col: int, level: str, version: int):
+        ws.config = dataclasses.replace(ws.config, verify=level)
+        ws._new_probe = lambda: Probe(seed=seed, level=level)  # pinned: the test chooses
+        group.run_all(_perturb, 40 + version, timeout_s=TIMEOUT_S)
+        spot = {"name": name, "rows": [3, 4], "cols": [col, col + 1]}
+        for engine in ws.engines.values():
+            engine._rpc_all("fault:" + json.dumps({"corrupt": [spot]}))
+        return ws.update(version)
+
+    try:
+        ws.update(1)
+        with pytest.raises(UpdateFailed, match=f"verify sample.*{name}"):
+            update_with(probed[0], "sample", 2)
+        assert ws.held == {"tp1", "tp2"}
+        assert ws.update(3).verified and not ws.held  # repaired
+        # Not probed: sample cannot see it (what it claims), and the audit agrees.
+        assert update_with(unprobed, "sample", 4).verified and ws.verify().ok
+        with pytest.raises(UpdateFailed, match=f"verify full.*{name}"):
+            update_with(unprobed, "full", 5)
+        ws.config = dataclasses.replace(ws.config, verify="full")
+        del ws._new_probe
+        assert ws.update(6).verified and ws.verify().ok
     finally:
         ws.close()
 
@@ -202,7 +261,7 @@ def test_one_rank_of_a_tp2_engine_killed_mid_update_then_a_restart_repairs(fleet
     group, servers, model_dir, reset = fleet
     reset()
     step_s = 60.0
-    ws = WeightSync(group, _specs(servers), SyncConfig(step_timeout_s=step_s, verify=True))
+    ws = WeightSync(group, _specs(servers), SyncConfig(step_timeout_s=step_s, verify="sample"))
     try:
         ws.update(1)
         group.run_all(_perturb, 41, timeout_s=TIMEOUT_S)

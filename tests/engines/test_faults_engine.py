@@ -54,7 +54,7 @@ class Rig:
         self.rollout_a = self.rt.rollout
         self.rollout_b = RolloutClient(url_b, "vllm", fh.API_KEY, 60)
         self.lock = LocalLeaseLock()
-        config = SyncConfig(bucket_bytes=1 << 20, step_timeout_s=STEP_S, verify=True)
+        config = SyncConfig(bucket_bytes=1 << 20, step_timeout_s=STEP_S, verify="sample")
         self.ws = WeightSync(self.rt.group, [self.spec_a, self.spec_b], config, lock=self.lock)
         self.version = 0
 

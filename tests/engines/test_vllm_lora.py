@@ -90,7 +90,7 @@ def rig(tmp_path_factory):
         server = VllmServer(cfg).start()
         spec = EngineSpec(kind="vllm", url=server.url, api_key=KEY, name="tp2", tp_size=2)
         # verify: a base update reads the weights back through the engine's LoRA wrappers.
-        ws = WeightSync(group, [spec], SyncConfig(lora=LoraSync(root=root), verify=True))
+        ws = WeightSync(group, [spec], SyncConfig(lora=LoraSync(root=root), verify="sample"))
         yield group, server, ws, tmp / "hf", Path(root)
     finally:
         if ws is not None:
@@ -134,10 +134,11 @@ def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
     from safetensors.torch import load_file
 
     from weightsync.lora import ADAPTER_FILE, CONFIG_FILE, adapter_digests
+    from weightsync.proof import Probe
 
     group, server, ws, model_dir, _ = rig
     engine = ws.engines["tp2"]
-    base_before = engine.live_digests(seed=5)
+    base_before = engine.live_digests(Probe(seed=5))
     # Read back through the LoRA wrappers (``<layer>.base_layer``): every base weight.
     assert set(base_before) == set(load_file(model_dir / "model.safetensors"))
     base_logprobs = _logprobs(server, PROMPTS[0], None)
@@ -166,7 +167,7 @@ def test_adapter_updates_serve_what_peft_computes_and_leave_the_base_alone(rig):
         engine.adapter_digests("policy@v1", seed=7)  # unloaded: never read back again
     assert sorted(p.name for p in Path(stats.path).parent.iterdir()) == ["policy@v2", "policy@v3"]
     # The base, read back through the engine's kernels, and its outputs are untouched.
-    assert engine.live_digests(seed=5) == base_before
+    assert engine.live_digests(Probe(seed=5)) == base_before
     assert _logprobs(server, PROMPTS[0], None) == base_logprobs
 
 

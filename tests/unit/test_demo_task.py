@@ -139,7 +139,7 @@ def test_cli_flags_become_the_demo_and_sync_configs():
     parser = build_parser()
     defaults = parser.parse_args(["demo"])
     assert demo_config(defaults) == DemoConfig()
-    assert sync_config(defaults).verify is True  # vLLM reads the weights back
+    assert sync_config(defaults).verify == "sample"  # vLLM reads the weights back
     args = parser.parse_args(
         ["demo", "--int4", "--steps", "5", "--out", "o", "--transport", "ipc", "--stage-mib", "0"]
     )

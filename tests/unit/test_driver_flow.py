@@ -22,12 +22,15 @@ from weightsync.worker import TrainerSync
 class ScriptedEngine:
     """Records its calls; ``fail`` maps a step to the exception it raises."""
 
+    verifiable = True
+
     def __init__(self, name: str, fail: dict[str, Exception] | None = None, barrier=None) -> None:
         self.name, self.fail, self.barrier = name, fail or {}, barrier
         self.calls: list[str] = []
         self.versions: list[str] = []
         self.served = None  # what model_config answers
         self.holds = {"w": "new"}  # what live_digests reads back
+        self.session = [{"received": {"w": 4}, "unloaded": []}]  # what session_report says
 
     def model_config(self):
         return self.served
@@ -55,8 +58,20 @@ class ScriptedEngine:
     def abort_update(self):
         return self._step("abort")
 
-    def live_digests(self, seed):
+    def live_digests(self, probe):
         return self._step("verify", dict(self.holds))
+
+    def session_report(self):
+        return self._step("complete", self.session)
+
+    def aliases(self):
+        return {}
+
+    def unrepairable(self):
+        return []
+
+    def ranks(self):
+        return 1
 
     def set_version(self, version):
         self.versions.append(version)
@@ -82,6 +97,8 @@ class ScriptedTrainers:
             if self.send_error is not None:
                 raise self.send_error
             return [SendStats(nbytes=1, num_buckets=1, digests={"w": "new"})]
+        if fn is TrainerSync.prepare:
+            return [{"w": 4}, {"w": 4}]  # what the plan sends: tensor -> elements
         return [None, None]
 
 
@@ -102,7 +119,16 @@ def test_every_engine_gets_the_update_in_order_and_at_once():
     stats = _sync(engines, ScriptedTrainers()).update(1)
     assert stats.version == 1 and not stats.stale
     for e in engines:
-        assert e.calls == ["pause", "flush", "begin", "end", "version", "resume"]
+        assert e.calls == [
+            "pause",
+            "flush",
+            "begin",
+            "end",
+            "complete",
+            "verify",
+            "version",
+            "resume",
+        ]
 
 
 def test_in_place_pause_keeps_the_cache():
@@ -198,24 +224,100 @@ def test_a_model_config_mismatch_is_refused_before_any_pause():
     assert all(e.calls == [] for e in engines)
 
 
-def test_verify_is_refused_up_front_where_the_engine_cannot_read_back():
-    spec = EngineSpec(kind="sglang", url="http://127.0.0.1:9", name="sg")
-    with pytest.raises(ValueError, match=f"verify.*{spec.name}"):
-        WeightSync(ScriptedTrainers(), [spec], SyncConfig(verify=True))
+class Unreadable(ScriptedEngine):
+    verifiable = False  # SGLang: says nothing of what it loaded, cannot read back
+
+    def session_report(self):
+        return self._step("complete", None)
 
 
-def test_an_engine_that_fails_verify_is_stale_and_the_verified_ones_stay_live():
+def test_an_engine_that_cannot_read_back_is_named_unverified_never_verified():
+    vllm, sglang = ScriptedEngine("v"), Unreadable("sg")
+    stats = _sync([vllm, sglang], ScriptedTrainers()).update(1)
+    assert not stats.stale and stats.verify == "sample"
+    assert stats.unverified == ["sg"] and stats.verified is False
+    assert "verify" in vllm.calls and "verify" not in sglang.calls
+    off = _sync([ScriptedEngine("v")], ScriptedTrainers(), verify="off").update(1)
+    assert off.verify == "off" and not off.verified and off.unverified == []
+
+
+def test_completeness_is_checked_with_verify_off_and_names_what_was_not_loaded():
+    partial, whole = ScriptedEngine("partial"), ScriptedEngine("whole")
+    partial.session = [
+        {"received": {"w": 4}, "unloaded": []},
+        {"received": {}, "unloaded": ["model.layers.1.mlp (0 of 8 elements)"]},
+    ]
+    ws = _sync([partial, whole], ScriptedTrainers(), verify="off")
+    with pytest.raises(UpdateFailed, match=r"rank 1 did not load 1 of the 1 tensors.*\['w'\]"):
+        ws.update(2)
+    assert ws.stale == ws.held == {"partial"} and whole.versions == ["2"]
+    assert "verify" not in partial.calls and partial.calls[-1] != "resume"  # held paused
+    partial.session[1]["received"] = {"w": 4}
+    ws._connected = True  # a failure tears the transport down: the fault suite's business
+    with pytest.raises(UpdateFailed, match=r"rank 1 left 1 layers.*model\.layers\.1\.mlp"):
+        ws.update(3)
+    partial.session[1]["unloaded"] = []
+    ws._connected = True
+    assert not ws.update(4).stale and not ws.held and partial.calls[-1] == "resume"
+
+
+def test_an_engine_whose_post_processing_cannot_be_redone_is_refused_at_connect():
+    engine = ScriptedEngine("moe")
+    engine.unrepairable = lambda: ["model.layers.0.mlp.experts: MoE experts without a kernel"]
+    ws = _sync([engine], ScriptedTrainers())
+    ws._connected = False
+    with pytest.raises(ValueError, match=r"could not redo.*moe.*model\.layers\.0\.mlp\.experts"):
+        ws.update(1)
+    assert engine.calls == [] and "install" not in ws.trainers.calls
+
+
+@pytest.mark.parametrize("on_failure", ["hold", "resume"])
+def test_an_engine_that_fails_verify_is_stale_and_the_verified_ones_stay_live(on_failure):
     good, bad = ScriptedEngine("good"), ScriptedEngine("bad")
     bad.holds = {"w": "old"}
-    ws = _sync([good, bad], ScriptedTrainers(), verify=True)
+    ws = _sync([good, bad], ScriptedTrainers(), on_verify_failure=on_failure)
     ws.stale = {"good"}  # an earlier failure: a verified update makes it live again
-    with pytest.raises(UpdateFailed, match=r"verify.*\['w'\]") as info:
+    with pytest.raises(UpdateFailed, match=r"verify sample.*\['w'\]") as info:
         ws.update(4)
     assert info.value.stale == ["bad"] and ws.stale == {"bad"}
     assert [s.label for s in ws.live_engines] == ["good"]
-    assert good.calls == ["pause", "flush", "begin", "end", "verify", "version", "resume"]
+    assert good.calls == [
+        "pause",
+        "flush",
+        "begin",
+        "end",
+        "complete",
+        "verify",
+        "version",
+        "resume",
+    ]
     assert good.versions == ["4"] and bad.versions == ["partial-4"]
-    assert bad.calls[-3:] == ["abort", "version", "resume"]
+    if on_failure == "hold":  # paused, serving nothing, until an update verifies it
+        assert ws.held == {"bad"} and bad.calls[-2:] == ["abort", "version"]
+    else:
+        assert not ws.held and bad.calls[-3:] == ["abort", "version", "resume"]
+
+
+def test_verify_audits_without_sending_and_holds_what_changed():
+    good, touched = ScriptedEngine("good"), ScriptedEngine("touched")
+    ws = _sync([good, touched], ScriptedTrainers())
+    with pytest.raises(ValueError, match="no update was verified yet"):
+        ws.verify()
+    ws.update(1)
+    sends = ws.trainers.calls.count("send")
+    report = ws.verify()
+    assert report.ok and report.verified == ["good", "touched"] and report.version == 1
+    touched.holds = {"w": "restarted from the checkpoint"}
+    report = ws.verify()
+    assert (
+        not report.ok and list(report.failed) == ["touched"] and "['w']" in report.failed["touched"]
+    )
+    assert ws.trainers.calls.count("send") == sends  # nothing was sent
+    assert ws.stale == ws.held == {"touched"} and touched.calls[-1] == "pause"
+    with pytest.raises(ValueError, match="verified at 'sample'"):
+        ws.verify("full")
+    touched.holds = {"w": "new"}
+    assert not ws.update(2).stale and ws.verify().ok  # the next update repairs it
 
 
 def test_a_session_left_open_is_recovered_through_abort():

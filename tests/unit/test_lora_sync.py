@@ -112,7 +112,7 @@ class AdapterTrainers(ScriptedTrainers):
         return super().run_all(fn, *args, timeout_s=timeout_s)
 
 
-def _adapter_sync(engines, keep: int = 2, verify: bool = False):
+def _adapter_sync(engines, keep: int = 2, verify: str = "off"):
     lora = LoraSync(root="/nonexistent", keep=keep)
     return _sync(engines, AdapterTrainers(), lora=lora, verify=verify)
 
@@ -186,7 +186,7 @@ def test_the_launcher_serves_the_smallest_lora_rank_vllm_accepts(tmp_path):
 
 def test_verify_reads_every_engine_slot_and_a_wrong_one_means_no_engine_switches():
     good, bad = AdapterEngine("good"), AdapterEngine("bad")
-    ws = _adapter_sync([good, bad], verify=True)
+    ws = _adapter_sync([good, bad], verify="sample")
     stats = ws.update_adapter(1)
     assert stats.verified and "readback" in good.calls and "readback" in bad.calls
     bad.slot = {**SENT, "m.q_proj.lora_B.weight": "stale"}

@@ -11,9 +11,10 @@ Every engine is driven by two adapter instances in two processes, built from one
       pause(mode); flush_cache(); begin_update()
       ... the source rank streams the buckets (data plane) ...
       end_update()                     # engine post-processing (e.g. the int4 repack)
-      live_digests(seed)               # verify: the weights the kernels compute with
+      session_report()                 # completeness: what every rank loaded
+      live_digests(probe)              # verify: the weights the kernels compute with
       set_version(version); resume()
-      on failure: abort_update(); set_version("partial-<version>"); resume()
+      on failure: abort_update(); set_version("partial-<version>"); resume() (or held paused)
 
   An adapter-only update (nothing paused): load_adapter(name, path) on every live engine
   (or, in memory, the data plane's load_adapter_tensors), adapter_digests(name, seed) with
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from weightsync.plan import Bucket, Plan
+from weightsync.proof import Probe
 from weightsync.transport.base import Ticket
 from weightsync.transport.shm import RingSpec
 
@@ -94,6 +96,8 @@ class Pending(Protocol):
 
 class ControlPlane(Protocol):
     name: str
+    verifiable: bool
+    """Reads its weights back through its kernels (``live_digests``); else unverified."""
 
     def ranks(self) -> int:
         """The worker ranks the engine itself reports (its TP size): each joins the weight
@@ -121,9 +125,24 @@ class ControlPlane(Protocol):
         (a stale one); a no-op when no session is open."""
         ...
 
-    def live_digests(self, seed: int) -> dict[str, str]:
-        """Probe digests (``weightsync.probe``) of the weights the engine's kernels compute
+    def live_digests(self, probe: Probe) -> dict[str, str]:
+        """Fingerprints (``weightsync.proof``) of the weights the engine's kernels compute
         with, by HF name, aliases included; ValueError where the engine cannot read back."""
+        ...
+
+    def session_report(self) -> list[dict] | None:
+        """Per rank, what the last update session loaded: ``{"received": {tensor:
+        elements}, "unloaded": [layer, ...]}``; None where the engine cannot tell."""
+        ...
+
+    def unrepairable(self) -> list[str]:
+        """Layers whose post-processing an update could not redo, named; connect refuses
+        an engine that has any, before anything is paused."""
+        ...
+
+    def aliases(self) -> dict[str, str]:
+        """``{name: checkpoint name}`` of every weight the engine computes with under a name
+        the checkpoint does not have (a tied head), found in the served model."""
         ...
 
     def set_version(self, version: str) -> None: ...

@@ -114,6 +114,9 @@ def checksum(tensor: torch.Tensor) -> str:
 class SGLangEngine:
     """One SGLang server (all its TP ranks): both planes of ``weightsync.engines.base``."""
 
+    verifiable = False
+    """Cannot read its weights back by HF name: updates name it as unverified."""
+
     def __init__(self, config: SGLangConfig, name: str = "") -> None:
         self.config = config
         self.name = name or f"sglang@{config.url}"
@@ -426,17 +429,28 @@ class SGLangEngine:
         self._post("/destroy_weights_update_group", body)
 
     # -- verification --------------------------------------------------------------------
-    def live_digests(self, seed: int) -> dict[str, str]:
+    def live_digests(self, probe) -> dict[str, str]:
         raise ValueError(
             f"{self.name}: SGLang cannot read its weights back through its kernels by HF "
-            "name (its checksums are of fused, sharded parameters); WeightSync refuses "
-            "SyncConfig.verify=True for SGLang engines up front"
+            "name (its checksums are of fused, sharded parameters): WeightSync reports it "
+            "as unverified"
         )
+
+    def session_report(self) -> None:
+        """SGLang does not say what a session loaded (its loaders count nothing we can ask)."""
+        return None
+
+    def aliases(self) -> dict[str, str]:
+        return {}
+
+    def unrepairable(self) -> list[str]:
+        """SGLang reloads through its own loaders, which post-process what they load."""
+        return []
 
     def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
         raise ValueError(
             f"{self.name}: SGLang cannot read a LoRA adapter back from its kernels' buffers; "
-            "WeightSync refuses SyncConfig.verify=True for SGLang engines up front"
+            "WeightSync reports it as unverified"
         )
 
     def weights_checker(self, action: str = "checksum", skip: list[str] | None = None) -> dict:

@@ -21,12 +21,14 @@ from dataclasses import asdict, dataclass
 import requests
 import torch
 
+from weightsync import proof
 from weightsync.config import DEFAULT_TIMEOUT_S
 from weightsync.engines.base import BroadcastLink, Link, ShmLink
 from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan
 from weightsync.probe import assemble
+from weightsync.proof import Probe
 from weightsync.tensors import all_finite, dtype_name
 from weightsync.transport.base import Ticket
 
@@ -55,6 +57,9 @@ class VllmEngineConfig:
 
 
 class VllmEngine:
+    verifiable = True
+    """Reads its weights back through its kernels (``live_digests``)."""
+
     def __init__(self, config: VllmEngineConfig, name: str = "vllm") -> None:
         self.config = config
         self.name = name
@@ -287,10 +292,26 @@ class VllmEngine:
         """The served model's config fields (``weightsync.model_config``)."""
         return self._rpc("model_config")
 
-    def live_digests(self, seed: int) -> dict[str, str]:
-        """Probe digests of the weights the engine's kernels compute with, HF names, aliases
-        included, every rank's shard put together (``weightsync.probe``)."""
-        return assemble(self._rpc_all(f"readback:{seed}"), seed)
+    def live_digests(self, probe: Probe) -> dict[str, str]:
+        """Fingerprints of the weights the engine's kernels compute with, HF names, aliases
+        included, every rank's part added (``weightsync.proof``)."""
+        return proof.assemble(self._rpc_all(probe.query()))
+
+    def session_report(self) -> list[dict]:
+        """Per rank, what the last update session loaded (``{"received": {name: elements},
+        "unloaded": [layer, ...]}``, vLLM's own count)."""
+        return self._rpc_all("session")
+
+    def unrepairable(self) -> list[str]:
+        """Layers whose post-processing an update could not redo (``vllm_plugin.repair``)."""
+        return sorted({layer for rank in self._rpc_all("unrepairable") for layer in rank["layers"]})
+
+    def aliases(self) -> dict[str, str]:
+        """``{alias: checkpoint name}`` the served model computes with (a tied head)."""
+        found: dict[str, str] = {}
+        for rank in self._rpc_all("aliases"):
+            found.update(rank)
+        return found
 
     def adapter_digests(self, name: str, seed: int) -> dict[str, str]:
         """Probe digests of LoRA adapter ``name`` read from the slot its requests use, PEFT

@@ -18,8 +18,9 @@ other layer its old ones.
 Finalizing also redoes what the reload leaves undone (``repair``: a tied LM head, the CPU MoE
 experts' prepack), and ``readback`` digests the weights the kernels then compute with.
 
-Queries (expected parameters, the model config, digests of what the kernels read, load
-timings, ``abort``) are answered by ``__call__`` and reach the trainer over
+Queries (expected parameters, the model config, what the last session received and which
+layers it left unloaded, the aliases, fingerprints of what the kernels read, load timings,
+``abort``) are answered by ``__call__`` and reach the trainer over
 vLLM's dev ``/collective_rpc`` route as ``{"method": "weight_transfer_engine", "args":
 [query]}``: the worker resolves the method name to this object and calls it.
 """
@@ -34,10 +35,16 @@ from typing import Any
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import lora_readback, receive
-from weightsync.engines.vllm_plugin.repair import ReloadRepair
+from weightsync.engines.vllm_plugin.repair import (
+    ReloadRepair,
+    aliases,
+    unloaded_layers,
+    unrepairable,
+)
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
-from weightsync.model_config import config_field, summary
+from weightsync.model_config import summary
 from weightsync.plan import unpack_bucket
+from weightsync.proof import Probe
 
 
 class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
@@ -55,6 +62,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._faults: dict = {}  # test-only, see inject_faults
         self._untied: list = []
         self._session_faults: dict = {}
+        self._session: dict = {"received": {}, "unloaded": []}  # completeness of the last one
         lora_readback.track_adapters()  # before any adapter is loaded: they load at runtime
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
@@ -67,6 +75,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         self.timings = []
+        self._session = {"received": {}, "unloaded": []}
         self._session_faults, self._faults = self._faults, {}
         _retie(self._untied)  # a stale_alias fault lasts one session
         self._untied = _untie(self.model) if self._session_faults.get("stale_alias") else []
@@ -97,7 +106,9 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             skip = tuple(self._session_faults.get("skip", ()))
             if skip:
                 named = [(n, t) for n, t in named if not n.startswith(skip)]
+            named = [(n, _corrupt(n, t, self._session_faults)) for n, t in named]
             self.model.load_weights(named)
+            self._session["received"].update((n, t.numel()) for n, t in named)
             receive.unalias_pending(self.model, list(buffers.values()))
         finally:
             self.source.release(ticket)
@@ -136,6 +147,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def _finalize(self, finalize) -> None:
         repair, faults = self._repair, self._session_faults
         reloaded = repair.reloaded() if repair else set()
+        self._session["unloaded"] = unloaded_layers(self.model, repair)
         finalize(self.model, self.model_config)
         if repair is not None:
             repair.apply(reloaded)
@@ -170,9 +182,15 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return {"aborted": self.abort_weight_update()}
         if query == "model_config":
             return summary(self.model_config.hf_config)
+        if query == "session":
+            return self._session
+        if query == "aliases":
+            return aliases(self.model, self("expected_params"))
+        if query == "unrepairable":
+            return {"layers": unrepairable(self.model)}
         kind, _, arg = query.partition(":")
-        if kind == "readback" and arg.isdigit() and int(arg) < 1 << 31:
-            return self.readback(int(arg))
+        if kind == "proof":
+            return self.proof(Probe.parse(arg))
         seed, _, name = arg.partition(":")
         if kind == "adapter" and seed.isdigit() and int(seed) < 1 << 31 and name:
             return self.adapter_readback(name, int(seed))
@@ -181,23 +199,22 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if kind == "fault":
             return self.inject_faults(json.loads(arg))
         raise ValueError(
-            f"unknown weightsync query {query[:80]!r}: expected_params|model_config|"
-            "timings|abort|readback:<seed below 2**31>|adapter:<seed>:<name>|forget_adapter:<name>"
+            f"unknown weightsync query {query[:80]!r}: expected_params|model_config|session|"
+            "aliases|unrepairable|timings|abort|proof:<level>:<group>:<seed>|adapter:<seed>:<name>|"
+            "forget_adapter:<name>"
         )
 
-    def readback(self, seed: int) -> dict[str, dict]:
-        """This rank's probe pieces of the weights the kernels compute with
-        (``weightsync.probe``; the driver assembles the ranks' pieces)."""
-        from weightsync.engines.vllm_plugin.readback import live_pieces
+    def proof(self, probe: Probe) -> dict[str, dict[str, dict]]:
+        """This rank's fingerprint parts of the weights the kernels compute with
+        (``weightsync.proof``; the driver adds the ranks' parts), aliases included."""
+        from weightsync.engines.vllm_plugin.readback import live_parts
         from weightsync.probe import logical_name
 
         if self._open:
             raise RuntimeError("weightsync backend: readback during an open update session")
         expected = self("expected_params")
         wanted = {logical_name(n) for n in expected} - {None}
-        if config_field(self.model_config.hf_config, "tie_word_embeddings", False):
-            wanted.add("lm_head.weight")  # read through the head's own kernel
-        return live_pieces(self.model, seed, wanted)
+        return live_parts(self.model, probe, wanted | set(aliases(self.model, expected)))
 
     def adapter_readback(self, name: str, seed: int) -> dict[str, dict]:
         """This rank's probe pieces of LoRA adapter ``name`` as its kernels' slot holds it
@@ -215,17 +232,22 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         (prefixes) never loaded; ``stale_alias``: a tied head keeps a private copy of the old
         embedding; ``post_twice``: the MoE kernels' post-processing applied twice;
         ``lora_zero``: the next adapter read back first loses the LoRA B of these modules
-        (prefixes) in its slot; ``tp_ranks``: only these ranks of a TP>1 engine break
-        (default: all)."""
+        (prefixes) in its slot; ``corrupt``: ``[{"name", "rows": [start, stop] | None,
+        "cols": [start, stop] | None}]`` one element, a row, a block (one int4 scale: its
+        ``weight_scale``) of a tensor changed on its way into ``load_weights``;
+        ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
         if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
             raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
-        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "tp_ranks"}
+        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "corrupt", "tp_ranks"}
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
         for key in ("skip", "lora_zero"):
             names = faults.get(key, [])
             if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
                 raise ValueError(f"faults.{key}: a list of tensor names or name prefixes")
+        for spot in faults.get("corrupt", []):
+            if not (isinstance(spot, dict) and isinstance(spot.get("name"), str)):
+                raise ValueError("faults.corrupt: a list of {name, rows, cols}")
         ranks = faults.pop("tp_ranks", None)
         if ranks is not None and not (
             isinstance(ranks, list) and all(type(r) is int for r in ranks)
@@ -233,6 +255,21 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise ValueError("faults.tp_ranks: a list of TP rank numbers")
         self._faults = faults if ranks is None or self.parallel_config.rank in ranks else {}
         return {"armed": sorted(self._faults)}
+
+
+def _corrupt(name: str, t, faults: dict):
+    """Fault injection: ``t`` with the spots ``faults["corrupt"]`` names for it changed (a
+    copy: the receive buffers are reused)."""
+    spots = [s for s in faults.get("corrupt", ()) if s["name"] == name]
+    if not spots:
+        return t
+    t = t.clone()
+    view = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    for spot in spots:
+        rows, cols = spot.get("rows") or [0, view.shape[0]], spot.get("cols") or [0, view.shape[1]]
+        block = view[rows[0] : rows[1], cols[0] : cols[1]]
+        block.copy_(block * -2 + 1 if block.is_floating_point() else block ^ 1)
+    return t
 
 
 def _zero_slot(modules: dict, slot: int, prefix: str) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from weightsync.engines.vllm_plugin.readback import held_columns, output_shard
-from weightsync.probe import cols_piece, digest, probe_view, rows_piece
+from weightsync.probe import cols_piece, digest, probe_columns, probe_view, rows_piece
 
 Piece = tuple[str, dict]
 
@@ -145,9 +145,10 @@ def _slice(peft: str, module, k: int, a_RI, b_OR, rank: int, seed: int) -> Itera
     a_RI, b_OR = a_RI[:rank], b_OR[:, :rank]
     base = module.base_layer
     if isinstance(base, RowParallelLinear):  # A holds this rank's input columns
-        cols, local = held_columns(base, seed)
-        if cols:
-            yield f"{peft}.lora_A.weight", cols_piece(a_RI[:, local], cols, base.input_size, seed)
+        cols, local = held_columns(base, probe_columns(seed, base.input_size))
+        if len(cols):
+            piece = cols_piece(a_RI[:, local], cols.tolist(), base.input_size, seed)
+            yield f"{peft}.lora_A.weight", piece
         yield f"{peft}.lora_B.weight", {"digest": digest(probe_view(b_OR, seed))}
         return
     yield f"{peft}.lora_A.weight", {"digest": digest(probe_view(a_RI, seed))}

@@ -1,20 +1,21 @@
 """Read the served model's weights back the way its kernels see them, under HF names.
 
-For ``verify`` (see ``weightsync.probe``): after an update is finalized, every weight the
-checkpoint names is read back from the live model, on its probed columns:
+For ``verify`` (see ``weightsync.proof``): after an update is finalized, every weight the
+checkpoint names is read back from the live model, on the probed columns (``sample``) or all
+of them in chunks (``full``), and fingerprinted where it sits in the whole weight:
 
 - linear layers (fused qkv / gate_up included, int4 WNA16 included) and the LM head: through
   their own GEMM, fed one-hot rows, so a repacked, prepacked or stale kernel copy is what is
   read; fused outputs are split back into the checkpoint's q/k/v or gate/up by the layer's own
   ``output_partition_sizes`` and the model's ``packed_modules_mapping``;
-- a tied LM head is read through its own kernel and reported as ``lm_head.weight``;
+- a tied LM head (any alias: ``aliases``) is read through its own kernel under its own name;
 - MoE experts: ``w13``/``w2`` mapped back from the kernel's layout (the CPU kernel's prepack is
   a permutation, learned once per shape by prepacking index digits);
 - everything else (norms, embeddings, biases): the live parameter itself.
 
-On a TP>1 engine each rank reads its own shard and says where it sits in the whole weight
-(``weightsync.probe.rows_piece`` / ``cols_piece``): column-parallel layers and the vocab hold
-output rows, row-parallel layers input columns; the driver puts the ranks' pieces together.
+On a TP>1 engine each rank fingerprints its own shard with the global row/column keys
+(column-parallel layers and the vocab hold output rows, row-parallel layers input columns);
+the driver adds the ranks' parts (``weightsync.proof.assemble``).
 """
 
 from __future__ import annotations
@@ -26,25 +27,30 @@ from collections.abc import Iterator
 import torch
 
 from weightsync.engines.vllm_plugin.repair import experts_kernel
-from weightsync.probe import cols_piece, digest, probe_columns, probe_view, rows_piece
+from weightsync.proof import Probe, combine, partial
 
-Piece = tuple[str, dict]
+Part = tuple[str, str, dict]  # (weight name, where it sits, fingerprint part)
+_CHUNK = 256  # one-hot rows per kernel call at level full: bounds the read's memory
 
 
-def live_pieces(model: torch.nn.Module, seed: int, wanted: set[str]) -> dict[str, dict]:
-    """``{hf_name: probe piece}`` of every weight in ``wanted`` this rank holds."""
+def live_parts(
+    model: torch.nn.Module, probe: Probe, wanted: set[str]
+) -> dict[str, dict[str, dict]]:
+    """``{hf_name: {where: part}}`` of every weight in ``wanted`` this rank holds."""
     packed = getattr(model, "packed_modules_mapping", {}) or {}
+    out: dict[str, dict[str, dict]] = {}
     with torch.no_grad():
-        return {
-            name: piece
-            for prefix, module in model.named_modules()
+        # A module registered twice (a head tied as a module) is read under each name.
+        for prefix, module in model.named_modules(remove_duplicate=False):
             # An engine serving LoRA wraps each layer and keeps it as ``<layer>.base_layer``.
-            for name, piece in _read(prefix.replace(".base_layer", ""), module, seed, packed)
-            if name in wanted
-        }
+            for name, key, part in _read(prefix.replace(".base_layer", ""), module, probe, packed):
+                if name in wanted:
+                    keyed = out.setdefault(name, {})
+                    keyed[key] = combine([keyed[key], part]) if key in keyed else part
+    return out
 
 
-def _read(prefix: str, module: torch.nn.Module, seed: int, packed: dict) -> Iterator[Piece]:
+def _read(prefix: str, module: torch.nn.Module, probe: Probe, packed: dict) -> Iterator[Part]:
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
@@ -52,59 +58,85 @@ def _read(prefix: str, module: torch.nn.Module, seed: int, packed: dict) -> Iter
     )
 
     if isinstance(module, LinearBase):
-        yield from _linear(prefix, module, seed, packed)
+        yield from _linear(prefix, module, probe, packed)
         yield from _plain(
-            prefix, module, seed, skip=lambda n: n == "bias" or n.startswith("weight")
+            prefix, module, probe, skip=lambda n: n == "bias" or n.startswith("weight")
         )
     elif isinstance(module, VocabParallelEmbedding):
         # vLLM pads the vocabulary before cutting it: a rank may hold none of the real rows.
         if module.shard_indices.num_org_elements > 0:
-            yield f"{prefix}.weight", _vocab(module, seed, isinstance(module, ParallelLMHead))
+            yield from _vocab(f"{prefix}.weight", module, probe, isinstance(module, ParallelLMHead))
     elif hasattr(module, "w13_weight") and hasattr(module, "w2_weight"):
-        yield from _experts(prefix, module, seed)
+        yield from _experts(prefix, module, probe)
     else:
-        yield from _plain(prefix, module, seed)
+        yield from _plain(prefix, module, probe)
 
 
-def _plain(prefix: str, module, seed: int, skip=lambda name: False) -> Iterator[Piece]:
-    """The module's own parameters as they are (a router's expert-score bias rides on the
-    gate's linear layer)."""
+def _plain(prefix: str, module, probe: Probe, skip=lambda name: False) -> Iterator[Part]:
+    """The module's own parameters as they are, held whole (a router's expert-score bias
+    rides on the gate's linear layer)."""
     for pname, param in module._parameters.items():
         if param is not None and not skip(pname):
-            yield f"{prefix}.{pname}", {"digest": digest(probe_view(param, seed))}
+            yield f"{prefix}.{pname}", "all", _whole(param.data, probe, f"{prefix}.{pname}")
+
+
+def _whole(w: torch.Tensor, probe: Probe, name: str) -> dict:
+    if w.dim() < 2:
+        return partial(w, probe, name, (0, 1), torch.arange(w.numel()), w.numel())
+    w_RI = w.reshape(-1, w.shape[-1])
+    cols = _cols(probe, name, w_RI.shape[1], 0, w_RI.shape[1])
+    return partial(w_RI[:, cols.to(w.device)], probe, name, (0, w_RI.shape[0]), cols, w.shape[-1])
+
+
+def _cols(probe: Probe, name: str, total: int, start: int, n: int) -> torch.Tensor:
+    """The probed global columns of ``name`` in ``[start, start + n)``."""
+    cols = probe.columns(name, total)
+    if cols is None:
+        return torch.arange(start, start + n)
+    return cols[(cols >= start) & (cols < start + n)]
 
 
 def _through_kernel(module: torch.nn.Module, in_features: int, cols_C: torch.Tensor):
     """Columns ``cols_C`` (of this rank's ``in_features``) of the weight the module's GEMM
-    uses, as [out, C]: one-hot rows in, so each output row is one weight column, exactly."""
-    dtype = _act_dtype(module)
-    x_CI = torch.zeros(len(cols_C), in_features, dtype=dtype)
-    x_CI[torch.arange(len(cols_C)), cols_C] = 1
+    uses, as [out, C]: one-hot rows in, so each output row is one weight column, exactly.
+    Built on the module's device (a GPU engine reads on its GPU)."""
+    dtype, device = _act_dtype(module)
+    x_CI = torch.zeros(len(cols_C), in_features, dtype=dtype, device=device)
+    x_CI[torch.arange(len(cols_C), device=device), cols_C.to(device)] = 1
     y_CO = module.quant_method.apply(module, x_CI, bias=None)
     return y_CO.t().to(dtype)
 
 
-def _act_dtype(module: torch.nn.Module) -> torch.dtype:
+def _chunks(local: torch.Tensor) -> Iterator[torch.Tensor]:
+    for s in range(0, len(local), _CHUNK):
+        yield local[s : s + _CHUNK]
+
+
+def _act_dtype(module: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
     params = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
     scales = [p for n, p in module.named_parameters(recurse=False) if n == "weight_scale"]
     chosen = scales or params
-    return chosen[0].dtype if chosen else torch.get_default_dtype()
+    anyp = next(module.parameters(recurse=False), None)
+    device = anyp.device if anyp is not None else torch.device("cpu")
+    return (chosen[0].dtype if chosen else torch.get_default_dtype()), device
 
 
-def _vocab(module, seed: int, is_head: bool) -> dict:
+def _vocab(name: str, module, probe: Probe, is_head: bool) -> Iterator[Part]:
     """This rank's rows of the vocabulary (the padding left out)."""
     idx = module.shard_indices
-    n = idx.num_org_elements
-    if is_head:  # through the head's own kernel: a tied head's alias is what is read
-        w_OC = _through_kernel(
-            module, module.embedding_dim, probe_columns(seed, module.embedding_dim)
-        )
-    else:
-        w_OC = probe_view(module.weight, seed)
-    return rows_piece(w_OC[:n], idx.org_vocab_start_index, module.org_vocab_size)
+    n, dim = idx.num_org_elements, module.embedding_dim
+    rows = (idx.org_vocab_start_index, module.org_vocab_size)
+    key = f"r{rows[0]}+{n}"
+    cols = _cols(probe, name, dim, 0, dim)
+    for chunk in _chunks(cols) if is_head else [cols]:
+        if is_head:  # through the head's own kernel: a tied head's alias is what is read
+            w_RC = _through_kernel(module, dim, chunk)[:n]
+        else:
+            w_RC = module.weight[:n, chunk.to(module.weight.device)]
+        yield name, key, partial(w_RC, probe, name, rows, chunk, dim)
 
 
-def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Piece]:
+def _linear(prefix: str, module, probe: Probe, packed: dict) -> Iterator[Part]:
     from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 
     parent, _, leaf = prefix.rpartition(".")
@@ -113,21 +145,41 @@ def _linear(prefix: str, module, seed: int, packed: dict) -> Iterator[Piece]:
     parts = packed.get(leaf, [leaf]) if len(sizes) > 1 else [leaf]
     if len(parts) != len(sizes):
         parts, sizes = [leaf], [sum(sizes)]
-    names = [f"{parent}.{p}" if parent else p for p in parts]
+    names = [f"{parent}.{p}.weight" if parent else f"{p}.weight" for p in parts]
     if isinstance(module, RowParallelLinear):
-        yield from _row_parallel(names[0], module, seed)
+        yield from _row_parallel(names[0], module, probe)
         return
     in_features = getattr(module, "input_size_per_partition", None) or module.input_size
-    w_OC = _through_kernel(module, in_features, probe_columns(seed, in_features))
-    bias = getattr(module, "bias", None)
     sharded = isinstance(module, ColumnParallelLinear)  # not ReplicatedLinear (the router)
-    for k, (name, w) in enumerate(zip(names, w_OC.split(sizes), strict=True)):
-        start, total = output_shard(module, k, sizes[k]) if sharded else (0, sizes[k])
-        yield f"{name}.weight", rows_piece(w, start, total)
-        if isinstance(bias, torch.Tensor):
-            # The CPU GEMM may keep the bias in fp32: the checkpoint's dtype is what was sent.
-            b = bias.split(sizes)[k].to(w_OC.dtype)
-            yield f"{name}.bias", rows_piece(b, start, total)
+    where = [
+        output_shard(module, k, sizes[k]) if sharded else (0, sizes[k]) for k in range(len(sizes))
+    ]
+    # The parts of a fused layer probe different columns: read their union once.
+    wanted = [_cols(probe, n, in_features, 0, in_features) for n in names]
+    union = torch.unique(torch.cat(wanted))
+    for chunk in _chunks(union):
+        w_OC = _through_kernel(module, in_features, chunk).split(sizes)
+        for name, w_RC, cols, (start, total) in zip(names, w_OC, wanted, where, strict=True):
+            pick = torch.isin(chunk, cols)
+            if pick.any():
+                sel = w_RC[:, pick.to(w_RC.device)]
+                yield (
+                    name,
+                    f"r{start}+{len(w_RC)}",
+                    partial(sel, probe, name, (start, total), chunk[pick], in_features),
+                )
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        # The CPU GEMM may keep the bias in fp32: the checkpoint's dtype is what was sent.
+        dtype, _ = _act_dtype(module)
+        for name, b, (start, total) in zip(names, bias.split(sizes), where, strict=True):
+            bname = name.removesuffix(".weight") + ".bias"
+            cols = torch.arange(start, start + len(b))
+            yield (
+                bname,
+                f"r{start}+{len(b)}",
+                partial(b.to(dtype), probe, bname, (0, 1), cols, total),
+            )
 
 
 def output_shard(module, part: int, size: int) -> tuple[int, int]:
@@ -139,45 +191,55 @@ def output_shard(module, part: int, size: int) -> tuple[int, int]:
     return (tp_rank // replicas) * size, size * (tp_size // replicas)
 
 
-def held_columns(module, seed: int) -> tuple[list[int], torch.Tensor]:
-    """The probed input columns of row-parallel ``module`` this rank holds: their global
-    indices (ascending) and where they sit in its shard."""
+def held_columns(module, probed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the ``probed`` input columns (global, ascending; None: all) of row-parallel
+    ``module``, those this rank holds, and where they sit in its shard."""
     per_rank = module.input_size_per_partition
     start = module.tp_rank * per_rank
-    probed = probe_columns(seed, module.input_size).tolist()
-    cols = [c for c in probed if start <= c < start + per_rank]
-    return cols, torch.tensor(cols, dtype=torch.long) - start
+    if probed is None:
+        cols = torch.arange(start, start + per_rank)
+    else:
+        cols = probed[(probed >= start) & (probed < start + per_rank)]
+    return cols, cols - start
 
 
-def _row_parallel(name: str, module, seed: int) -> Iterator[Piece]:
+def _row_parallel(name: str, module, probe: Probe) -> Iterator[Part]:
     """Input columns are sharded: read the probed ones this rank holds."""
-    cols, local = held_columns(module, seed)
-    if cols:
-        w_OC = _through_kernel(module, module.input_size_per_partition, local)
-        yield f"{name}.weight", cols_piece(w_OC, cols, module.input_size, seed)
+    cols, local = held_columns(module, probe.columns(name, module.input_size))
+    per_rank = module.input_size_per_partition
+    key = f"c{module.tp_rank * per_rank}+{per_rank}"
+    for s in range(0, len(local), _CHUNK):
+        w_OC = _through_kernel(module, per_rank, local[s : s + _CHUNK])
+        yield (
+            name,
+            key,
+            partial(w_OC, probe, name, (0, w_OC.shape[0]), cols[s : s + _CHUNK], module.input_size),
+        )
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):  # not sharded: every rank adds it after the reduce
-        yield f"{name}.bias", {"digest": digest(bias.to(_act_dtype(module)))}
+        bname = name.removesuffix(".weight") + ".bias"
+        yield bname, "all", _whole(bias.to(_act_dtype(module)[0]), probe, bname)
 
 
-def _experts(prefix: str, module, seed: int) -> Iterator[Piece]:
+def _experts(prefix: str, module, probe: Probe) -> Iterator[Part]:
     # The weights may sit on a child of the checkpoint's ``mlp.experts`` (vLLM's routed-experts
     # module): the HF names hang off the ``experts`` level.
     cut = prefix.find(".experts")
     prefix = prefix[: cut + len(".experts")] if cut >= 0 else prefix
     tp_rank, tp_size = _moe_tp(module)
     w13_EJH, w2_EHI = _model_layout(module)
-    inter = w2_EHI.shape[-1]  # this rank's share of the intermediate size
+    inter, hidden = w2_EHI.shape[-1], w2_EHI.shape[-2]  # this rank's share of intermediate
     start, total = tp_rank * inter, inter * tp_size
-    cols = [c for c in probe_columns(seed, total).tolist() if start <= c < start + inter]
-    local = torch.tensor(cols, dtype=torch.int64) - start
+    rows, key = (start, total), f"r{start}+{inter}"
     for e in range(w13_EJH.shape[0]):
-        gate, up = w13_EJH[e, :inter], w13_EJH[e, inter : 2 * inter]
-        yield f"{prefix}.{e}.gate_proj.weight", rows_piece(probe_view(gate, seed), start, total)
-        yield f"{prefix}.{e}.up_proj.weight", rows_piece(probe_view(up, seed), start, total)
-        if cols:
-            down = w2_EHI[e][:, local]
-            yield f"{prefix}.{e}.down_proj.weight", cols_piece(down, cols, total, seed)
+        for proj, w in (("gate_proj", w13_EJH[e, :inter]), ("up_proj", w13_EJH[e, inter:])):
+            name = f"{prefix}.{e}.{proj}.weight"
+            cols = _cols(probe, name, hidden, 0, hidden)
+            yield name, key, partial(w[:, cols.to(w.device)], probe, name, rows, cols, hidden)
+        name = f"{prefix}.{e}.down_proj.weight"
+        cols = _cols(probe, name, total, start, inter)
+        down = w2_EHI[e][:, (cols - start).to(w2_EHI.device)]
+        yield name, f"c{start}+{inter}", partial(down, probe, name, (0, hidden), cols, total)
 
 
 def _moe_tp(module) -> tuple[int, int]:

@@ -72,3 +72,69 @@ class ReloadRepair:
         for m in self.moe:
             if m in reloaded:
                 experts_kernel(m).process_weights_after_loading(m)
+
+
+def aliases(model: torch.nn.Module, expected: dict) -> dict[str, str]:
+    """``{alias: checkpoint name}`` of every parameter the model computes with under a name
+    the checkpoint does not have, found from the model itself: a Parameter shared by two
+    modules (a tied head) or one module registered twice, whatever the names."""
+    from weightsync.probe import logical_name
+
+    names = {logical_name(n) for n in expected} - {None}
+    by_param: dict[int, set[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        prefix = prefix.replace(".base_layer", "")
+        for pname, param in module._parameters.items():
+            if param is not None:
+                by_param.setdefault(id(param), set()).add(f"{prefix}.{pname}" if prefix else pname)
+    out = {}
+    for full in by_param.values():
+        sources = sorted(full & names)
+        if len(full) > 1 and sources:
+            out.update((n, sources[0]) for n in sorted(full - names))
+    return out
+
+
+def unloaded_layers(model: torch.nn.Module, repair: ReloadRepair | None) -> list[str]:
+    """Layers of the open session that did not get every element they hold, by vLLM's own
+    count (layerwise reload's ``load_numel``): finalizing would put their old weights back and
+    only log it. Call before finalizing. A layer that shares its parameters with another
+    (a tied head) is that one's alias and counted there; the vocabulary's padding rows are
+    never sent."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    aliased = {m for group in (repair.aliases if repair else []) for m in group}
+    out = []
+    for name, layer in model.named_modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None or not info.can_load() or not info.load_numel_total:
+            continue  # not reloaded, or processed once it had all its elements
+        if layer in aliased or is_deferred_attention_layer(layer):
+            continue  # attention layers hold no checkpoint weights here (scales at most)
+        # Buffers (a rotary cache) are never sent: only the parameters count.
+        params = sum(t.numel() for t in info.restore_metadata[0].values())
+        if params and info.load_numel < _real_numel(layer, params):
+            out.append(f"{name} ({info.load_numel} of {params} elements)")
+    return out
+
+
+def _real_numel(layer: torch.nn.Module, params: int) -> int:
+    indices = getattr(layer, "shard_indices", None)  # VocabParallelEmbedding: padded rows
+    if indices is None:
+        return params
+    return (indices.num_org_elements + indices.num_added_elements) * layer.embedding_dim
+
+
+def unrepairable(model: torch.nn.Module) -> list[str]:
+    """Layers whose post-processing after a reload neither vLLM's layerwise reload nor
+    ``ReloadRepair`` is known to redo, by name and kind: an update would leave them computing
+    with something other than what was sent, so the engine is refused before any pause. The
+    reload re-runs each layer's own quant method; what a kernel owns is redone here for the
+    modular MoE kernels only (``experts_kernel``)."""
+    out = []
+    for name, module in model.named_modules():
+        if hasattr(module, "w13_weight") and experts_kernel(module) is None:
+            method = type(getattr(module, "quant_method", None)).__name__
+            out.append(f"{name}: MoE experts without a modular kernel ({method})")
+    return out
