@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -43,9 +43,12 @@ class LoraSync:
 
     name: str = "policy"
     """Adapter name; version N is served as ``<name>@v<N>``."""
-    root: str = "/dev/shm/weightsync-lora"
+    root: str = field(default_factory=lambda: f"/dev/shm/weightsync-lora-{os.getuid()}")
     """Where the source rank writes each version, readable by every engine (tmpfs on the
-    engines' host; a shared file system for engines on other hosts)."""
+    engines' host; a shared file system for engines on other hosts). Created 0700 and ours
+    (``weightsync.private_dir``): an existing one owned by another user or writable by
+    others is refused before any engine is touched; per user by default, so another
+    user's cannot block it. Engines must run as this user (or root)."""
     keep: int = 2
     """Versions each engine keeps loaded: the current one and the previous ones in-flight
     rollouts may still use. The engine's ``--max-loras`` must be at least this."""

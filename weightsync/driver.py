@@ -311,12 +311,14 @@ class WeightSync:
             seed = secrets.randbits(31) if self.config.verify != "off" else None
             try:
                 out, t1, t2, t3 = self._publish(served, version, live, seed, lease)
-            except ValueError:
-                raise  # refused on the trainer (a bad adapter) before any engine was asked
-            except BaseException:
-                # Any engine may hold it by now (the source rank loads some from memory, a
-                # timed-out load may still land): none keeps it.
-                self._unload_failed(served, live)
+            except BaseException as error:
+                # Refused on the trainer (a bad adapter or root) before any engine was asked,
+                # here or carried back from the rank (Ray keeps the error's class).
+                refused = isinstance(error, ValueError) or isinstance(error.__cause__, ValueError)
+                if not refused:
+                    # Any engine may hold it by now (the source rank loads some from memory,
+                    # a timed-out load may still land): none keeps it.
+                    self._unload_failed(served, live)
                 raise
             self.adapter = served
             self._adapters.append(served)

@@ -24,6 +24,7 @@ import torch
 from weightsync.config import LoraSync, SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
+from weightsync.lora import adapter_dir
 from weightsync.net import free_port
 from weightsync.proof import Probe
 from weightsync.quant import Int4Config
@@ -101,6 +102,10 @@ class TrainerSync:
         TrainerSync.uninstall(worker, sync_id)  # a reconnect replaces the state
         sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
         state = _State(sender=sender, specs=list(specs), config=config)
+        if sender.is_source and config.lora is not None:
+            # Where adapters will be written is ours alone, or refused now, before any pause
+            # or engine call (no collective here: the other ranks cannot be left waiting).
+            adapter_dir(config.lora, sync_id)
         if sender.is_source:
             state.engines = [s.connect(config) for s in specs]
         if not hasattr(worker, "weightsync"):

@@ -111,3 +111,21 @@ def test_a_missing_lora_root_is_created_private(tmp_path):
     write_adapter(path, {"x.lora_A.weight": torch.zeros(2, 2)}, {"r": 2})
     assert all(_mode(p) == 0o700 for p in (lora.root, path.parent))
     assert (path / "adapter_config.json").is_file()
+
+
+def test_the_trainer_side_refuses_a_shared_lora_root_when_installed(tmp_path):
+    """Before any pause or engine call: the source rank checks LoraSync.root as WeightSync
+    installs its state (no collective there, so no other rank is left waiting)."""
+    from types import SimpleNamespace
+
+    from weightsync.config import SyncConfig
+    from weightsync.worker import TrainerSync
+
+    root = tmp_path / "shared"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    worker = SimpleNamespace(model_chunks=[], hf_config=None)
+    config = SyncConfig(lora=LoraSync(root=str(root)))
+    with pytest.raises(ValueError, match=f"LoraSync.root.*{root}"):
+        TrainerSync.install(worker, "id", [], config, None)
+    assert list(root.iterdir()) == []
