@@ -91,7 +91,9 @@ def main() -> None:
                 transport="broadcast",
                 pause_mode="retract",
                 stage_bytes=256 << 20,
-                verify=args.engine == "vllm",
+                # verify="sample" (the default) reads every weight back on sampled columns;
+                # an engine that fails is held paused (on_verify_failure="hold"), rollouts
+                # go on on sync.live_engines; SGLang engines are reported as unverified.
             )
             int4: Int4Config | None = None
             sync = WeightSync(trainers, engines, config, int4)
@@ -103,7 +105,8 @@ def main() -> None:
                     stats = sync.update(version=step + 1)
                     print(
                         f"step {step}: {stats.nbytes / 2**20:.1f} MiB in {stats.total_s:.3f} s, "
-                        f"engines paused {stats.pause_s:.3f} s, versions {sync.versions()}"
+                        f"engines paused {stats.pause_s:.3f} s, versions {sync.versions()}, "
+                        f"verified ({stats.verify}) {stats.verified}, unverified {stats.unverified}"
                     )
             finally:
                 sync.close()
