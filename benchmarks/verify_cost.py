@@ -69,7 +69,7 @@ def measure(size: str, repeats: int, out_dir: str) -> list[dict]:
     return rows
 
 
-_FIELDS = ("verify_s", "probe_s", "pause_s", "total_s")
+_FIELDS = ("verify_s", "probe_s", "pause_s", "total_s", "export_s", "transfer_s", "engine_load_s")
 
 
 def main() -> None:

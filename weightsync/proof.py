@@ -104,9 +104,11 @@ def _mix(seed: int, name: str, tag: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 2
 
 
-@functools.lru_cache(maxsize=16)  # a weight read in chunks asks for its keys each time
-def _keys(seed: int, name: str, tag: str, n: int, high: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_mix(seed, name, tag))
+@functools.lru_cache(maxsize=16)  # weights of one width, and chunks, share their keys
+def _keys(seed: int, tag: str, n: int, high: int) -> torch.Tensor:
+    # Keys need not differ between weights (each is compared on its own), only between
+    # updates: sharing them per width saves drawing them for every weight.
+    g = torch.Generator().manual_seed(_mix(seed, f"keys{n}", tag))
     return torch.randint(0, high, (n, _KEYS), generator=g, dtype=torch.int64)
 
 
@@ -130,7 +132,7 @@ def partial(
     ``in_features``. ``{"n": elements, "h": [...], "d": dtype}``; parts add (``combine``)."""
     w_RC = w_RC.detach().reshape(-1, w_RC.shape[-1]) if w_RC.dim() != 1 else w_RC.reshape(1, -1)
     k = words_per(w_RC.dtype)
-    b = _keys(probe.seed, name, "cols", in_features * k, _B_HIGH)
+    b = _keys(probe.seed, "cols", in_features * k, _B_HIGH)
     idx = (cols_C.to(torch.int64).cpu()[:, None] * k + torch.arange(k)).reshape(-1)
     b_WK = b[idx].to(torch.float64)
     v_RW = w_RC.contiguous().view(torch.int16)
@@ -142,7 +144,7 @@ def partial(
         part = chunk @ b_WK[s : s + _CHUNK_WORDS]
         part += 32769.0 * b_WK[s : s + _CHUNK_WORDS].sum(0)
         sums = (sums + part.to(torch.int64)) % P
-    a = _keys(probe.seed, name, "rows", rows[1], P)[rows[0] : rows[0] + v_RW.shape[0]]
+    a = _keys(probe.seed, "rows", rows[1], P)[rows[0] : rows[0] + v_RW.shape[0]]
     h = ((sums * a) % P).sum(0) % P
     return {"n": int(w_RC.numel()), "h": h.tolist(), "d": str(w_RC.dtype)}
 
@@ -167,7 +169,8 @@ def fingerprint(w: torch.Tensor, probe: Probe, name: str) -> str:
     cols = probe.columns(name, in_features)
     if cols is None:  # every column: no copy
         return fingerprint_columns(w, torch.arange(in_features), in_features, probe, name)
-    return fingerprint_columns(w[..., cols], cols, in_features, probe, name)
+    # index_select: a tenth of what advanced indexing costs for a few columns.
+    return fingerprint_columns(w.index_select(-1, cols), cols, in_features, probe, name)
 
 
 def fingerprint_columns(

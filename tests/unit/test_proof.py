@@ -283,8 +283,8 @@ def test_seed_and_group_out_of_range_are_refused():
 def _exact(w_RC: torch.Tensor, probe: Probe, name: str) -> list[int]:
     """The fingerprint by the formula, in integers (no float64 chunks): every column."""
     v_RW = w_RC.contiguous().view(torch.int16).to(torch.int64) + 32769  # in [1, 2^16]
-    b_WK = _keys(probe.seed, name, "cols", v_RW.shape[1], _B_HIGH)
-    a_RK = _keys(probe.seed, name, "rows", v_RW.shape[0], P)
+    b_WK = _keys(probe.seed, "cols", v_RW.shape[1], _B_HIGH)
+    a_RK = _keys(probe.seed, "rows", v_RW.shape[0], P)
     sums_RK = (v_RW @ b_WK) % P  # < 2^16 * 2^21 * 2^17 words: exact in int64
     assert sums_RK.shape[1] == _KEYS
     return ((sums_RK * a_RK) % P).sum(0).remainder(P).tolist()

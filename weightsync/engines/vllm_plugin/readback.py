@@ -85,7 +85,8 @@ def _whole(w: torch.Tensor, probe: Probe, name: str) -> dict:
         return partial(w, probe, name, (0, 1), torch.arange(w.numel()), w.numel())
     w_RI = w.reshape(-1, w.shape[-1])
     cols = _cols(probe, name, w_RI.shape[1], 0, w_RI.shape[1])
-    return partial(w_RI[:, cols.to(w.device)], probe, name, (0, w_RI.shape[0]), cols, w.shape[-1])
+    w_RC = w_RI.index_select(1, cols.to(w.device))
+    return partial(w_RC, probe, name, (0, w_RI.shape[0]), cols, w.shape[-1])
 
 
 def _cols(probe: Probe, name: str, total: int, start: int, n: int) -> torch.Tensor:
@@ -132,7 +133,7 @@ def _vocab(name: str, module, probe: Probe, is_head: bool) -> Iterator[Part]:
         if is_head:  # through the head's own kernel: a tied head's alias is what is read
             w_RC = _through_kernel(module, dim, chunk)[:n]
         else:
-            w_RC = module.weight[:n, chunk.to(module.weight.device)]
+            w_RC = module.weight[:n].index_select(1, chunk.to(module.weight.device))
         yield name, key, partial(w_RC, probe, name, rows, chunk, dim)
 
 
@@ -162,7 +163,7 @@ def _linear(prefix: str, module, probe: Probe, packed: dict) -> Iterator[Part]:
         for name, w_RC, cols, (start, total) in zip(names, w_OC, wanted, where, strict=True):
             pick = torch.isin(chunk, cols)
             if pick.any():
-                sel = w_RC[:, pick.to(w_RC.device)]
+                sel = w_RC.index_select(1, pick.nonzero()[:, 0].to(w_RC.device))
                 yield (
                     name,
                     f"r{start}+{len(w_RC)}",
@@ -235,10 +236,11 @@ def _experts(prefix: str, module, probe: Probe) -> Iterator[Part]:
         for proj, w in (("gate_proj", w13_EJH[e, :inter]), ("up_proj", w13_EJH[e, inter:])):
             name = f"{prefix}.{e}.{proj}.weight"
             cols = _cols(probe, name, hidden, 0, hidden)
-            yield name, key, partial(w[:, cols.to(w.device)], probe, name, rows, cols, hidden)
+            w_RC = w.index_select(1, cols.to(w.device))
+            yield name, key, partial(w_RC, probe, name, rows, cols, hidden)
         name = f"{prefix}.{e}.down_proj.weight"
         cols = _cols(probe, name, total, start, inter)
-        down = w2_EHI[e][:, (cols - start).to(w2_EHI.device)]
+        down = w2_EHI[e].index_select(1, (cols - start).to(w2_EHI.device))
         yield name, f"c{start}+{inter}", partial(down, probe, name, (0, hidden), cols, total)
 
 
