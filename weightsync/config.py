@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -127,6 +128,13 @@ class SyncConfig:
             self.flush_backoff_s,
             f"0 <= flush_backoff_s <= flush_backoff_max_s ({self.flush_backoff_max_s})",
         )
+        if isinstance(self.verify, bool):  # the bool it was before the levels
+            warnings.warn(
+                "SyncConfig.verify=True/False is deprecated: use 'sample' (or 'full') / 'off'",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "verify", "sample" if self.verify else "off")
         _require(self.verify in _LEVELS, "verify", self.verify, f"one of {_LEVELS}")
         _require(
             self.on_verify_failure in _ON_FAILURE,

@@ -246,8 +246,8 @@ class WeightSync:
         (before an eval, after an engine was restarted or touched): each reads back again
         what the last update's verify read, at its level and on its columns, and must give
         the same fingerprints. An engine that does not is held (``on_verify_failure``) and
-        stale until the next update repairs it. ``level``: None or the last update's level
-        (or ``sample`` after a ``full`` one); the trainer has moved on since, so no other
+        stale until the next update repairs it, stamped ``unverified-<version>``. ``level``:
+        None or the last update's level; the trainer has moved on since, so no other
         columns can be compared."""
         proof = self._proof
         if proof is None:
@@ -255,7 +255,7 @@ class WeightSync:
                 "WeightSync.verify: no update was verified yet (SyncConfig.verify is "
                 f"{self.config.verify!r} or no update ran): nothing to compare with"
             )
-        if level not in (None, proof.probe.level, "sample"):
+        if level not in (None, proof.probe.level):
             raise ValueError(
                 f"WeightSync.verify(level={level!r}): the last update was verified at "
                 f"{proof.probe.level!r}; an audit re-checks what it read"
@@ -281,6 +281,9 @@ class WeightSync:
             return
         self.stale.update(failed)
         log.error("weightsync: engines %s fail verify: %s", sorted(failed), failed)
+        assert self._proof is not None
+        stamp = f"unverified-{self._proof.version}"  # clients must not take it for the version
+        self._settle(lambda e: e.set_version(stamp), list(failed))
         if self.config.on_verify_failure == "hold":
             paused = self._settle(lambda e: e.pause(self.config.pause_mode), list(failed))
             self.held.update(lb for lb, e in paused.items() if e is None)
@@ -413,7 +416,10 @@ class WeightSync:
         # waiting for a bucket that will never come returns from it only when the trainer's
         # side of the group is gone (else at its deadline), and only then takes the abort.
         # An open session is aborted before the resume: no engine serves half-reloaded layers.
-        held = self._proof_failed if self.config.on_verify_failure == "hold" else set()
+        # Held: what this update's proof failed, and what an earlier one held (unless this
+        # update's proof passed it: ``_prove`` took it out).
+        hold = self.config.on_verify_failure == "hold"
+        held = (self.held | self._proof_failed) if hold else set()
         self._proof_failed = set()
         self.held = set(held)
         with ThreadPoolExecutor(1, thread_name_prefix="teardown") as pool:
@@ -510,6 +516,8 @@ class WeightSync:
         self.stale.difference_update(whole)
         self.held.difference_update(whole)
         self._proof_failed = set(bad)
+        # What the engines that passed hold now: an audit compares them with this update.
+        self._proof = None if probe is None else Proof(version, probe, digests)
         raise EngineFailed(tuple(bad), "; ".join(map(str, bad.values())))
 
     def _settle(self, call: Callable, labels: Sequence[str] | None = None) -> dict:

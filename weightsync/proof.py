@@ -131,6 +131,10 @@ def partial(
     ``[rows[0], rows[0] + R)`` of ``rows[1]``, its columns ``cols_C`` (global) of
     ``in_features``. ``{"n": elements, "h": [...], "d": dtype}``; parts add (``combine``)."""
     w_RC = w_RC.detach().reshape(-1, w_RC.shape[-1]) if w_RC.dim() != 1 else w_RC.reshape(1, -1)
+    if w_RC.is_floating_point():
+        # A GEMM fed one-hot rows returns +0.0 for a stored -0.0: both sides count zeros as
+        # +0.0 (they compute alike).
+        w_RC = w_RC.masked_fill(w_RC == 0, 0)
     k = words_per(w_RC.dtype)
     b = _keys(probe.seed, "cols", in_features * k, _B_HIGH)
     idx = (cols_C.to(torch.int64).cpu()[:, None] * k + torch.arange(k)).reshape(-1)

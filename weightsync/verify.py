@@ -1,9 +1,10 @@
 """What the driver checks on each engine after its update session ends, before it is stamped
 with the version (``WeightSync.update``), and again on demand (``WeightSync.verify``).
 
-- ``check_complete``, whatever ``SyncConfig.verify`` says: every rank loaded every tensor the
-  plan sent, whole, and no layer of the model was left without its weights (vLLM's own
-  layerwise-reload count). Free: the engine counted while it loaded.
+- ``check_complete``, whatever ``SyncConfig.verify`` says: every rank handed every tensor the
+  plan sent, whole, to the model's ``load_weights``, and no layer of the model was left short
+  of its weights (vLLM's own layerwise-reload count of the elements each layer took). Free:
+  the engine counted while it loaded.
 - ``check_proof``: the weights the engine's kernels compute with, read back and fingerprinted
   (``weightsync.proof``), equal what the trainer sent, aliases included.
 

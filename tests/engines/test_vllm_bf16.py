@@ -335,7 +335,7 @@ _FUZZ = [
     ("/update_weights", {"update_info": {"groups": [], "nbytes": 1 << 62}}),
     (
         "/collective_rpc",
-        {"method": "weight_transfer_engine", "args": ["readback:99999999999999999999999"]},
+        {"method": "weight_transfer_engine", "args": ["proof:sample:0:99999999999999999999999"]},
     ),
     (
         "/collective_rpc",

@@ -494,3 +494,38 @@ def test_an_update_that_lost_its_lease_stops_at_the_next_step_and_resumes():
     # No end_update or version under a lost lease; the session is aborted and resumed.
     assert engines[0].calls == ["pause", "flush", "begin", "abort", "version", "resume"]
     assert engines[0].versions == ["partial-1"]
+
+
+def test_a_held_engine_stays_held_when_a_later_update_fails_elsewhere():
+    good, bad = ScriptedEngine("good"), ScriptedEngine("bad")
+    bad.holds = {"w": "old"}
+    trainers = ScriptedTrainers()
+    ws = _sync([good, bad], trainers)
+    with pytest.raises(UpdateFailed):
+        ws.update(1)
+    assert ws.held == {"bad"}
+    trainers.send_error = RuntimeError("engine 'good' failed on bucket 0")
+    ws._connected = True
+    with pytest.raises(UpdateFailed):
+        ws.update(2)
+    assert ws.held == {"bad"} and bad.calls[-1] != "resume"  # still serving nothing
+    assert good.calls[-1] == "resume"
+
+
+def test_an_audit_after_a_partly_failed_update_holds_only_what_changed():
+    good, bad = ScriptedEngine("good"), ScriptedEngine("bad")
+    ws = _sync([good, bad], ScriptedTrainers())
+    ws.update(1)
+    bad.holds = {"w": "old"}
+    with pytest.raises(UpdateFailed):
+        ws.update(2)
+    report = ws.verify()  # "good" holds version 2, proven: the audit compares with that
+    assert report.version == 2 and report.verified == ["good"]
+    assert list(report.failed) == ["bad"] and ws.held == {"bad"}
+
+
+def test_verify_as_a_bool_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'sample'"):
+        assert SyncConfig(verify=True).verify == "sample"
+    with pytest.warns(DeprecationWarning):
+        assert SyncConfig(verify=False).verify == "off"

@@ -146,8 +146,12 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def _finalize(self, finalize) -> None:
         repair, faults = self._repair, self._session_faults
-        reloaded = repair.reloaded() if repair else set()
         self._session["unloaded"] = unloaded_layers(self.model, repair)
+        if self._session["unloaded"]:
+            # The update fails: layers it left part-loaded keep their old weights whole
+            # (finalize would process them with the missing part uninitialized).
+            receive.discard_partial_layers(self.model)
+        reloaded = repair.reloaded() if repair else set()
         finalize(self.model, self.model_config)
         if repair is not None:
             repair.apply(reloaded)

@@ -66,7 +66,9 @@ def _read(prefix: str, module: torch.nn.Module, probe: Probe, packed: dict) -> I
         # vLLM pads the vocabulary before cutting it: a rank may hold none of the real rows.
         if module.shard_indices.num_org_elements > 0:
             yield from _vocab(f"{prefix}.weight", module, probe, isinstance(module, ParallelLMHead))
-    elif hasattr(module, "w13_weight") and hasattr(module, "w2_weight"):
+    # Its own parameters: a LoRA wrapper forwards attribute reads to its base layer, which
+    # is read under the same name already.
+    elif "w13_weight" in module._parameters and "w2_weight" in module._parameters:
         yield from _experts(prefix, module, probe)
     else:
         yield from _plain(prefix, module, probe)

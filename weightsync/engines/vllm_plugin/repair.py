@@ -98,19 +98,26 @@ def aliases(model: torch.nn.Module, expected: dict) -> dict[str, str]:
 def unloaded_layers(model: torch.nn.Module, repair: ReloadRepair | None) -> list[str]:
     """Layers of the open session that did not get every element they hold, by vLLM's own
     count (layerwise reload's ``load_numel``): finalizing would put their old weights back and
-    only log it. Call before finalizing. A layer that shares its parameters with another
-    (a tied head) is that one's alias and counted there; the vocabulary's padding rows are
-    never sent."""
+    only log it. Call before finalizing. A layer that got nothing but shares its
+    parameters with one that loaded (a tied head) is that one's alias; the vocabulary's
+    padding rows are never sent."""
     from vllm.model_executor.layers.attention import is_deferred_attention_layer
     from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-    aliased = {m for group in (repair.aliases if repair else []) for m in group}
+    def loaded(layer) -> bool:  # processed once complete (reset), or got elements
+        info = LAYERWISE_INFO.get(layer)
+        return info is None or not info.can_load() or info.load_numel > 0
+
+    # A layer sharing its parameters with one that loaded (a tied head) is its alias.
+    aliases = {
+        m for group in (repair.aliases if repair else []) for m in group if any(map(loaded, group))
+    }
     out = []
     for name, layer in model.named_modules():
         info = LAYERWISE_INFO.get(layer)
         if info is None or not info.can_load() or not info.load_numel_total:
             continue  # not reloaded, or processed once it had all its elements
-        if layer in aliased or is_deferred_attention_layer(layer):
+        if (layer in aliases and info.load_numel == 0) or is_deferred_attention_layer(layer):
             continue  # attention layers hold no checkpoint weights here (scales at most)
         # Buffers (a rotary cache) are never sent: only the parameters count.
         params = sum(t.numel() for t in info.restore_metadata[0].values())
