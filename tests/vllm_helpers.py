@@ -65,18 +65,47 @@ def save_random_model(hf_config, out_dir: Path, std: float = 0.08) -> None:
 def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):
     """A transformers model holding ``state`` (fp32 compute): saved as a checkpoint beside the
     config and loaded the way users load one, so transformers' own checkpoint conversion (MoE
-    experts, tied heads, compressed-tensors int4) applies."""
-    import shutil
+    experts, tied heads) applies. A compressed-tensors checkpoint (int4) is decompressed first
+    by the compressed-tensors library and loaded with the plain config: transformers refuses
+    ``.float()`` on a quantized model, and the library is the format's oracle."""
+    import json
     import tempfile
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    quantization = config.pop("quantization_config", None)
+    if quantization is not None:
+        state = decompressed(state, quantization)
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(Path(model_dir) / "config.json", tmp)
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
         save_file({n: t.contiguous() for n, t in state.items()}, f"{tmp}/model.safetensors")
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
     return model.float().eval()
+
+
+def decompressed(state: dict[str, torch.Tensor], quantization_config: dict):
+    """``state`` with every pack-quantized weight (``X.weight_packed``, ``X.weight_scale``,
+    ...) replaced by ``X.weight``, decompressed by compressed-tensors under the checkpoint's
+    own ``quantization_config``."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups = QuantizationConfig.model_validate(quantization_config).config_groups
+    if len(groups) != 1:
+        raise ValueError(f"one config group expected (what Int4Config writes), got {list(groups)}")
+    (scheme,) = groups.values()
+    out, packed = {}, {}
+    for name, t in state.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf.startswith("weight_") and f"{module}.weight_packed" in state:
+            packed.setdefault(module, {})[leaf] = t
+        else:
+            out[name] = t
+    for module, parts in packed.items():
+        out[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+    return out
 
 
 def reference_logprobs(model_dir: Path, state: dict[str, torch.Tensor], prompt: list[int]):
@@ -101,12 +130,14 @@ def join_ring(engine, ring, timeout_s: float = TIMEOUT_S) -> None:
 
 
 def assert_kernels_hold(engine, named: dict[str, torch.Tensor], int4=None, seed: int = 7):
-    """The engine's kernels compute with exactly ``named`` (read back through them)."""
-    from weightsync.probe import checkpoint_digests
+    """The engine's kernels compute with exactly ``named``: every element read back through
+    them (``verify`` level full)."""
+    from weightsync.proof import Probe, checkpoint_fingerprints
 
+    probe = Probe(seed=seed, level="full")
     group = (int4.group_size, int4.symmetric) if int4 is not None else ()
-    expected = checkpoint_digests(named, seed, *group)
-    live = engine.live_digests(seed)
+    expected = checkpoint_fingerprints(named, probe, *group)
+    live = engine.live_digests(probe)
     differ = sorted(n for n, d in expected.items() if live.get(n) != d)
     assert expected and not differ, f"{len(differ)} weights differ, e.g. {differ[:3]}"
 
@@ -189,6 +220,27 @@ def generate(url: str, prompt: list[int], max_tokens=8, api_key=None, ignore_eos
         for tok, entry in zip(prompt[1:], out["prompt_logprobs"][1:], strict=True)
     ]
     return out["choices"][0]["token_ids"], logprobs
+
+
+def weight_checksums(url: str, api_key: str) -> dict[str, str]:
+    """vLLM's own weight checker: sha256 of every parameter the engine holds after its
+    post-processing, keyed ``dp0:pp0:pcp0:tp0:<param>``. On CPU a bf16 dense linear is prepacked
+    into its GEMM and its parameter left empty: the checker sees it only in int4."""
+    import requests
+
+    r = requests.post(
+        f"{url}/weight_checker",
+        json={"action": "checksum"},
+        headers={"Authorization": f"Bearer {api_key}"},  # every route is guarded
+        timeout=TIMEOUT_S,
+    )
+    r.raise_for_status()
+    return r.json()["checksums"]
+
+
+def differing(got: dict[str, str], want: dict[str, str]) -> list[str]:
+    """Names whose checksum differs between two checker results, or that only one holds."""
+    return sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from tests.vllm_helpers import (
     push,
     push_and_report,
     reference_logprobs,
+    weight_checksums,
 )
 from weightsync.plan import fill_bucket
 from weightsync.transport.base import Ticket
@@ -69,14 +70,7 @@ def _outputs(server):
 
 
 def _checksums(server) -> dict[str, str]:
-    r = requests.post(
-        f"{server.url}/weight_checker",
-        json={"action": "checksum"},
-        headers={"Authorization": f"Bearer {API_KEY}"},  # every route is guarded
-        timeout=TIMEOUT_S,
-    )
-    r.raise_for_status()
-    return r.json()["checksums"]
+    return weight_checksums(server.url, API_KEY)
 
 
 def test_launcher_serves_with_api_key(served):

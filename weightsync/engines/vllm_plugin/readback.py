@@ -47,6 +47,12 @@ def live_parts(
                 if name in wanted:
                     keyed = out.setdefault(name, {})
                     keyed[key] = combine([keyed[key], part]) if key in keyed else part
+        # An alias no kernel reads under its own name (a router's expert-score bias shared
+        # with the experts module): its live parameter as it is.
+        for name, param in model.named_parameters(remove_duplicate=False):
+            name = name.replace(".base_layer", "")
+            if name in wanted and name not in out:
+                out[name] = {"all": _whole(param.data, probe, name)}
     return out
 
 

@@ -141,7 +141,13 @@ def unrepairable(model: torch.nn.Module) -> list[str]:
     modular MoE kernels only (``experts_kernel``)."""
     out = []
     for name, module in model.named_modules():
-        if hasattr(module, "w13_weight") and experts_kernel(module) is None:
+        if "w13_weight" in module._parameters and experts_kernel(module) is None:
             method = type(getattr(module, "quant_method", None)).__name__
             out.append(f"{name}: MoE experts without a modular kernel ({method})")
+        impl = getattr(module, "impl", None)
+        if type(impl).__module__.endswith(".amx_mla"):
+            out.append(
+                f"{name}: AMX_MLA attention prepacks kv_b_proj where vLLM's reload cannot "
+                "restore it (serve with --attention-backend CPU_MLA)"
+            )
     return out
