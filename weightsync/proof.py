@@ -119,6 +119,7 @@ def words_per(dtype: torch.dtype) -> int:
     return size // 2
 
 
+@torch.inference_mode()  # many small ops: no autograd bookkeeping
 def partial(
     w_RC: torch.Tensor,
     probe: Probe,

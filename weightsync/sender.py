@@ -22,6 +22,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +34,7 @@ from weightsync.engines.base import DataPlane, EngineFailed, Pending
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan
 from weightsync.plan_checks import check_plan_identical
 from weightsync.probe import INT4_PARTS, int4_columns
-from weightsync.proof import Probe, fingerprint, fingerprint_columns
+from weightsync.proof import Probe, fingerprint_columns
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.tensors import all_finite
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -134,6 +135,7 @@ class WeightSender:
         self.probe: Probe | None = None
         """What ``verify`` reads this update (``weightsync.proof``); None: nothing."""
         self._aliases: dict[str, list[str]] = {}  # checkpoint name -> the engines' aliases
+        self._hashing = Hashing(None)
 
     @property
     def is_source(self) -> bool:
@@ -153,6 +155,8 @@ class WeightSender:
         from megatron_bridge import hf_weight_metadata
 
         self.probe = probe
+        self._hashing.close()  # an update that failed before its send collected them
+        self._hashing = Hashing(probe, background=probe is not None and probe.level == "sample")
         self._aliases = {}
         for alias, source in (aliases or {}).items():
             self._aliases.setdefault(source, []).append(alias)
@@ -212,6 +216,7 @@ class WeightSender:
         try:
             named = itertools.chain(_drain(staged), self._quantized(rest, stats))
             self._send(engines, sender, named, stats)
+            stats.digests.update(self._hashing.collect())
         finally:
             # Peers block in the export's collectives until the source has pulled every unit,
             # so a failed send still drains the stream: every rank then stops the same way.
@@ -227,23 +232,33 @@ class WeightSender:
             if self.probe is not None and self.is_source:
                 t0 = time.perf_counter()
                 for as_name in [name, *self._aliases.get(name, [])]:
-                    stats.digests[as_name] = self._fingerprint(out, as_name)
+                    self._hashing.submit(as_name, *self._probed(out, as_name))
                 stats.probe_s += time.perf_counter() - t0
             yield from out
 
-    def _fingerprint(self, sent: list, name: str) -> str:
-        """The fingerprint of the weight the engine will compute with: the tensor itself,
-        or for int4 its dequantized columns, taken from the packed bytes that were sent."""
+    def _probed(self, sent: list, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What is fingerprinted of the weight the engine will compute with: its probed
+        columns (a small copy), the columns and its width; int4: dequantized from the
+        packed bytes that were sent."""
         assert self.probe is not None
         if len(sent) == 1:
-            return fingerprint(sent[0][1], self.probe, name)
+            w = sent[0][1]
+            if w.dim() < 2:
+                return w.reshape(1, -1), torch.arange(w.numel()), w.numel()
+            cols = self.probe.columns(name, w.shape[-1])
+            if cols is None:
+                return w, torch.arange(w.shape[-1]), w.shape[-1]
+            return w.index_select(-1, cols), cols, w.shape[-1]
         assert self.int4 is not None
         parts = {n.rpartition(".")[2]: t for n, t in sent if n.rpartition(".")[2] in INT4_PARTS}
         in_features = int(parts["weight_shape"][-1])
         cols = self.probe.columns(name, in_features)
         cols = torch.arange(in_features) if cols is None else cols
-        w_OC = int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric)
-        return fingerprint_columns(w_OC, cols, in_features, self.probe, name)
+        return (
+            int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric),
+            cols,
+            in_features,
+        )
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []
@@ -358,3 +373,36 @@ def _timed(stream: Iterator, stats: SendStats) -> Iterator:
             return
         stats.export_s += time.perf_counter() - t0
         yield item
+
+
+class Hashing:
+    """The fingerprints of what is sent (``weightsync.proof``), off the send's critical path
+    where that costs no memory: at level sample each weight's probed columns are a small copy,
+    hashed by one thread while the buckets move; at level full (the whole weight would have to
+    be kept) they are hashed in line."""
+
+    def __init__(self, probe: Probe | None, background: bool = False) -> None:
+        self.probe = probe
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint") if background else None
+        self._done: dict[str, Any] = {}
+
+    def submit(self, name: str, w_RC: torch.Tensor, cols: torch.Tensor, width: int) -> None:
+        args = (w_RC, cols, width, self.probe, name)
+        pool = self._pool
+        self._done[name] = (
+            pool.submit(fingerprint_columns, *args) if pool else fingerprint_columns(*args)
+        )
+
+    def close(self) -> None:
+        """Drop what is pending (a failed update); the thread ends."""
+        self._done = {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def collect(self) -> dict[str, str]:
+        """Every fingerprint submitted, once all are done."""
+        out = {n: d if isinstance(d, str) else d.result() for n, d in self._done.items()}
+        self._done = {}
+        if self._pool is not None:
+            self._pool.shutdown()
+        return out

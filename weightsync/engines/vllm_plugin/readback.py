@@ -39,7 +39,8 @@ def live_parts(
     """``{hf_name: {where: part}}`` of every weight in ``wanted`` this rank holds."""
     packed = getattr(model, "packed_modules_mapping", {}) or {}
     out: dict[str, dict[str, dict]] = {}
-    with torch.no_grad():
+    # inference_mode: no autograd bookkeeping per op (the read-back is many small ops).
+    with torch.inference_mode():
         # A module registered twice (a head tied as a module) is read under each name.
         for prefix, module in model.named_modules(remove_duplicate=False):
             # An engine serving LoRA wraps each layer and keeps it as ``<layer>.base_layer``.
