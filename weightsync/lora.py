@@ -43,6 +43,13 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
+def check_root(lora: LoraSync) -> Path:
+    """``LoraSync.root``, created or accepted as a private directory, or ValueError naming
+    it: the check for callers that want it before anything is written (nothing is created
+    below it: engines that take adapters in memory leave it empty)."""
+    return _private(Path(lora.root))
+
+
 def adapter_dir(lora: LoraSync, sync_id: str) -> Path:
     """Where WeightSync ``sync_id`` writes its adapters (the parent of ``LoraSync.path``),
     created or accepted as a private directory, or ValueError naming ``LoraSync.root``. The

@@ -24,7 +24,7 @@ import torch
 from weightsync.config import LoraSync, SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
-from weightsync.lora import adapter_dir
+from weightsync.lora import check_root
 from weightsync.net import free_port
 from weightsync.proof import Probe
 from weightsync.quant import Int4Config
@@ -105,7 +105,7 @@ class TrainerSync:
         if sender.is_source and config.lora is not None:
             # Where adapters will be written is ours alone, or refused now, before any pause
             # or engine call (no collective here: the other ranks cannot be left waiting).
-            adapter_dir(config.lora, sync_id)
+            check_root(config.lora)
         if sender.is_source:
             state.engines = [s.connect(config) for s in specs]
         if not hasattr(worker, "weightsync"):

@@ -13,7 +13,7 @@ _ENGINES = ("vllm", "sglang")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DemoConfig:
-    """Defaults are tuned so the reward rises within ~15 steps on 2 CPU cores."""
+    """Defaults are tuned so the reward rises within the default 20 steps on 2 CPU cores."""
 
     steps: int = 20
     prompts_per_step: int = 8
