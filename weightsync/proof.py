@@ -45,6 +45,9 @@ LEVELS = ("off", "sample", "full")
 STRATA = 16
 """Probed columns per weight at least (sample): enough that every shard of a TP<=16 engine
 holds one."""
+DERIVED = "#"
+"""``<weight>#<what>``: a copy the engine derives from ``<weight>`` (MLA's decode copies of
+kv_b_proj), read back on its own and compared with ``<weight>``'s fingerprint."""
 P = (1 << 31) - 1
 _B_HIGH = 1 << 21
 _CHUNK_WORDS = 1 << 16  # words of one row summed in float64 at once (exactness bound)
@@ -85,9 +88,10 @@ class Probe:
         strata = strata_of(in_features, self.group)
         bounds = [i * in_features // strata for i in range(strata + 1)]
         widths = torch.tensor([bounds[i + 1] - bounds[i] for i in range(strata)])
-        g = torch.Generator().manual_seed(_mix(self.seed, name, "columns"))
-        picks = (torch.rand(strata, generator=g, dtype=torch.float64) * widths).long()
-        return torch.tensor(bounds[:-1]) + picks.clamp(max=widths - 1)
+        # 64 random bits per stratum, reduced mod its width (bias below 2^-40).
+        draw = hashlib.shake_256(f"{self.seed}\0{name}\0columns".encode()).digest(8 * strata)
+        bits = torch.frombuffer(bytearray(draw), dtype=torch.int64) & ((1 << 62) - 1)
+        return torch.tensor(bounds[:-1]) + bits % widths
 
 
 def strata_of(in_features: int, group: int) -> int:
@@ -119,7 +123,19 @@ def words_per(dtype: torch.dtype) -> int:
     return size // 2
 
 
-@torch.inference_mode()  # many small ops: no autograd bookkeeping
+@dataclass(frozen=True)
+class Piece:
+    """Elements of weight ``name`` as read: its rows ``[rows[0], rows[0] + R)`` of ``rows[1]``
+    (or the global rows ``row_ids``), its columns ``cols_C`` (global) of ``in_features``."""
+
+    w_RC: torch.Tensor
+    name: str
+    rows: tuple[int, int]
+    cols_C: torch.Tensor
+    in_features: int
+    row_ids: torch.Tensor | None = None
+
+
 def partial(
     w_RC: torch.Tensor,
     probe: Probe,
@@ -128,30 +144,72 @@ def partial(
     cols_C: torch.Tensor,
     in_features: int,
 ) -> dict:
-    """The fingerprint part of the elements ``w_RC`` of weight ``name``: its rows
-    ``[rows[0], rows[0] + R)`` of ``rows[1]``, its columns ``cols_C`` (global) of
-    ``in_features``. ``{"n": elements, "h": [...], "d": dtype}``; parts add (``combine``)."""
-    w_RC = w_RC.detach().reshape(-1, w_RC.shape[-1]) if w_RC.dim() != 1 else w_RC.reshape(1, -1)
-    if w_RC.is_floating_point():
-        # A GEMM fed one-hot rows returns +0.0 for a stored -0.0: both sides count zeros as
-        # +0.0 (they compute alike).
-        w_RC = w_RC.masked_fill(w_RC == 0, 0)
-    k = words_per(w_RC.dtype)
-    b = _keys(probe.seed, "cols", in_features * k, _B_HIGH)
-    idx = (cols_C.to(torch.int64).cpu()[:, None] * k + torch.arange(k)).reshape(-1)
-    b_WK = b[idx].to(torch.float64)
-    v_RW = w_RC.contiguous().view(torch.int16)
-    sums = torch.zeros(v_RW.shape[0], _KEYS, dtype=torch.int64)
-    for s in range(0, v_RW.shape[1], _CHUNK_WORDS):
-        chunk = v_RW[:, s : s + _CHUNK_WORDS].cpu().to(torch.float64)
+    """The fingerprint part of one ``Piece``: ``{"n": elements, "h": [...], "d": dtype}``;
+    parts add (``combine``)."""
+    return partials([Piece(w_RC, name, rows, cols_C, in_features)], probe)[0]
+
+
+@torch.inference_mode()  # many small ops: no autograd bookkeeping
+def partials(pieces: list[Piece], probe: Probe) -> list[dict]:
+    """``partial`` of each piece. Pieces of one shape, dtype and row range (a layer's q_proj
+    in every layer) are hashed together, a few ops for the group instead of per weight."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pieces):
+        words_per(p.w_RC.dtype)
+        rows = ("ids", i) if p.row_ids is not None else p.rows
+        key = (_matrix(p.w_RC).shape, p.w_RC.dtype, p.w_RC.device, rows, p.in_features)
+        groups.setdefault(key, []).append(i)
+    out: list[dict] = [{}] * len(pieces)
+    for members in groups.values():
+        group = [pieces[i] for i in members]
+        for i, h in zip(members, _hash(group, probe), strict=True):
+            p = pieces[i]
+            out[i] = {"n": int(p.w_RC.numel()), "h": h, "d": str(p.w_RC.dtype)}
+    return out
+
+
+def _matrix(w_RC: torch.Tensor) -> torch.Tensor:
+    return w_RC.reshape(-1, w_RC.shape[-1]) if w_RC.dim() != 1 else w_RC.reshape(1, -1)
+
+
+def _words(group: list[Piece]) -> torch.Tensor:
+    """The group's elements as [pieces, rows, 16-bit words] on the host, -0.0 counted as
+    +0.0: a GEMM fed one-hot rows returns +0.0 for a stored -0.0 (both sides count zeros
+    alike)."""
+    w_GRC = torch.stack([_matrix(p.w_RC.detach()) for p in group])
+    if w_GRC.is_floating_point():
+        w_GRC = w_GRC.masked_fill(w_GRC == 0, 0)
+    return w_GRC.view(torch.int16).cpu()
+
+
+def _hash(pieces: list[Piece], probe: Probe) -> list[list[int]]:
+    """The hashes of pieces sharing a shape, dtype and rows (``_KEYS`` each)."""
+    first = pieces[0]
+    k = words_per(first.w_RC.dtype)
+    b = _keys(probe.seed, "cols", first.in_features * k, _B_HIGH)
+    idx_GW = torch.stack([p.cols_C.to(torch.int64).cpu() for p in pieces])
+    idx_GW = (idx_GW[:, :, None] * k + torch.arange(k)).reshape(len(pieces), -1)
+    b_GWK = b[idx_GW].to(torch.float64)
+    v_GRW = _words(pieces)
+    sums_GRK = torch.zeros(*v_GRW.shape[:2], _KEYS, dtype=torch.int64)
+    for s in range(0, v_GRW.shape[2], _CHUNK_WORDS):
+        b_chunk = b_GWK[:, s : s + _CHUNK_WORDS]
+        part = torch.bmm(v_GRW[:, :, s : s + _CHUNK_WORDS].to(torch.float64), b_chunk)
         # The word's signed value mapped to [1, 2^16] (never 0: a missing zero column
         # counts), folded out of the product so the words are converted once.
-        part = chunk @ b_WK[s : s + _CHUNK_WORDS]
-        part += 32769.0 * b_WK[s : s + _CHUNK_WORDS].sum(0)
-        sums = (sums + part.to(torch.int64)) % P
-    a = _keys(probe.seed, "rows", rows[1], P)[rows[0] : rows[0] + v_RW.shape[0]]
-    h = ((sums * a) % P).sum(0) % P
-    return {"n": int(w_RC.numel()), "h": h.tolist(), "d": str(w_RC.dtype)}
+        part += 32769.0 * b_chunk.sum(1, keepdim=True)
+        sums_GRK = (sums_GRK + part.to(torch.int64)) % P
+    a_all = _keys(probe.seed, "rows", first.rows[1], P)
+    if first.row_ids is not None:
+        a_RK = a_all[first.row_ids.to(torch.int64).cpu()]
+    else:
+        a_RK = a_all[first.rows[0] : first.rows[0] + v_GRW.shape[1]]
+    return (((sums_GRK * a_RK) % P).sum(1) % P).tolist()
+
+
+def source_of(name: str) -> str:
+    """The weight a derived copy's fingerprint must equal (itself for any other name)."""
+    return name.partition(DERIVED)[0]
 
 
 def combine(parts: list[dict]) -> dict:
@@ -168,14 +226,34 @@ def text(fp: dict) -> str:
 
 def fingerprint(w: torch.Tensor, probe: Probe, name: str) -> str:
     """The whole weight ``w`` as the trainer sent it ([..., out, in] or a vector)."""
+    return fingerprint_columns(*probed(w, probe, name), probe, name)
+
+
+def probed(
+    w: torch.Tensor | dict[str, torch.Tensor],
+    probe: Probe,
+    name: str,
+    group_size: int = 128,
+    symmetric: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What is fingerprinted of weight ``name``: its probed columns (a small copy; ``full``:
+    the weight itself), which columns, and its width. A pack-quantized weight, given as its
+    parts by leaf name (``weight_packed``, ``weight_scale``...), is dequantized on exactly those
+    columns from the packed bytes, as the engine's kernel dequantizes them."""
+    from weightsync.probe import int4_columns
+
+    if isinstance(w, dict):
+        in_features = int(w["weight_shape"][-1])
+        cols = probe.columns(name, in_features)
+        cols = torch.arange(in_features) if cols is None else cols
+        return int4_columns(w, cols, group_size, symmetric), cols, in_features
     if w.dim() < 2:
-        return text(partial(w, probe, name, (0, 1), torch.arange(w.numel()), w.numel()))
-    in_features = w.shape[-1]
-    cols = probe.columns(name, in_features)
-    if cols is None:  # every column: no copy
-        return fingerprint_columns(w, torch.arange(in_features), in_features, probe, name)
+        return w.reshape(1, -1), torch.arange(w.numel()), w.numel()
+    cols = probe.columns(name, w.shape[-1])
+    if cols is None:
+        return w, torch.arange(w.shape[-1]), w.shape[-1]
     # index_select: a tenth of what advanced indexing costs for a few columns.
-    return fingerprint_columns(w.index_select(-1, cols), cols, in_features, probe, name)
+    return w.index_select(-1, cols), cols, w.shape[-1]
 
 
 def fingerprint_columns(
@@ -222,7 +300,7 @@ def checkpoint_fingerprints(
     """The fingerprints an engine holding exactly the checkpoint tensors ``named`` reads
     back, by weight name: int4 weights dequantized from their parts (``group_size`` and
     ``symmetric`` as packed), every other tensor as it is."""
-    from weightsync.probe import INT4_PARTS, int4_columns, logical_name
+    from weightsync.probe import INT4_PARTS, logical_name
 
     out = {}
     for name, t in named.items():
@@ -232,9 +310,6 @@ def checkpoint_fingerprints(
         elif logical is not None:
             base = name.rpartition(".")[0]
             parts = {p: named[f"{base}.{p}"] for p in INT4_PARTS if f"{base}.{p}" in named}
-            in_features = int(parts["weight_shape"][-1])
-            cols = probe.columns(logical, in_features)
-            cols = torch.arange(in_features) if cols is None else cols
-            w_OC = int4_columns(parts, cols, group_size, symmetric)
-            out[logical] = fingerprint_columns(w_OC, cols, in_features, probe, logical)
+            taken = probed(parts, probe, logical, group_size, symmetric)
+            out[logical] = fingerprint_columns(*taken, probe, logical)
     return out

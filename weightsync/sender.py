@@ -33,8 +33,8 @@ from weightsync.config import SyncConfig
 from weightsync.engines.base import DataPlane, EngineFailed, Pending
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan
 from weightsync.plan_checks import check_plan_identical
-from weightsync.probe import INT4_PARTS, int4_columns
-from weightsync.proof import Probe, fingerprint_columns
+from weightsync.probe import INT4_PARTS
+from weightsync.proof import Probe, fingerprint_columns, probed
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.tensors import all_finite
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -237,28 +237,14 @@ class WeightSender:
             yield from out
 
     def _probed(self, sent: list, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """What is fingerprinted of the weight the engine will compute with: its probed
-        columns (a small copy), the columns and its width; int4: dequantized from the
-        packed bytes that were sent."""
+        """What is fingerprinted of the weight the engine will compute with (``proof.probed``);
+        int4: dequantized from the packed bytes that were sent."""
         assert self.probe is not None
         if len(sent) == 1:
-            w = sent[0][1]
-            if w.dim() < 2:
-                return w.reshape(1, -1), torch.arange(w.numel()), w.numel()
-            cols = self.probe.columns(name, w.shape[-1])
-            if cols is None:
-                return w, torch.arange(w.shape[-1]), w.shape[-1]
-            return w.index_select(-1, cols), cols, w.shape[-1]
+            return probed(sent[0][1], self.probe, name)
         assert self.int4 is not None
         parts = {n.rpartition(".")[2]: t for n, t in sent if n.rpartition(".")[2] in INT4_PARTS}
-        in_features = int(parts["weight_shape"][-1])
-        cols = self.probe.columns(name, in_features)
-        cols = torch.arange(in_features) if cols is None else cols
-        return (
-            int4_columns(parts, cols, self.int4.group_size, self.int4.symmetric),
-            cols,
-            in_features,
-        )
+        return probed(parts, self.probe, name, self.int4.group_size, self.int4.symmetric)
 
     def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
         in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from weightsync.engines.base import ControlPlane
-from weightsync.proof import Probe
+from weightsync.proof import Probe, source_of
 
 
 def check_complete(engine: ControlPlane, sent: dict[str, int]) -> bool:
@@ -47,7 +47,9 @@ def check_proof(engine: ControlPlane, probe: Probe, sent: dict[str, str]) -> Non
     """The engine's kernels compute with exactly the weights whose fingerprints are
     ``sent``: every weight, aliases included, at ``probe.level``."""
     live = engine.live_digests(probe)
-    bad = sorted(n for n, d in sent.items() if live.get(n) != d)
+    # A derived copy (MLA's decode copies) must hold exactly the weight it was derived from.
+    derived = {n: sent[source_of(n)] for n in live if source_of(n) != n and source_of(n) in sent}
+    bad = sorted(n for n, d in {**sent, **derived}.items() if live.get(n) != d)
     if bad:
         missing = [n for n in bad if n not in live]
         absent = f"; not found in the engine: {missing[:3]}" if missing else ""

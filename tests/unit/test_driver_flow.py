@@ -283,6 +283,18 @@ def test_an_engine_that_fails_verify_is_stale_and_the_verified_ones_stay_live(on
         assert not ws.held and bad.calls[-3:] == ["abort", "version", "resume"]
 
 
+def test_a_derived_copy_is_held_to_the_weight_it_was_derived_from():
+    """MLA's decode copies are read back as ``<weight>#decode`` and must equal the trainer's
+    fingerprint of ``<weight>``: a stale copy fails verify, named, while the weight is right."""
+    fresh, stale = ScriptedEngine("fresh"), ScriptedEngine("stale")
+    fresh.holds = {"w": "new", "w#decode": "new"}
+    stale.holds = {"w": "new", "w#decode": "old"}
+    ws = _sync([fresh, stale], ScriptedTrainers())
+    with pytest.raises(UpdateFailed, match=r"verify sample.*\['w#decode'\]") as info:
+        ws.update(1)
+    assert info.value.stale == ["stale"] and [s.label for s in ws.live_engines] == ["fresh"]
+
+
 def test_verify_audits_without_sending_and_holds_what_changed():
     good, touched = ScriptedEngine("good"), ScriptedEngine("touched")
     ws = _sync([good, touched], ScriptedTrainers())

@@ -27,6 +27,7 @@ from weightsync.proof import (
     fingerprint,
     fingerprint_columns,
     partial,
+    partials,
     strata_of,
 )
 from weightsync.quant import Int4Config, quantize_named, unpack_int4
@@ -318,3 +319,52 @@ def test_rows_wider_than_one_float64_chunk_stay_exact(words):
     assert assemble([{NAME: {"c0+1": halves[0]}}, {NAME: {"c1+1": halves[1]}}]) == {
         NAME: fingerprint(w, probe, NAME)
     }
+
+
+MLA = dict(heads=4, nope=8, v_dim=6, lora=64, tp=2)
+KV_B = "model.layers.0.self_attn.kv_b_proj.weight"
+
+
+def _mla_rank_parts(kv_b: torch.Tensor, rank: int, probe: Probe, stale: bool = False) -> dict:
+    """What ``readback._mla_decode`` reports on TP rank ``rank``, its decode copies cut the
+    way vLLM derives them (``split_kv_b_proj``: [L, heads, nope + v] -> W_UK_T [heads, nope,
+    L], W_UV [heads, L, v]); ``stale``: one head's W_UV not derived again."""
+    from types import SimpleNamespace
+
+    from weightsync.engines.vllm_plugin.readback import _mla_decode
+
+    heads, nope, v_dim, lora, tp = (MLA[k] for k in ("heads", "nope", "v_dim", "lora", "tp"))
+    mine = slice(rank * heads // tp, (rank + 1) * heads // tp)
+    w_LNX = kv_b.view(heads, nope + v_dim, lora)[mine].permute(2, 0, 1)
+    w_uk, w_uv = w_LNX.split([nope, v_dim], dim=-1)
+    w_uv = w_uv.transpose(0, 1).contiguous()
+    if stale:
+        w_uv[0] += 1
+    mla = SimpleNamespace(
+        num_heads=heads // tp,
+        qk_nope_head_dim=nope,
+        v_head_dim=v_dim,
+        kv_b_proj=SimpleNamespace(tp_rank=rank, tp_size=tp),
+        W_UK_T=w_uk.permute(1, 2, 0).contiguous(),
+        W_UV=w_uv,
+    )
+    parts: dict = {}
+    for name, key, piece in _mla_decode(mla, probe, KV_B.removesuffix(".weight")):
+        assert name == f"{KV_B}#decode"
+        part = partials([piece], probe)[0]
+        parts[key] = combine([parts[key], part]) if key in parts else part
+    return {name: parts}
+
+
+@pytest.mark.parametrize("level", ["sample", "full"])
+def test_mla_decode_copies_fingerprint_as_the_kv_b_proj_rows_they_were_cut_from(level):
+    """The decode copies of a TP=2 engine add up over the ranks to the fingerprint of the
+    whole kv_b_proj; a rank with one stale head does not."""
+    probe = Probe(seed=5, level=level)
+    kv_b = torch.randn(MLA["heads"] * (MLA["nope"] + MLA["v_dim"]), MLA["lora"])
+    kv_b = kv_b.to(torch.bfloat16)
+    want = fingerprint(kv_b, probe, KV_B)
+    live = assemble([_mla_rank_parts(kv_b, 0, probe), _mla_rank_parts(kv_b, 1, probe)])
+    assert live == {f"{KV_B}#decode": want}
+    stale = assemble([_mla_rank_parts(kv_b, 0, probe), _mla_rank_parts(kv_b, 1, probe, True)])
+    assert stale[f"{KV_B}#decode"] != want

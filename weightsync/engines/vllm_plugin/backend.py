@@ -32,6 +32,7 @@ import os
 import time
 from typing import Any
 
+import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
 from weightsync.engines.vllm_plugin import lora_readback, receive
@@ -61,6 +62,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._repair: ReloadRepair | None = None
         self._faults: dict = {}  # test-only, see inject_faults
         self._untied: list = []
+        self._stale: list = []
         self._session_faults: dict = {}
         self._session: dict = {"received": {}, "unloaded": []}  # completeness of the last one
         lora_readback.track_adapters()  # before any adapter is loaded: they load at runtime
@@ -79,6 +81,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._session_faults, self._faults = self._faults, {}
         _retie(self._untied)  # a stale_alias fault lasts one session
         self._untied = _untie(self.model) if self._session_faults.get("stale_alias") else []
+        # Layers are processed as they complete: the copies they derive are taken now.
+        self._stale = _derived_copies(self.model, self._session_faults.get("stale_derived", []))
         self._repair = ReloadRepair(self.model)  # before the reload swaps in meta tensors
         initialize_layerwise_reload(self.model)
         self._open = True
@@ -153,11 +157,13 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             receive.discard_partial_layers(self.model)
         reloaded = repair.reloaded() if repair else set()
         finalize(self.model, self.model_config)
+        for module, attr, old in self._stale:  # fault injection: a copy left stale
+            _swap(module, attr, old)
         if repair is not None:
             repair.apply(reloaded)
             if faults.get("post_twice"):
                 repair.apply(reloaded, skip_aliases=True)
-        self._repair, self._session_faults = None, {}
+        self._repair, self._session_faults, self._stale = None, {}, []
 
     def shutdown(self) -> None:
         if self.source is not None:
@@ -239,13 +245,15 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         (prefixes) in its slot; ``corrupt``: ``[{"name", "rows": [start, stop] | None,
         "cols": [start, stop] | None}]`` one element, a row, a block (one int4 scale: its
         ``weight_scale``) of a tensor changed on its way into ``load_weights``;
-        ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
+        ``stale_derived``: copies derived at finalize (MLA's ``W_UK_T``, ``W_UV``) keep their
+        old values; ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
         if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
             raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
-        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "corrupt", "tp_ranks"}
+        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "corrupt", "stale_derived"}
+        allowed.add("tp_ranks")
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
-        for key in ("skip", "lora_zero"):
+        for key in ("skip", "lora_zero", "stale_derived"):
             names = faults.get(key, [])
             if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
                 raise ValueError(f"faults.{key}: a list of tensor names or name prefixes")
@@ -276,6 +284,27 @@ def _corrupt(name: str, t, faults: dict):
     return t
 
 
+def _derived_copies(model, attrs: list[str]) -> list:
+    """Fault injection: (module, attribute, a copy of its values now) of each attribute in
+    ``attrs`` any module holds (MLA layers: ``W_UK_T``, ``W_UV``)."""
+    return [
+        (m, a, getattr(m, a).detach().clone())
+        for m in model.modules()
+        for a in attrs
+        if isinstance(getattr(m, a, None), torch.Tensor)
+    ]
+
+
+def _swap(module, attr: str, old) -> None:
+    """Fault injection: ``module.attr`` becomes a private tensor holding ``old`` (a derived
+    copy may share the memory of the weight it was derived from: writing into it would
+    change both)."""
+    if isinstance(getattr(module, attr), torch.nn.Parameter):
+        module.register_parameter(attr, torch.nn.Parameter(old, requires_grad=False))
+    else:
+        setattr(module, attr, old)
+
+
 def _zero_slot(modules: dict, slot: int, prefix: str) -> None:
     """Fault injection: LoRA layers under ``prefix`` lose their B in ``slot``."""
     for name, module in modules.items():
@@ -287,8 +316,6 @@ def _zero_slot(modules: dict, slot: int, prefix: str) -> None:
 def _untie(model) -> list:
     """Fault injection: every alias of a shared parameter gets a private copy of it (the
     old weights, never updated). Returns what ``_retie`` needs to undo it."""
-    import torch
-
     from weightsync.engines.vllm_plugin.repair import alias_groups
 
     undo = []

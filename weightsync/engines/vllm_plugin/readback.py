@@ -11,7 +11,13 @@ of them in chunks (``full``), and fingerprinted where it sits in the whole weigh
 - a tied LM head (any alias: ``aliases``) is read through its own kernel under its own name;
 - MoE experts: ``w13``/``w2`` mapped back from the kernel's layout (the CPU kernel's prepack is
   a permutation, learned once per shape by prepacking index digits);
+- MLA's decode copies (``W_UK_T``, ``W_UV``, which the attention layer derives from
+  ``kv_b_proj`` and multiplies with when decoding): as they are, under
+  ``<kv_b_proj>.weight#decode``, fingerprinted as the kv_b_proj rows they were cut from;
 - everything else (norms, embeddings, biases): the live parameter itself.
+
+The pieces read are hashed in batches (``proof.partials``): a layer's q_proj in every layer
+is one group, so the per-weight cost is a few ops, not a few dozen.
 
 On a TP>1 engine each rank fingerprints its own shard with the global row/column keys
 (column-parallel layers and the vocab hold output rows, row-parallel layers input columns);
@@ -21,16 +27,18 @@ the driver adds the ranks' parts (``weightsync.proof.assemble``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterator
 
 import torch
 
 from weightsync.engines.vllm_plugin.repair import experts_kernel
-from weightsync.proof import Probe, combine, partial
+from weightsync.proof import DERIVED, Piece, Probe, combine, partials
 
-Part = tuple[str, str, dict]  # (weight name, where it sits, fingerprint part)
+Part = tuple[str, str, Piece]  # (weight name, where it sits, the elements read)
 _CHUNK = 256  # one-hot rows per kernel call at level full: bounds the read's memory
+_BATCH = 1 << 22  # elements read before they are hashed (together: few ops per weight)
 
 
 def live_parts(
@@ -39,25 +47,47 @@ def live_parts(
     """``{hf_name: {where: part}}`` of every weight in ``wanted`` this rank holds."""
     packed = getattr(model, "packed_modules_mapping", {}) or {}
     out: dict[str, dict[str, dict]] = {}
+    pending: list[Part] = []
+
+    def flush() -> None:
+        parts = partials([p for *_, p in pending], probe)
+        for (name, key, _), part in zip(pending, parts, strict=True):
+            keyed = out.setdefault(name, {})
+            keyed[key] = combine([keyed[key], part]) if key in keyed else part
+        pending.clear()
+
+    held = 0
+    # Where a module sits under its checkpoint name (MLA's decode copies hang off kv_b_proj).
+    hf = {
+        id(m): p for p, m in model.named_modules(remove_duplicate=False) if f"{p}.weight" in wanted
+    }
     # inference_mode: no autograd bookkeeping per op (the read-back is many small ops).
     with torch.inference_mode():
         # A module registered twice (a head tied as a module) is read under each name.
         for prefix, module in model.named_modules(remove_duplicate=False):
             # An engine serving LoRA wraps each layer and keeps it as ``<layer>.base_layer``.
-            for name, key, part in _read(prefix.replace(".base_layer", ""), module, probe, packed):
-                if name in wanted:
-                    keyed = out.setdefault(name, {})
-                    keyed[key] = combine([keyed[key], part]) if key in keyed else part
+            prefix = prefix.replace(".base_layer", "")
+            for name, key, piece in _read(prefix, module, probe, packed, hf):
+                if name.partition(DERIVED)[0] in wanted:
+                    pending.append((name, key, piece))
+                    held += piece.w_RC.numel()
+                    if held > _BATCH:
+                        flush()
+                        held = 0
+        flush()
         # An alias no kernel reads under its own name (a router's expert-score bias shared
         # with the experts module): its live parameter as it is.
         for name, param in model.named_parameters(remove_duplicate=False):
             name = name.replace(".base_layer", "")
             if name in wanted and name not in out:
-                out[name] = {"all": _whole(param.data, probe, name)}
+                pending.append((name, "all", _whole(param.data, probe, name)))
+                flush()
     return out
 
 
-def _read(prefix: str, module: torch.nn.Module, probe: Probe, packed: dict) -> Iterator[Part]:
+def _read(
+    prefix: str, module: torch.nn.Module, probe: Probe, packed: dict, hf: dict[int, str]
+) -> Iterator[Part]:
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
@@ -77,6 +107,8 @@ def _read(prefix: str, module: torch.nn.Module, probe: Probe, packed: dict) -> I
     # is read under the same name already.
     elif "w13_weight" in module._parameters and "w2_weight" in module._parameters:
         yield from _experts(prefix, module, probe)
+    elif hasattr(module, "W_UK_T") and hasattr(module, "W_UV") and id(module.kv_b_proj) in hf:
+        yield from _mla_decode(module, probe, hf[id(module.kv_b_proj)])
     else:
         yield from _plain(prefix, module, probe)
 
@@ -89,13 +121,13 @@ def _plain(prefix: str, module, probe: Probe, skip=lambda name: False) -> Iterat
             yield f"{prefix}.{pname}", "all", _whole(param.data, probe, f"{prefix}.{pname}")
 
 
-def _whole(w: torch.Tensor, probe: Probe, name: str) -> dict:
+def _whole(w: torch.Tensor, probe: Probe, name: str) -> Piece:
     if w.dim() < 2:
-        return partial(w, probe, name, (0, 1), torch.arange(w.numel()), w.numel())
+        return Piece(w, name, (0, 1), torch.arange(w.numel()), w.numel())
     w_RI = w.reshape(-1, w.shape[-1])
     cols = _cols(probe, name, w_RI.shape[1], 0, w_RI.shape[1])
     w_RC = w_RI.index_select(1, cols.to(w.device))
-    return partial(w_RC, probe, name, (0, w_RI.shape[0]), cols, w.shape[-1])
+    return Piece(w_RC, name, (0, w_RI.shape[0]), cols, w.shape[-1])
 
 
 def _cols(probe: Probe, name: str, total: int, start: int, n: int) -> torch.Tensor:
@@ -143,7 +175,7 @@ def _vocab(name: str, module, probe: Probe, is_head: bool) -> Iterator[Part]:
             w_RC = _through_kernel(module, dim, chunk)[:n]
         else:
             w_RC = module.weight[:n].index_select(1, chunk.to(module.weight.device))
-        yield name, key, partial(w_RC, probe, name, rows, chunk, dim)
+        yield name, key, Piece(w_RC, name, rows, chunk, dim)
 
 
 def _linear(prefix: str, module, probe: Probe, packed: dict) -> Iterator[Part]:
@@ -164,20 +196,25 @@ def _linear(prefix: str, module, probe: Probe, packed: dict) -> Iterator[Part]:
     where = [
         output_shard(module, k, sizes[k]) if sharded else (0, sizes[k]) for k in range(len(sizes))
     ]
-    # The parts of a fused layer probe different columns: read their union once.
+    # The parts of a fused layer probe different columns: each part's one-hot rows follow
+    # the last part's, so its columns are a slice of the output (no search); at ``full`` the
+    # parts share every column and are read once.
     wanted = [_cols(probe, n, in_features, 0, in_features) for n in names]
-    union = torch.unique(torch.cat(wanted))
-    for chunk in _chunks(union):
+    shared = all(torch.equal(w, wanted[0]) for w in wanted)
+    ones = wanted[0] if shared else torch.cat(wanted)
+    segments = [0] * len(names) if shared else [0, *itertools.accumulate(map(len, wanted))][:-1]
+    for s in range(0, len(ones), _CHUNK):
+        chunk = ones[s : s + _CHUNK]
         w_OC = _through_kernel(module, in_features, chunk).split(sizes)
-        for name, w_RC, cols, (start, total) in zip(names, w_OC, wanted, where, strict=True):
-            pick = torch.isin(chunk, cols)
-            if pick.any():
-                sel = w_RC.index_select(1, pick.nonzero()[:, 0].to(w_RC.device))
-                yield (
-                    name,
-                    f"r{start}+{len(w_RC)}",
-                    partial(sel, probe, name, (start, total), chunk[pick], in_features),
+        for name, w_RC, cols, seg, (start, total) in zip(
+            names, w_OC, wanted, segments, where, strict=True
+        ):
+            lo, hi = max(seg, s), min(seg + len(cols), s + len(chunk))
+            if lo < hi:
+                piece = Piece(
+                    w_RC[:, lo - s : hi - s], name, (start, total), ones[lo:hi], in_features
                 )
+                yield name, f"r{start}+{len(w_RC)}", piece
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):
         # The CPU GEMM may keep the bias in fp32: the checkpoint's dtype is what was sent.
@@ -188,7 +225,7 @@ def _linear(prefix: str, module, probe: Probe, packed: dict) -> Iterator[Part]:
             yield (
                 bname,
                 f"r{start}+{len(b)}",
-                partial(b.to(dtype), probe, bname, (0, 1), cols, total),
+                Piece(b.to(dtype), bname, (0, 1), cols, total),
             )
 
 
@@ -223,12 +260,38 @@ def _row_parallel(name: str, module, probe: Probe) -> Iterator[Part]:
         yield (
             name,
             key,
-            partial(w_OC, probe, name, (0, w_OC.shape[0]), cols[s : s + _CHUNK], module.input_size),
+            Piece(w_OC, name, (0, w_OC.shape[0]), cols[s : s + _CHUNK], module.input_size),
         )
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor):  # not sharded: every rank adds it after the reduce
         bname = name.removesuffix(".weight") + ".bias"
         yield bname, "all", _whole(bias.to(_act_dtype(module)[0]), probe, bname)
+
+
+def _mla_decode(module, probe: Probe, kv_b_proj: str) -> Iterator[Part]:
+    """MLA's decode copies of ``kv_b_proj``, derived when the layer is finalized (``W_UK_T``
+    [heads, nope, L] and ``W_UV`` [heads, L, v], this rank's heads): read as they are, and
+    fingerprinted as the rows of kv_b_proj ([heads x (nope + v), L]) they were cut from,
+    under ``<kv_b_proj>.weight#decode``, which must equal kv_b_proj's own fingerprint."""
+    name = f"{kv_b_proj}.weight"
+    heads, nope, v_dim = module.num_heads, module.qk_nope_head_dim, module.v_head_dim
+    tp_rank = getattr(module.kv_b_proj, "tp_rank", 0)
+    total = heads * getattr(module.kv_b_proj, "tp_size", 1) * (nope + v_dim)
+    head_rows = (tp_rank * heads + torch.arange(heads))[:, None] * (nope + v_dim)
+    uk_XL, uv_XL = module.W_UK_T, module.W_UV.transpose(1, 2)  # [heads, rows, L] both
+    width = uk_XL.shape[-1]
+    cols = _cols(probe, name, width, 0, width)
+    for part, w_NXL, offset in (("k", uk_XL, 0), ("v", uv_XL, nope)):
+        row_ids = (head_rows + offset + torch.arange(w_NXL.shape[1])).reshape(-1)
+        w_RL = w_NXL.reshape(-1, width)
+        key = f"{part}{tp_rank * heads}+{heads}"
+        for chunk in _chunks(cols):
+            w_RC = w_RL.index_select(1, chunk.to(w_RL.device))
+            yield (
+                f"{name}{DERIVED}decode",
+                key,
+                Piece(w_RC, name, (0, total), chunk, width, row_ids),
+            )
 
 
 def _experts(prefix: str, module, probe: Probe) -> Iterator[Part]:
@@ -246,11 +309,11 @@ def _experts(prefix: str, module, probe: Probe) -> Iterator[Part]:
             name = f"{prefix}.{e}.{proj}.weight"
             cols = _cols(probe, name, hidden, 0, hidden)
             w_RC = w.index_select(1, cols.to(w.device))
-            yield name, key, partial(w_RC, probe, name, rows, cols, hidden)
+            yield name, key, Piece(w_RC, name, rows, cols, hidden)
         name = f"{prefix}.{e}.down_proj.weight"
         cols = _cols(probe, name, total, start, inter)
         down = w2_EHI[e].index_select(1, (cols - start).to(w2_EHI.device))
-        yield name, f"c{start}+{inter}", partial(down, probe, name, (0, hidden), cols, total)
+        yield name, f"c{start}+{inter}", Piece(down, name, (0, hidden), cols, total)
 
 
 def _moe_tp(module) -> tuple[int, int]:
