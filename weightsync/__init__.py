@@ -14,18 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from weightsync.config import LoraSync, SyncConfig
-    from weightsync.driver import AdapterStats, SyncStats, UpdateFailed, WeightSync
+    from weightsync.driver import WeightSync
     from weightsync.engines.spec import EngineSpec
+    from weightsync.inflight import UpdateHandle, UpdateInFlight
     from weightsync.quant import Int4Config
+    from weightsync.stats import AdapterStats, SyncStats, UpdateFailed
 
 _HOMES = {
-    "AdapterStats": "weightsync.driver",
+    "AdapterStats": "weightsync.stats",
     "LoraSync": "weightsync.config",
     "SyncConfig": "weightsync.config",
     "EngineSpec": "weightsync.engines.spec",
     "Int4Config": "weightsync.quant",
-    "SyncStats": "weightsync.driver",
-    "UpdateFailed": "weightsync.driver",
+    "SyncStats": "weightsync.stats",
+    "UpdateFailed": "weightsync.stats",
+    "UpdateHandle": "weightsync.inflight",
+    "UpdateInFlight": "weightsync.inflight",
     "WeightSync": "weightsync.driver",
 }
 __all__ = [
@@ -36,6 +40,8 @@ __all__ = [
     "SyncConfig",
     "SyncStats",
     "UpdateFailed",
+    "UpdateHandle",
+    "UpdateInFlight",
     "WeightSync",
 ]
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from weightsync.inflight import IN_FLIGHT_POLICIES, InFlightPolicy
+
 TransportKind = Literal["broadcast", "ipc"]
 PauseMode = Literal["abort", "retract", "in_place"]
 VerifyLevel = Literal["off", "sample", "full"]
@@ -111,6 +113,9 @@ class SyncConfig:
     streams everything during the pause (extra trainer memory: two buckets)."""
     lora: LoraSync | None = None
     """Adapter-only sync settings; None: ``WeightSync.update_adapter`` is refused."""
+    in_flight: InFlightPolicy = "wait"
+    """A call (``update``, ``update_async``, ``verify``, ``update_adapter``) made while an
+    ``update_async`` is still running: ``wait`` for it, or ``fail`` (``UpdateInFlight``)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -143,3 +148,9 @@ class SyncConfig:
             f"one of {_ON_FAILURE}",
         )
         _require(self.stage_bytes >= 0, "stage_bytes", self.stage_bytes, "must be >= 0")
+        _require(
+            self.in_flight in IN_FLIGHT_POLICIES,
+            "in_flight",
+            self.in_flight,
+            f"one of {IN_FLIGHT_POLICIES}",
+        )

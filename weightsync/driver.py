@@ -12,6 +12,10 @@ The whole contract, driver side (``WeightSync.update``)::
     finally: resume every paused engine; an engine whose update broke is marked stale, one
     that failed the proof is held paused (SyncConfig.on_verify_failure="hold")
 
+``update_async`` runs the same update with the whole export staged on the source rank before
+the pause, returns to the caller there, and runs the rest on a thread of its own
+(``weightsync.inflight``): the source rank alone pushes, beside the trainer's next step.
+
 Every bracketed step is a barrier: it returns only when every trainer rank finished it, within
 ``SyncConfig.step_timeout_s``. Nothing is paused before the plan is validated, so bad input
 leaves the engines serving the old weights. A stale engine is excluded from ``live_engines``
@@ -20,23 +24,26 @@ leaves the engines serving the old weights. A stale engine is excluded from ``li
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import ControlPlane, EngineFailed
 from weightsync.engines.spec import EngineSpec
+from weightsync.inflight import BACKGROUND_GROUP, InFlight, UpdateHandle
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.proof import Probe
 from weightsync.quant import Int4Config
 from weightsync.sender import SendStats
+from weightsync.stats import AdapterStats, SyncStats, UpdateFailed, sync_stats
 from weightsync.verify import Proof, VerifyReport, check_adapter, check_complete, check_proof
 from weightsync.worker import TrainerSync
 
@@ -44,81 +51,28 @@ log = logging.getLogger("weightsync")
 
 
 class Trainers(Protocol):
-    """A trainer job: runs ``fn(worker, *args)`` on every rank, returns results by rank."""
+    """A trainer job: runs ``fn(worker, *args)`` on every rank, returns results by rank;
+    ``run_rank`` on one rank, in ``concurrency_group`` (``BACKGROUND_GROUP``: a thread of
+    its own beside the trainer's calls; needed by ``update_async`` only)."""
 
     def run_all(self, fn: Callable, *args: Any, timeout_s: float) -> list[Any]: ...
 
-
-@dataclass
-class SyncStats:
-    version: int
-    export_s: float
-    quantize_s: float
-    transfer_s: float
-    engine_load_s: float
-    pause_s: float
-    """Engines paused: first pause call to last resume returned."""
-    staged_s: float
-    """Export + int4 done before the pause (``SyncConfig.stage_bytes``)."""
-    total_s: float
-    nbytes: int
-    num_buckets: int
-    stale: list[str] = field(default_factory=list)
-    verify: str = "off"
-    """The level every engine that can was verified at (``SyncConfig.verify``)."""
-    verified: bool = False
-    """Every engine's weights, read back through its kernels, equal the trainer's at level
-    ``verify`` (False when it is off or an engine cannot be read back: ``unverified``)."""
-    unverified: list[str] = field(default_factory=list)
-    """Engines that cannot read their weights back (SGLang): only their completeness, where
-    they report it, was checked."""
-    verify_s: float = 0.0
-    """The completeness check, the engines' read-back and the comparison, in the pause."""
-    probe_s: float = 0.0
-    """The source rank digesting the probed columns of what it sent (during the send)."""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def run_rank(
+        self, rank: int, fn: Callable, *args: Any, timeout_s: float, concurrency_group: str
+    ) -> Any: ...
 
 
-@dataclass
-class AdapterStats:
-    """One adapter-only update (``WeightSync.update_adapter``)."""
+@dataclass(frozen=True)
+class _Opened:
+    """An update past its checks, before any pause (``WeightSync._open``)."""
 
     version: int
-    adapter: str
-    """The name rollouts ask for: ``<LoraSync.name>@v<version>``."""
-    path: str | None
-    """Where the source rank wrote it (``LoraSync.path``) for the engines that load it from
-    disk (vLLM); None when every live engine took it from memory (SGLang)."""
-    nbytes: int
+    probe: Probe | None
+    sent: dict[str, int]
+    lease: Lease
+    t0: float
     export_s: float
-    transfer_s: float
-    """The source rank writing it to ``LoraSync.root`` and handing it to the engines that
-    load it from memory (their load included)."""
-    engine_load_s: float
-    """Every engine that loads it from disk loading it, at once."""
-    total_s: float
-    pause_s: float = 0.0
-    """Always 0: nothing is paused (named as in ``SyncStats`` for reports side by side)."""
-    unloaded: list[str] = field(default_factory=list)
-    verified: bool = False
-    """Every live engine's LoRA slots hold exactly this adapter (``SyncConfig.verify``)."""
-    unverified: list[str] = field(default_factory=list)
-    """Live engines that cannot read an adapter back (SGLang)."""
-    verify_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class UpdateFailed(RuntimeError):
-    """An update that broke after engines were paused; they were resumed (or held), ``stale``
-    marked."""
-
-    def __init__(self, message: str, stale: list[str]) -> None:
-        super().__init__(message)
-        self.stale = stale
+    background: bool
 
 
 class WeightSync:
@@ -154,6 +108,7 @@ class WeightSync:
         self.adapter: str | None = None
         """The LoRA adapter rollouts ask for (``update_adapter``); None: the base alone."""
         self._adapters: list[str] = []  # loaded on the live engines, oldest first
+        self._in_flight = InFlight()  # update_async's one background update
 
     @property
     def live_engines(self) -> list[EngineSpec]:
@@ -202,36 +157,73 @@ class WeightSync:
 
     def update(self, version: int) -> SyncStats:
         """Push the trainer's current weights to every engine as ``version``."""
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "update")
+        with contextlib.ExitStack() as held:
+            return self._complete(self._open(version, held, background=False))
+
+    def update_async(self, version: int) -> UpdateHandle:
+        """Like ``update``, but returns once the trainer ranks have exported the weights (and
+        quantized them) into the source rank's memory: the trainer may step while the engines
+        are paused, loaded from that copy, verified, stamped and resumed in the background.
+        The handle's ``result()`` gives the ``SyncStats`` or raises ``UpdateFailed``. One
+        update at a time: the next call waits for this one or fails (``SyncConfig.in_flight``),
+        and raises this one's failure if nobody took it from the handle."""
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "update_async")
+        held = contextlib.ExitStack()
+        try:
+            opened = self._open(version, held, background=True)
+        except BaseException:
+            held.close()
+            raise
+
+        def rest() -> SyncStats:
+            with held:
+                return self._complete(opened)
+
+        return self._in_flight.start(version, opened.export_s, rest)
+
+    @property
+    def _drain_s(self) -> float:
+        return self.config.step_timeout_s * 4  # the lease's span: an update ends within it
+
+    def _open(self, version: int, held: contextlib.ExitStack, background: bool) -> _Opened:
+        """Everything before the pause: the lease, the checks, the plan; staged export
+        (all of it when ``background``: the trainer is free once this returns)."""
         # One token per request: the lease lets its holder renew, so a bare owner name would
         # let two updates of this driver in at once.
         token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
-        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4) as lease:
-            if not self._connected:
-                self.connect()
-            t0 = time.perf_counter()
-            self._check_models()
-            probe = self._new_probe()
-            # Raises before any engine is paused; returns what every engine rank must load.
-            sent = self._run(TrainerSync.prepare, probe, self._aliases)[0]
-            lease.check()
-            paused: list[str] = []
-            begun: list[str] = []
-            try:
-                send = self._update_paused(version, probe, sent, lease, paused, begun)
-            except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
-                self._fail(version, e, paused, begun)
-            # Every engine now holds this version; one that fails to resume is stale again.
-            self.stale.difference_update(self.engines)
-            self.held.clear()
-            t_pause, resumed_at = self._resume(paused)
-            self._retire(self._adapters)  # trained against the old base: they no longer apply
-            self.adapter = None
-            self._proof = None if probe is None else Proof(version, probe, send.digests)
-            stats = _stats(version, send, resumed_at - t_pause, time.perf_counter() - t0)
-            stats.verify = self.config.verify
-            stats.unverified = send.unverified
-            stats.verified = probe is not None and not send.unverified
-            return stats
+        lease = held.enter_context(self.lock.hold(token, lease_s=self.config.step_timeout_s * 4))
+        if not self._connected:
+            self.connect()
+        t0 = time.perf_counter()
+        self._check_models()
+        probe = self._new_probe()
+        # Raises before any engine is paused; returns what every engine rank must load.
+        sent = self._run(TrainerSync.prepare, probe, self._aliases, background)[0]
+        lease.check()
+        return _Opened(version, probe, sent, lease, t0, time.perf_counter() - t0, background)
+
+    def _complete(self, opened: _Opened) -> SyncStats:
+        version, probe = opened.version, opened.probe
+        paused: list[str] = []
+        begun: list[str] = []
+        try:
+            send = self._update_paused(opened, paused, begun)
+        except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
+            self._fail(version, e, paused, begun)
+        # Every engine now holds this version; one that fails to resume is stale again.
+        self.stale.difference_update(self.engines)
+        self.held.clear()
+        t_pause, resumed_at = self._resume(paused)
+        self._retire(self._adapters)  # trained against the old base: they no longer apply
+        self.adapter = None
+        self._proof = None if probe is None else Proof(version, probe, send.digests)
+        stats = sync_stats(version, send, resumed_at - t_pause, time.perf_counter() - opened.t0)
+        stats.verify = self.config.verify
+        stats.unverified = send.unverified
+        stats.verified = probe is not None and not send.unverified
+        stats.trainer_blocked_s = opened.export_s if opened.background else stats.total_s
+        return stats
 
     def _new_probe(self) -> Probe | None:
         """Fresh secret columns for verify, every update (the engine learns the seed only
@@ -249,6 +241,7 @@ class WeightSync:
         stale until the next update repairs it, stamped ``unverified-<version>``. ``level``:
         None or the last update's level; the trainer has moved on since, so no other
         columns can be compared."""
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "verify")
         proof = self._proof
         if proof is None:
             raise ValueError(
@@ -297,6 +290,7 @@ class WeightSync:
         lora = self.config.lora
         if lora is None:
             raise ValueError("SyncConfig.lora is not set: adapter-only sync is off")
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "update_adapter")
         if type(version) is not int:
             raise ValueError(f"version={version!r}: an int")
         served = lora.served_name(version)
@@ -445,17 +439,10 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
 
-    def _update_paused(
-        self,
-        version: int,
-        probe: Probe | None,
-        sent: dict[str, int],
-        lease: Lease,
-        paused: list[str],
-        begun: list[str],
-    ) -> SendStats:
+    def _update_paused(self, opened: _Opened, paused: list[str], begun: list[str]) -> SendStats:
         """The paused part of an update; the lease is checked before every step (a holder
         that lost it stops at the next step, and the failure path resumes its engines)."""
+        version, probe, sent, lease = opened.version, opened.probe, opened.sent, opened.lease
         self._pause_started = time.perf_counter()
         # Counted as paused before the call returns: a pause that timed out may still land.
         paused.extend(self.engines)
@@ -473,7 +460,7 @@ class WeightSync:
         begun.extend(self.engines)
         self._each(lambda e: e.begin_update())
         lease.check()
-        send: SendStats = self._run(TrainerSync.send)[0]
+        send = self._push(opened.background)
         lease.check()
         self._each(lambda e: e.end_update())
         t0 = time.perf_counter()
@@ -482,6 +469,21 @@ class WeightSync:
         lease.check()
         self._each(lambda e: e.set_version(str(version)))
         return send
+
+    def _push(self, background: bool) -> SendStats:
+        """The buckets, to every engine. In the background the whole export is staged on the
+        source rank already: it pushes alone, on its own thread (the trainer steps on)."""
+        if not background:
+            return self._run(TrainerSync.send)[0]
+        from megatron_bridge import EXPORT_SOURCE_RANK
+
+        return self.trainers.run_rank(
+            EXPORT_SOURCE_RANK,
+            TrainerSync.send,
+            self._id,
+            timeout_s=self.config.step_timeout_s,
+            concurrency_group=BACKGROUND_GROUP,
+        )
 
     def _prove(
         self,
@@ -586,6 +588,11 @@ class WeightSync:
             return dict(zip(self.engines, got, strict=True))
 
     def close(self) -> None:
+        """Drains an update in flight (``update_async``), then releases the trainer side."""
+        try:
+            self._in_flight.settle("wait", self._drain_s, "close")
+        except Exception as e:  # noqa: BLE001 - closing goes on; the failure is not lost
+            log.error("weightsync: the update in flight failed: %s", e)
         try:
             self._run(TrainerSync.uninstall)
         except Exception as e:  # noqa: BLE001 - the trainer job may already be gone
@@ -622,20 +629,3 @@ def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
                 f"SyncConfig.transport='ipc' is wired for vLLM engines; not for {bad}: "
                 "use transport='broadcast' for SGLang"
             )
-
-
-def _stats(version: int, send: SendStats, pause_s: float, total_s: float) -> SyncStats:
-    return SyncStats(
-        version=version,
-        export_s=send.export_s,
-        quantize_s=send.quantize_s,
-        staged_s=send.staged_s,
-        transfer_s=send.transfer_s,
-        engine_load_s=send.engine_load_s,
-        nbytes=send.nbytes,
-        num_buckets=send.num_buckets,
-        probe_s=send.probe_s,
-        pause_s=pause_s,
-        total_s=total_s,
-        verify_s=send.verify_s,
-    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightsync.config import DEFAULT_TIMEOUT_S
+from weightsync.inflight import BACKGROUND_GROUP
 from weightsync.net import free_port
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -159,7 +160,9 @@ class TrainerGroup:
         owns_ray = _ensure_ray(ray_address, local_num_cpus)
         import ray
 
-        remote_cls = ray.remote(worker_cls).options(
+        # update_async: the source rank pushes on a thread of its own, beside the trainer's
+        # calls (the default group, still one call at a time).
+        remote_cls = ray.remote(concurrency_groups={BACKGROUND_GROUP: 1})(worker_cls).options(
             num_cpus=num_cpus_per_worker,
             num_gpus=num_gpus_per_worker,
             max_restarts=0,
@@ -200,11 +203,17 @@ class TrainerGroup:
         fn: Callable[..., Any],
         *args: Any,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        concurrency_group: str | None = None,
         **kwargs: Any,
     ) -> Any:
+        """``fn(worker, ...)`` on ``rank``; in ``concurrency_group`` (``BACKGROUND_GROUP``)
+        beside whatever the rank runs in its default group."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank={rank}: the group has ranks 0..{self.world_size - 1}")
-        ref = self.actors[rank].execute.remote(fn, *args, **kwargs)
+        call = self.actors[rank].execute
+        if concurrency_group is not None:
+            call = call.options(concurrency_group=concurrency_group)
+        ref = call.remote(fn, *args, **kwargs)
         what = getattr(fn, "__qualname__", repr(fn))
         return self._gather([ref], what, timeout_s, ranks=[rank])[0]
 

@@ -194,10 +194,32 @@ class WeightSender:
         self._stats.staged_s = time.perf_counter() - t0
         return nbytes
 
+    def stage_all(self) -> int:
+        """All ranks, for a push in the background (``update_async``): the whole export
+        staged and its stream run to the end, so the push runs no collective beside the
+        trainer's next step. What shares memory with a parameter is copied (the next step
+        changes it in place). Only the source rank keeps the result. Returns its bytes."""
+        assert self.plan is not None, "prepare() first"
+        nbytes = self.stage(self.plan.total_nbytes)
+        assert self._units is not None
+        left = sum(1 for _ in _flatten(self._units))  # ends the export's generators
+        assert left == 0, f"{left} tensors past the plan's units"
+        self._units = iter([])
+        if not self.is_source:
+            self._staged = []
+            return nbytes
+        params = {p.untyped_storage().data_ptr() for c in self.model_chunks for p in c.parameters()}
+        self._staged = [
+            (n, t.clone() if t.untyped_storage().data_ptr() in params else t)
+            for n, t in self._staged
+        ]
+        return nbytes
+
     def _drop_staged(self) -> None:
         # Every rank stops the open export at the same unit: no collective is left half-done.
-        if self._units is not None:
-            self._units.close()
+        close = getattr(self._units, "close", None)
+        if close is not None:
+            close()
         self._units, self._staged = None, []
 
     def send(self, engines: Sequence[DataPlane], sender: Sender | None) -> SendStats:

@@ -133,13 +133,21 @@ class TrainerSync:
 
     @staticmethod
     def prepare(
-        worker: Any, sync_id: str, probe: Probe | None = None, aliases: dict | None = None
+        worker: Any,
+        sync_id: str,
+        probe: Probe | None = None,
+        aliases: dict | None = None,
+        background: bool = False,
     ) -> dict[str, int]:
-        """The plan (checked), and the first ``stage_bytes`` staged. Returns what the plan
-        sends, ``{tensor name: elements}``: every engine rank must load all of it."""
+        """The plan (checked), and the first ``stage_bytes`` staged (``background``: all of
+        it, for ``update_async``). Returns what the plan sends, ``{tensor name: elements}``:
+        every engine rank must load all of it."""
         state = _state(worker, sync_id)
         plan = state.sender.prepare(state.engines, probe, aliases)
-        state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
+        if background:
+            state.sender.stage_all()
+        else:
+            state.sender.stage()  # SyncConfig.stage_bytes of export + int4, before the pause
         return {s.name: s.numel for b in plan.buckets for g in b.groups for s in g.entries}
 
     @staticmethod

@@ -251,6 +251,47 @@ def _worker_pid(server, title: str) -> int:
     raise LookupError(f"no {title} under the engine's process tree")
 
 
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_update_async_frees_the_trainer_and_every_rank_gets_the_weights_of_its_call(
+    fleet, transport
+):
+    """The trainer steps (changing every shard in place, the replicated norms the export
+    hands out as they are included) while the engines are paused, loaded from the source
+    rank's staged copy, verified and resumed: every rank of every engine then computes with
+    exactly the weights exported when ``update_async`` was called, read back whole through
+    its kernels, not with the trainer's weights after the step."""
+    from weightsync import SyncConfig, WeightSync
+    from weightsync.proof import Probe, checkpoint_fingerprints
+
+    group, servers, model_dir, reset = fleet
+    reset()
+    ws = WeightSync(group, _specs(servers), SyncConfig(transport=transport, bucket_bytes=1 << 20))
+    try:
+        ws.update(1)  # connects
+        group.run_all(_perturb, 21, timeout_s=TIMEOUT_S)
+        at_call = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+        handle = ws.update_async(2)
+        group.run_all(_perturb, 22, timeout_s=TIMEOUT_S)  # the trainer's next step
+        stats = handle.result(timeout=4 * TIMEOUT_S)
+        assert stats.verified and not stats.stale and stats.num_buckets > 1
+        assert stats.trainer_blocked_s == handle.export_s < stats.total_s
+        after = next(s for s in group.run_all(_export, timeout_s=TIMEOUT_S) if s)
+        probe = Probe(seed=7, level="full")
+        want, stepped = (
+            checkpoint_fingerprints(at_call, probe),
+            checkpoint_fingerprints(after, probe),
+        )
+        assert all(want[n] != stepped[n] for n in want)  # the step changed every weight
+        for label, engine in ws.engines.items():
+            live = engine.live_digests(probe)
+            assert {n: live.get(n) for n in want} == want, label
+        assert ws.versions() == {"tp1": "2", "tp2": "2"}
+        ws.update(3)  # the stepped weights, synchronously, on the same transport
+        _assert_serve_the_export(group, servers, model_dir)
+    finally:
+        ws.close()
+
+
 def test_one_rank_of_a_tp2_engine_killed_mid_update_then_a_restart_repairs(fleet):
     """Rank 1 of the TP=2 engine dies while the update has it paused: the update fails within
     the deadline naming that engine, which is stale; the TP=1 engine is resumed and serves. The

