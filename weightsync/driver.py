@@ -37,7 +37,7 @@ from typing import Any, NoReturn, Protocol
 from weightsync.config import SyncConfig
 from weightsync.engines.base import ControlPlane, EngineFailed
 from weightsync.engines.spec import EngineSpec
-from weightsync.inflight import BACKGROUND_GROUP, InFlight, UpdateHandle
+from weightsync.inflight import BACKGROUND_GROUP, InFlight, UpdateHandle, UpdateInFlight
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.proof import Probe
@@ -119,6 +119,7 @@ class WeightSync:
         return self.trainers.run_all(fn, self._id, *args, timeout_s=self.config.step_timeout_s)
 
     def connect(self) -> None:
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "connect")
         """Set up the transport between the source rank and every engine (once)."""
         self._check_ranks()
         unknown = {lb: u for lb, u in self._each(lambda e: e.unrepairable()).items() if u}
@@ -180,11 +181,16 @@ class WeightSync:
             with held:
                 return self._complete(opened)
 
-        return self._in_flight.start(version, opened.export_s, rest)
+        try:
+            return self._in_flight.start(version, opened.export_s, rest)
+        except BaseException:
+            held.close()  # no thread took the lease: release it
+            raise
 
     @property
     def _drain_s(self) -> float:
-        return self.config.step_timeout_s * 4  # the lease's span: an update ends within it
+        # Each of an update's steps has its own deadline; about eight follow one another.
+        return self.config.step_timeout_s * 10
 
     def _open(self, version: int, held: contextlib.ExitStack, background: bool) -> _Opened:
         """Everything before the pause: the lease, the checks, the plan; staged export
@@ -210,7 +216,7 @@ class WeightSync:
         try:
             send = self._update_paused(opened, paused, begun)
         except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
-            self._fail(version, e, paused, begun)
+            self._fail(version, e, paused, begun, opened.background)
         # Every engine now holds this version; one that fails to resume is stale again.
         self.stale.difference_update(self.engines)
         self.held.clear()
@@ -401,7 +407,14 @@ class WeightSync:
             log.warning("weightsync: removing adapter directories %s failed: %s", names, e)
         return names
 
-    def _fail(self, version: int, error: BaseException, paused: list, begun: list) -> NoReturn:
+    def _fail(
+        self,
+        version: int,
+        error: BaseException,
+        paused: list,
+        begun: list,
+        background: bool = False,
+    ) -> NoReturn:
         # Partially written weights must never be served as if they were whole: an engine
         # whose session opened, or that the error names, waits for a full resync.
         hit = sorted(set(begun) | (_failed_engines(error) & set(self.engines)))
@@ -417,7 +430,7 @@ class WeightSync:
         self._proof_failed = set()
         self.held = set(held)
         with ThreadPoolExecutor(1, thread_name_prefix="teardown") as pool:
-            teardown = pool.submit(self._disconnect)
+            teardown = pool.submit(self._disconnect, background)
             self._resume(paused, abort=begun, label=f"partial-{version}", hold=held)
             teardown.result()
         if begun:  # some engine's base changed: adapters trained on the old one no longer apply
@@ -427,14 +440,26 @@ class WeightSync:
             raise error
         raise UpdateFailed(f"update to version {version} failed: {error}", hit) from error
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, background: bool = False) -> None:
         """After a failed update the transport's state is unknown (a bucket half on the wire,
         a peer gone): tear it down on both sides; the next update builds it afresh."""
         self._connected = False
         try:
             # Twice the step deadline: a rank may still sit in a collective until its own
-            # deadline fires, and a Ray actor runs one call at a time.
+            # deadline fires, and a Ray actor runs one call at a time per group.
             timeout = 2 * self.config.step_timeout_s
+            if background:
+                # A push whose wait timed out may still run (Ray does not cancel it): the
+                # source rank's reset queues behind it in its group, not beside it.
+                from megatron_bridge import EXPORT_SOURCE_RANK
+
+                self.trainers.run_rank(
+                    EXPORT_SOURCE_RANK,
+                    TrainerSync.reset,
+                    self._id,
+                    timeout_s=timeout,
+                    concurrency_group=BACKGROUND_GROUP,
+                )
             self.trainers.run_all(TrainerSync.reset, self._id, timeout_s=timeout)
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
@@ -591,6 +616,10 @@ class WeightSync:
         """Drains an update in flight (``update_async``), then releases the trainer side."""
         try:
             self._in_flight.settle("wait", self._drain_s, "close")
+        except UpdateInFlight as e:
+            # Tearing down under a push would break it halfway: leave both sides as they are.
+            log.error("weightsync: close() left the trainer side installed: %s", e)
+            return
         except Exception as e:  # noqa: BLE001 - closing goes on; the failure is not lost
             log.error("weightsync: the update in flight failed: %s", e)
         try:

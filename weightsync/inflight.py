@@ -42,14 +42,16 @@ class UpdateHandle:
     def result(self, timeout: float | None = None) -> Any:
         """The update's ``SyncStats``; raises ``UpdateFailed`` (or what stopped it) when it
         failed, ``TimeoutError`` when it is still running after ``timeout`` seconds."""
-        outcome = self._future.result(timeout)  # raises its error; TimeoutError while running
-        self._seen = True
-        return outcome
+        try:
+            return self._future.result(timeout)  # its error; TimeoutError while running
+        finally:
+            self._seen = self._future.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        error = self._future.exception(timeout)
-        self._seen = True
-        return error
+        try:
+            return self._future.exception(timeout)
+        finally:
+            self._seen = self._future.done()
 
     def _run(self, work: Callable[[], Any]) -> None:
         try:
@@ -68,7 +70,10 @@ class InFlight:
     def start(self, version: int, export_s: float, work: Callable[[], Any]) -> UpdateHandle:
         handle = UpdateHandle(version, export_s)
         self._thread = threading.Thread(
-            target=handle._run, args=(work,), daemon=True, name=f"weightsync-update-{version}"
+            # Not a daemon: an interpreter exiting mid-update still resumes the engines.
+            target=handle._run,
+            args=(work,),
+            name=f"weightsync-update-{version}",
         )
         self.handle = handle
         self._thread.start()

@@ -136,6 +136,7 @@ class WeightSender:
         """What ``verify`` reads this update (``weightsync.proof``); None: nothing."""
         self._aliases: dict[str, list[str]] = {}  # checkpoint name -> the engines' aliases
         self._hashing = Hashing(None)
+        self._unprobed: list[tuple[str, list]] | None = None  # stage_all: hashed at send
 
     @property
     def is_source(self) -> bool:
@@ -178,11 +179,14 @@ class WeightSender:
         ``SyncConfig.stage_bytes``), holding the result for ``send``. Every rank counts the
         same units from the identical plan, so the collectives stay in step. Returns the
         staged bytes."""
-        from megatron_bridge import iter_hf_units
-
         assert self.plan is not None, "prepare() first"
         self._drop_staged()
-        budget = self.config.stage_bytes if budget_bytes is None else budget_bytes
+        return self._stage(self.config.stage_bytes if budget_bytes is None else budget_bytes)
+
+    def _stage(self, budget: int) -> int:
+        from megatron_bridge import iter_hf_units
+
+        assert self.plan is not None
         num_units, nbytes = _leading_units(self._metas, budget)
         self._stats = SendStats(nbytes=self.plan.total_nbytes, num_buckets=len(self.plan.buckets))
         self._stats.staged_bytes = nbytes
@@ -200,7 +204,13 @@ class WeightSender:
         trainer's next step. What shares memory with a parameter is copied (the next step
         changes it in place). Only the source rank keeps the result. Returns its bytes."""
         assert self.plan is not None, "prepare() first"
-        nbytes = self.stage(self.plan.total_nbytes)
+        self._drop_staged()
+        # The fingerprints' column copies wait for the push (its thread, not the trainer's).
+        self._unprobed = []
+        try:
+            nbytes = self._stage(self.plan.total_nbytes)
+        finally:
+            unprobed, self._unprobed = self._unprobed, None
         assert self._units is not None
         left = sum(1 for _ in _flatten(self._units))  # ends the export's generators
         assert left == 0, f"{left} tensors past the plan's units"
@@ -208,19 +218,31 @@ class WeightSender:
         if not self.is_source:
             self._staged = []
             return nbytes
-        params = {p.untyped_storage().data_ptr() for c in self.model_chunks for p in c.parameters()}
-        self._staged = [
-            (n, t.clone() if t.untyped_storage().data_ptr() in params else t)
-            for n, t in self._staged
-        ]
+        # Storage base pointers: a view into a parameter (a slice of a fused one) counts too.
+        # Buffers too: a router's expert bias is exported as it is and updated in place.
+        live = [t for c in self.model_chunks for t in itertools.chain(c.parameters(), c.buffers())]
+        params = {t.untyped_storage().data_ptr() for t in live}
+        copies: dict[int, torch.Tensor] = {}
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                return t
+            return copies.setdefault(id(t), t.clone())
+
+        self._staged = [(n, own(t)) for n, t in self._staged]
+        self._unprobed = [(name, [(n, own(t)) for n, t in out]) for name, out in unprobed]
         return nbytes
+
+    def drop_staged(self) -> None:
+        """Let go of what was staged (an update that failed before its send)."""
+        self._drop_staged()
 
     def _drop_staged(self) -> None:
         # Every rank stops the open export at the same unit: no collective is left half-done.
         close = getattr(self._units, "close", None)
         if close is not None:
             close()
-        self._units, self._staged = None, []
+        self._units, self._staged, self._unprobed = None, [], None
 
     def send(self, engines: Sequence[DataPlane], sender: Sender | None) -> SendStats:
         """Stream the model to ``engines`` (source rank) or take part in the export (others)."""
@@ -236,6 +258,7 @@ class WeightSender:
             return stats
         assert sender is not None, "the source rank needs a transport sender"
         try:
+            self._probe_staged(stats)
             named = itertools.chain(_drain(staged), self._quantized(rest, stats))
             self._send(engines, sender, named, stats)
             stats.digests.update(self._hashing.collect())
@@ -251,12 +274,25 @@ class WeightSender:
             t0 = time.perf_counter()
             out = quantize_named(name, tensor, self.int4) if self.int4 else [(name, tensor)]
             stats.quantize_s += time.perf_counter() - t0
-            if self.probe is not None and self.is_source:
+            if self._unprobed is not None:
+                self._unprobed.append((name, out))
+            elif self.probe is not None and self.is_source:
                 t0 = time.perf_counter()
                 for as_name in [name, *self._aliases.get(name, [])]:
                     self._hashing.submit(as_name, *self._probed(out, as_name))
                 stats.probe_s += time.perf_counter() - t0
             yield from out
+
+    def _probe_staged(self, stats: SendStats) -> None:
+        """The fingerprints ``stage_all`` left for the push, taken now."""
+        unprobed, self._unprobed = self._unprobed or [], None
+        if self.probe is None or not self.is_source:
+            return
+        t0 = time.perf_counter()
+        for name, out in unprobed:
+            for as_name in [name, *self._aliases.get(name, [])]:
+                self._hashing.submit(as_name, *self._probed(out, as_name))
+        stats.probe_s += time.perf_counter() - t0
 
     def _probed(self, sent: list, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What is fingerprinted of the weight the engine will compute with (``proof.probed``);

@@ -234,6 +234,7 @@ class TrainerSync:
         # wait on a dead peer; a ring's slots may still be held by a consumer that died.
         ring, group = state.ring, state.group
         state.transport = state.ring = state.group = None
+        state.sender.drop_staged()  # a whole staged model (update_async) is not kept
         if ring is not None:
             with contextlib.suppress(Exception):
                 ring.close()

@@ -31,7 +31,11 @@ class BackgroundTrainers(ScriptedTrainers):
         return super().run_all(fn, *args, timeout_s=timeout_s)
 
     def run_rank(self, rank, fn, *args, timeout_s, concurrency_group):
-        assert (rank, fn, concurrency_group) == (0, TrainerSync.send, BACKGROUND_GROUP)
+        assert (rank, concurrency_group) == (0, BACKGROUND_GROUP)
+        if fn is TrainerSync.reset:  # after a failed push, in its group: queued behind it
+            self.calls.append("reset@0")
+            return None
+        assert fn is TrainerSync.send
         self.calls.append(f"push@{rank}")
         self.pushing.set()
         assert self.release.wait(5), "the test never released the push"
@@ -83,20 +87,24 @@ def test_a_failure_nobody_collected_is_raised_by_the_next_call():
     ws = _sync([engine], trainers)
     trainers.release.set()
     first = ws.update_async(1)
-    first.exception(timeout=5)  # over, and its caller saw the failure: not raised again
+    with pytest.raises(UpdateFailed, match="bucket 2"):
+        first.result(timeout=5)  # its caller saw the failure: not raised again
     assert engine.calls[-3:] == ["abort", "version", "resume"] and ws.stale == {"e0"}
+    assert trainers.calls[-3:] == ["push@0", "reset@0", "reset"]  # queued behind the push
     trainers.send_error = None
     assert ws.update(2).version == 2 and not ws.stale
+    second = ws.update_async(3)
+    assert second.exception(timeout=5) is None and ws.update(4).version == 4
 
     trainers.send_error = RuntimeError("engine 'e0' failed on bucket 2")
-    unseen = ws.update_async(3)  # its failure is never asked for from the handle...
+    unseen = ws.update_async(5)  # its failure is never asked for from the handle...
     deadline = time.monotonic() + 5
     while not unseen.done() and time.monotonic() < deadline:
         time.sleep(0.01)
     trainers.send_error = None
-    with pytest.raises(UpdateFailed, match=r"version 3 failed.*bucket 2"):
-        ws.update(4)  # ...so the next call raises it, and does not run
-    assert ws.update(4).version == 4
+    with pytest.raises(UpdateFailed, match=r"version 5 failed.*bucket 2"):
+        ws.update(6)  # ...so the next call raises it, and does not run
+    assert ws.update(6).version == 6
 
 
 def test_close_drains_the_update_in_flight():

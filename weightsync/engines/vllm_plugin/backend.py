@@ -256,7 +256,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         for key in ("skip", "lora_zero", "stale_derived"):
             names = faults.get(key, [])
             if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
-                raise ValueError(f"faults.{key}: a list of tensor names or name prefixes")
+                what = "attribute names" if key == "stale_derived" else "tensor names or prefixes"
+                raise ValueError(f"faults.{key}: a list of {what}")
         for spot in faults.get("corrupt", []):
             if not (isinstance(spot, dict) and isinstance(spot.get("name"), str)):
                 raise ValueError("faults.corrupt: a list of {name, rows, cols}")
