@@ -260,14 +260,26 @@ def fingerprint_columns(
     w_RC: torch.Tensor, cols_C: torch.Tensor, in_features: int, probe: Probe, name: str
 ) -> str:
     """A weight's probed columns ``cols_C`` of ``in_features``, already taken (``w_RC``)."""
-    w_RC = w_RC.reshape(-1, w_RC.shape[-1])
-    step = max(1, (1 << 22) // max(1, len(cols_C)))  # bounded float64 copies
-    rows = w_RC.shape[0]
-    parts = [
-        partial(w_RC[s : s + step], probe, name, (s, rows), cols_C, in_features)
-        for s in range(0, rows, step)
-    ]
-    return text(combine(parts))
+    return fingerprints([(name, w_RC, cols_C, in_features)], probe)[name]
+
+
+def fingerprints(
+    taken: list[tuple[str, torch.Tensor, torch.Tensor, int]], probe: Probe
+) -> dict[str, str]:
+    """``fingerprint_columns`` of many weights ``(name, w_RC, cols_C, in_features)`` at once:
+    their pieces hashed in groups (``partials``), a few ops per group, not per weight."""
+    pieces, names = [], []
+    for name, w_RC, cols_C, in_features in taken:
+        w_RC = w_RC.reshape(-1, w_RC.shape[-1])
+        step = max(1, (1 << 22) // max(1, len(cols_C)))  # bounded float64 copies
+        rows = w_RC.shape[0]
+        for s in range(0, rows, step):
+            pieces.append(Piece(w_RC[s : s + step], name, (s, rows), cols_C, in_features))
+            names.append(name)
+    by_name: dict[str, list[dict]] = {}
+    for name, part in zip(names, partials(pieces, probe), strict=True):
+        by_name.setdefault(name, []).append(part)
+    return {name: text(combine(parts)) for name, parts in by_name.items()}
 
 
 # --- engines with several ranks ---------------------------------------------------------

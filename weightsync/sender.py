@@ -22,7 +22,6 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +33,7 @@ from weightsync.engines.base import DataPlane, EngineFailed, Pending
 from weightsync.plan import Bucket, Plan, TensorMeta, build_plan
 from weightsync.plan_checks import check_plan_identical
 from weightsync.probe import INT4_PARTS
-from weightsync.proof import Probe, fingerprint_columns, probed
+from weightsync.proof import Probe, fingerprint_columns, fingerprints, probed
 from weightsync.quant import Int4Config, packed_meta, quantize_named
 from weightsync.tensors import all_finite
 from weightsync.transport.base import Sender, Ticket, send_stream
@@ -157,7 +156,7 @@ class WeightSender:
 
         self.probe = probe
         self._hashing.close()  # an update that failed before its send collected them
-        self._hashing = Hashing(probe, background=probe is not None and probe.level == "sample")
+        self._hashing = Hashing(probe, deferred=probe is not None and probe.level == "sample")
         self._aliases = {}
         for alias, source in (aliases or {}).items():
             self._aliases.setdefault(source, []).append(alias)
@@ -420,33 +419,34 @@ def _timed(stream: Iterator, stats: SendStats) -> Iterator:
 
 
 class Hashing:
-    """The fingerprints of what is sent (``weightsync.proof``), off the send's critical path
-    where that costs no memory: at level sample each weight's probed columns are a small copy,
-    hashed by one thread while the buckets move; at level full (the whole weight would have to
-    be kept) they are hashed in line."""
+    """The fingerprints of what is sent (``weightsync.proof``). At level sample each weight's
+    probed columns are a small copy, kept until the send is over and then hashed all at once
+    in groups (``proof.fingerprints``: milliseconds, and no thread contending with the send's
+    for the GIL); at level full (the whole weight would have to be kept) each is hashed in
+    line."""
 
-    def __init__(self, probe: Probe | None, background: bool = False) -> None:
+    def __init__(self, probe: Probe | None, deferred: bool = False) -> None:
         self.probe = probe
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint") if background else None
-        self._done: dict[str, Any] = {}
+        self.deferred = deferred
+        self._taken: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
+        self._done: dict[str, str] = {}
 
     def submit(self, name: str, w_RC: torch.Tensor, cols: torch.Tensor, width: int) -> None:
-        args = (w_RC, cols, width, self.probe, name)
-        pool = self._pool
-        self._done[name] = (
-            pool.submit(fingerprint_columns, *args) if pool else fingerprint_columns(*args)
-        )
+        assert self.probe is not None
+        if self.deferred:
+            self._taken.append((name, w_RC, cols, width))
+        else:
+            self._done[name] = fingerprint_columns(w_RC, cols, width, self.probe, name)
 
     def close(self) -> None:
-        """Drop what is pending (a failed update); the thread ends."""
-        self._done = {}
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Drop what is pending (a failed update)."""
+        self._taken, self._done = [], {}
 
     def collect(self) -> dict[str, str]:
-        """Every fingerprint submitted, once all are done."""
-        out = {n: d if isinstance(d, str) else d.result() for n, d in self._done.items()}
-        self._done = {}
-        if self._pool is not None:
-            self._pool.shutdown()
+        """Every fingerprint submitted."""
+        out = dict(self._done)
+        if self._taken:
+            assert self.probe is not None
+            out.update(fingerprints(self._taken, self.probe))
+        self.close()
         return out
