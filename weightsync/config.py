@@ -113,6 +113,12 @@ class SyncConfig:
     streams everything during the pause (extra trainer memory: two buckets)."""
     lora: LoraSync | None = None
     """Adapter-only sync settings; None: ``WeightSync.update_adapter`` is refused."""
+    engine_stage_bytes: int = 0
+    """Engine-side staging (vLLM engines): > 0 sends every bucket into a staging area in the
+    engine's host memory before the pause, while it generates, and the pause holds only the
+    load from there (one call: start, every bucket, finish). The bound: an update larger than
+    this, or than the engine's host can hold, is refused before anything moves. 0: the
+    buckets are loaded as they arrive, in the pause."""
     in_flight: InFlightPolicy = "wait"
     """A call (``update``, ``update_async``, ``verify``, ``update_adapter``) made while an
     ``update_async`` is still running: ``wait`` for it, or ``fail`` (``UpdateInFlight``)."""
@@ -148,6 +154,12 @@ class SyncConfig:
             f"one of {_ON_FAILURE}",
         )
         _require(self.stage_bytes >= 0, "stage_bytes", self.stage_bytes, "must be >= 0")
+        _require(
+            self.engine_stage_bytes >= 0,
+            "engine_stage_bytes",
+            self.engine_stage_bytes,
+            "must be >= 0",
+        )
         _require(
             self.in_flight in IN_FLIGHT_POLICIES,
             "in_flight",

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, Protocol
 from weightsync.config import SyncConfig
 from weightsync.engines.base import ControlPlane, EngineFailed
 from weightsync.engines.spec import EngineSpec
-from weightsync.inflight import BACKGROUND_GROUP, InFlight, UpdateHandle, UpdateInFlight
+from weightsync.inflight import BACKGROUND_GROUP, BackgroundSlot, UpdateHandle, UpdateInFlight
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
 from weightsync.model_config import mismatches
 from weightsync.proof import Probe
@@ -108,7 +108,7 @@ class WeightSync:
         self.adapter: str | None = None
         """The LoRA adapter rollouts ask for (``update_adapter``); None: the base alone."""
         self._adapters: list[str] = []  # loaded on the live engines, oldest first
-        self._in_flight = InFlight()  # update_async's one background update
+        self._in_flight = BackgroundSlot()  # update_async's one background update
 
     @property
     def live_engines(self) -> list[EngineSpec]:
@@ -425,6 +425,9 @@ class WeightSync:
         # An open session is aborted before the resume: no engine serves half-reloaded layers.
         # Held: what this update's proof failed, and what an earlier one held (unless this
         # update's proof passed it: ``_prove`` took it out).
+        if self.config.engine_stage_bytes and not begun:
+            # Staged but never applied: the engines let go of it (they serve the old weights).
+            self._settle(lambda e: e.drop_staged())
         hold = self.config.on_verify_failure == "hold"
         held = (self.held | self._proof_failed) if hold else set()
         self._proof_failed = set()
@@ -468,6 +471,10 @@ class WeightSync:
         """The paused part of an update; the lease is checked before every step (a holder
         that lost it stops at the next step, and the failure path resumes its engines)."""
         version, probe, sent, lease = opened.version, opened.probe, opened.sent, opened.lease
+        staged = self.config.engine_stage_bytes > 0
+        if staged:  # every bucket into the engines' host memory while they generate
+            send = self._push(opened.background, stage=True)
+            lease.check()
         self._pause_started = time.perf_counter()
         # Counted as paused before the call returns: a pause that timed out may still land.
         paused.extend(self.engines)
@@ -483,11 +490,16 @@ class WeightSync:
                 )
         lease.check()
         begun.extend(self.engines)
-        self._each(lambda e: e.begin_update())
-        lease.check()
-        send = self._push(opened.background)
-        lease.check()
-        self._each(lambda e: e.end_update())
+        if staged:  # the pause holds only the local load: one call, start to finish
+            t0 = time.perf_counter()
+            self._each(lambda e: e.apply_staged())
+            send.apply_s = time.perf_counter() - t0
+        else:
+            self._each(lambda e: e.begin_update())
+            lease.check()
+            send = self._push(opened.background)
+            lease.check()
+            self._each(lambda e: e.end_update())
         t0 = time.perf_counter()
         send.unverified = self._prove(probe, sent, send.digests, version, begun)
         send.verify_s = time.perf_counter() - t0
@@ -495,17 +507,19 @@ class WeightSync:
         self._each(lambda e: e.set_version(str(version)))
         return send
 
-    def _push(self, background: bool) -> SendStats:
-        """The buckets, to every engine. In the background the whole export is staged on the
-        source rank already: it pushes alone, on its own thread (the trainer steps on)."""
+    def _push(self, background: bool, stage: bool = False) -> SendStats:
+        """The buckets, to every engine (``stage``: into their staging areas). In the
+        background the whole export is staged on the source rank already: it pushes alone,
+        on its own thread (the trainer steps on)."""
         if not background:
-            return self._run(TrainerSync.send)[0]
+            return self._run(TrainerSync.send, stage)[0]
         from megatron_bridge import EXPORT_SOURCE_RANK
 
         return self.trainers.run_rank(
             EXPORT_SOURCE_RANK,
             TrainerSync.send,
             self._id,
+            stage,
             timeout_s=self.config.step_timeout_s,
             concurrency_group=BACKGROUND_GROUP,
         )
@@ -651,6 +665,13 @@ def _failed_engines(error: BaseException | None) -> set[str]:
 def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
     """Combinations no update could run, refused when WeightSync is built, naming the
     engines: the CPU shared-memory ring is read by our vLLM plugin only."""
+    if config.engine_stage_bytes:
+        bad = [s.label for s in specs if s.kind != "vllm"]
+        if bad:
+            raise ValueError(
+                f"SyncConfig.engine_stage_bytes: engine-side staging is built for vLLM engines "
+                f"(the weightsync plugin); not for {bad}"
+            )
     if config.transport == "ipc":
         bad = [s.label for s in specs if s.kind != "vllm"]
         if bad:

@@ -60,7 +60,7 @@ class UpdateHandle:
             self._future.set_exception(e)
 
 
-class InFlight:
+class BackgroundSlot:
     """The driver's one slot for a background update."""
 
     def __init__(self) -> None:

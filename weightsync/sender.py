@@ -53,6 +53,8 @@ class SendStats:
     staged_bytes: int = 0
     nbytes: int = 0
     num_buckets: int = 0
+    apply_s: float = 0.0
+    """Engine-side staging: the engines' load from their staging areas, in the pause."""
     probe_s: float = 0.0
     """Fingerprinting what was sent (``SyncConfig.verify``), on the source rank."""
     digests: dict[str, str] = field(default_factory=dict)
@@ -243,8 +245,12 @@ class WeightSender:
             close()
         self._units, self._staged, self._unprobed = None, [], None
 
-    def send(self, engines: Sequence[DataPlane], sender: Sender | None) -> SendStats:
-        """Stream the model to ``engines`` (source rank) or take part in the export (others)."""
+    def send(
+        self, engines: Sequence[DataPlane], sender: Sender | None, stage: bool = False
+    ) -> SendStats:
+        """Stream the model to ``engines`` (source rank) or take part in the export (others).
+        ``stage``: into each engine's staging area, the model untouched (engine-side
+        staging, ``SyncConfig.engine_stage_bytes``; the engines apply it in the pause)."""
         assert self.plan is not None, "prepare() first"
         if self._units is None:
             self.stage(0)  # nothing staged: the whole export runs now
@@ -259,7 +265,10 @@ class WeightSender:
         try:
             self._probe_staged(stats)
             named = itertools.chain(_drain(staged), self._quantized(rest, stats))
-            self._send(engines, sender, named, stats)
+            if stage:  # refused here, before anything moves, by an engine that cannot hold it
+                for engine in engines:
+                    engine.open_staging(self.plan.total_nbytes, self.config.engine_stage_bytes)
+            self._send(engines, sender, named, stats, stage)
             stats.digests.update(self._hashing.collect())
         finally:
             # Peers block in the export's collectives until the source has pulled every unit,
@@ -303,7 +312,7 @@ class WeightSender:
         parts = {n.rpartition(".")[2]: t for n, t in sent if n.rpartition(".")[2] in INT4_PARTS}
         return probed(parts, self.probe, name, self.int4.group_size, self.int4.symmetric)
 
-    def _send(self, engines, sender: Sender, named, stats: SendStats) -> None:
+    def _send(self, engines, sender: Sender, named, stats: SendStats, stage: bool) -> None:
         in_flight: list[tuple[Ticket, list[tuple[DataPlane, Pending]]]] = []
         timeout = self.config.step_timeout_s
 
@@ -319,7 +328,8 @@ class WeightSender:
         def on_sent(bucket: Bucket, ticket: Ticket) -> None:
             following = self.plan.buckets[bucket.index + 1 : bucket.index + 2]
             ticket = replace(ticket, next_nbytes=following[0].nbytes if following else 0)
-            in_flight.append((ticket, [(e, e.update_bucket(bucket, ticket)) for e in engines]))
+            calls = [(e, e.stage_bucket if stage else e.update_bucket) for e in engines]
+            in_flight.append((ticket, [(e, call(bucket, ticket)) for e, call in calls]))
             if len(in_flight) > 1:  # keep one bucket in flight while the next is prepared
                 settle(*in_flight.pop(0))
 

@@ -36,6 +36,9 @@ class SyncStats:
     """The completeness check, the engines' read-back and the comparison, in the pause."""
     probe_s: float = 0.0
     """The source rank digesting the probed columns of what it sent (during the send)."""
+    apply_s: float = 0.0
+    """Engine-side staging (``SyncConfig.engine_stage_bytes``): the engines' load from their
+    staging areas, the only transfer-related part of the pause."""
     trainer_blocked_s: float = 0.0
     """How long the caller (the trainer's loop) waited: all of ``total_s`` for ``update``,
     the checks and the staged export for ``update_async``."""
@@ -95,6 +98,7 @@ def sync_stats(version: int, send: SendStats, pause_s: float, total_s: float) ->
         nbytes=send.nbytes,
         num_buckets=send.num_buckets,
         probe_s=send.probe_s,
+        apply_s=send.apply_s,
         pause_s=pause_s,
         total_s=total_s,
         verify_s=send.verify_s,

@@ -151,9 +151,9 @@ class TrainerSync:
         return {s.name: s.numel for b in plan.buckets for g in b.groups for s in g.entries}
 
     @staticmethod
-    def send(worker: Any, sync_id: str) -> SendStats:
+    def send(worker: Any, sync_id: str, stage: bool = False) -> SendStats:
         state = _state(worker, sync_id)
-        return state.sender.send(state.engines, state.transport)
+        return state.sender.send(state.engines, state.transport, stage)
 
     @staticmethod
     def publish_adapter(

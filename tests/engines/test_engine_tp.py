@@ -292,6 +292,48 @@ def test_update_async_frees_the_trainer_and_every_rank_gets_the_weights_of_its_c
         ws.close()
 
 
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_engine_staging_moves_every_bucket_before_the_pause_and_refuses_what_it_cannot_hold(
+    fleet, transport
+):
+    """Engine-side staging: every rank of both engines takes the buckets into host memory
+    while serving, and the pause applies them in one call; what each rank then computes with
+    is the trainer's export (verified, and its logprobs). An update past the staging bound
+    is refused by the engines before anything moves or pauses: they keep serving the weights
+    they had, and the next update (staged, also in the background) repairs the fleet."""
+    from weightsync import SyncConfig, UpdateFailed, WeightSync
+
+    group, servers, model_dir, reset = fleet
+    reset()
+    group.run_all(_perturb, 31, timeout_s=TIMEOUT_S)
+    before = {
+        tp: generate(s.url, PROMPTS[0], max_tokens=4, api_key=KEY) for tp, s in servers.items()
+    }
+    small = SyncConfig(transport=transport, bucket_bytes=1 << 20, engine_stage_bytes=1 << 20)
+    tight = WeightSync(group, _specs(servers), small)
+    try:
+        versions = tight.versions()
+        with pytest.raises(UpdateFailed, match="exceed the staging bound"):
+            tight.update(7)
+        for tp, server in servers.items():  # never paused: the weights it had, served
+            assert generate(server.url, PROMPTS[0], max_tokens=4, api_key=KEY) == before[tp]
+        assert tight.versions() == versions
+    finally:
+        tight.close()
+    config = SyncConfig(transport=transport, bucket_bytes=1 << 20, engine_stage_bytes=1 << 30)
+    ws = WeightSync(group, _specs(servers), config)
+    try:
+        stats = ws.update(1)
+        assert stats.verified and stats.apply_s > 0 and stats.num_buckets > 1
+        _assert_serve_the_export(group, servers, model_dir)
+        group.run_all(_perturb, 32, timeout_s=TIMEOUT_S)
+        assert ws.update_async(2).result(timeout=4 * TIMEOUT_S).verified
+        assert not ws.stale and set(ws.versions().values()) == {"2"}
+        _assert_serve_the_export(group, servers, model_dir)
+    finally:
+        ws.close()
+
+
 def test_one_rank_of_a_tp2_engine_killed_mid_update_then_a_restart_repairs(fleet):
     """Rank 1 of the TP=2 engine dies while the update has it paused: the update fails within
     the deadline naming that engine, which is stale; the TP=1 engine is resumed and serves. The

@@ -120,6 +120,15 @@ class ControlPlane(Protocol):
 
     def end_update(self) -> None: ...
 
+    def apply_staged(self) -> None:
+        """In the pause: load the staged update whole (one session), or abort it keeping
+        every layer whole."""
+        ...
+
+    def drop_staged(self) -> None:
+        """Let go of a staged update that will not be applied."""
+        ...
+
     def abort_update(self) -> None:
         """Close a session that an update could not finish, leaving a model that can serve
         (a stale one); a no-op when no session is open."""
@@ -188,6 +197,15 @@ class DataPlane(Protocol):
         ...
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending: ...
+
+    def open_staging(self, nbytes: int, bound: int) -> None:
+        """Engine-side staging (``SyncConfig.engine_stage_bytes``): make room for an update
+        of ``nbytes`` on every rank; refused past ``bound`` or what the host can hold."""
+        ...
+
+    def stage_bucket(self, bucket: Bucket, ticket: Ticket) -> Pending:
+        """The bucket into the staging area while the engine generates; the model untouched."""
+        ...
 
     # An engine that loads LoRA adapters from memory also has
     # ``load_adapter_tensors(name, tensors, config)`` (SGLang); the others read them from disk

@@ -305,6 +305,20 @@ class SGLangEngine:
             return
         checked(response, "/begin_weight_update")
 
+    # Engine-side staging is built for the vLLM plugin; WeightSync refuses it for SGLang
+    # engines when it is built (``_check_wiring``), so these are never reached.
+    def open_staging(self, nbytes: int, bound: int) -> None:
+        raise ValueError(f"{self.name}: engine-side staging is not built for SGLang engines")
+
+    def stage_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
+        raise ValueError(f"{self.name}: engine-side staging is not built for SGLang engines")
+
+    def apply_staged(self) -> None:
+        raise ValueError(f"{self.name}: engine-side staging is not built for SGLang engines")
+
+    def drop_staged(self) -> None:
+        pass  # nothing is ever staged
+
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
         """Send the bucket's request; the transport's bytes may go before or after this."""
         if self.config.path == "distributed":

@@ -13,6 +13,7 @@ timings) go through the dev ``/collective_rpc`` route. All of these routes exist
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +201,25 @@ class VllmEngine:
             _check_meta(expected, name, dtype_name(t.dtype), tuple(t.shape))
             if not all_finite(t):
                 raise ValueError(f"tensor {name!r} has NaN or Inf values")
+
+    def open_staging(self, nbytes: int, bound: int) -> None:
+        """Every rank makes room for an update of ``nbytes`` (refused past ``bound`` or what
+        its host can hold, naming the bytes)."""
+        self._rpc_all(f"stage_open:{int(nbytes)}:{int(bound)}")
+
+    def stage_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
+        """The bucket into every rank's staging area, the model untouched: the engine goes on
+        generating between buckets (each receive is one short engine-core call)."""
+        query = "stage:" + json.dumps(asdict(update_info(bucket, ticket)))
+        future = self._pool.submit(self._rpc_all, query)
+        return InFlight(future, f"{self.name} bucket {bucket.index} (staging)")
+
+    def apply_staged(self) -> None:
+        """In the pause: load the staged update (start, every bucket, finish) in one call."""
+        self._rpc_all("apply_staged")
+
+    def drop_staged(self) -> None:
+        self._rpc_all("drop_staged")
 
     def update_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
         body = {"update_info": asdict(update_info(bucket, ticket))}

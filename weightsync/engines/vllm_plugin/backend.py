@@ -42,6 +42,7 @@ from weightsync.engines.vllm_plugin.repair import (
     unloaded_layers,
     unrepairable,
 )
+from weightsync.engines.vllm_plugin.staging import Staging
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
 from weightsync.model_config import summary
 from weightsync.plan import unpack_bucket
@@ -63,6 +64,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self._faults: dict = {}  # test-only, see inject_faults
         self._untied: list = []
         self._stale: list = []
+        self._staging: Staging | None = None  # engine-side staging (SyncConfig.engine_stage_bytes)
         self._session_faults: dict = {}
         self._session: dict = {"received": {}, "unloaded": []}  # completeness of the last one
         lora_readback.track_adapters()  # before any adapter is loaded: they load at runtime
@@ -104,22 +106,26 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         bucket, ticket = update_info.to_bucket()
         t0 = time.perf_counter()
         buffers = self.source.recv(bucket, ticket)
-        t1 = time.perf_counter()
         try:
-            named = unpack_bucket(bucket, buffers)
-            skip = tuple(self._session_faults.get("skip", ()))
-            if skip:
-                named = [(n, t) for n, t in named if not n.startswith(skip)]
-            named = [(n, _corrupt(n, t, self._session_faults)) for n, t in named]
-            self.model.load_weights(named)
-            self._session["received"].update((n, t.numel()) for n, t in named)
-            receive.unalias_pending(self.model, list(buffers.values()))
+            self._load(bucket, buffers, receive_s=time.perf_counter() - t0)
         finally:
             self.source.release(ticket)
+
+    def _load(self, bucket, buffers: dict, receive_s: float) -> None:
+        """One bucket's tensors into the model, counted for completeness."""
+        t1 = time.perf_counter()
+        named = unpack_bucket(bucket, buffers)
+        skip = tuple(self._session_faults.get("skip", ()))
+        if skip:
+            named = [(n, t) for n, t in named if not n.startswith(skip)]
+        named = [(n, _corrupt(n, t, self._session_faults)) for n, t in named]
+        self.model.load_weights(named)
+        self._session["received"].update((n, t.numel()) for n, t in named)
+        receive.unalias_pending(self.model, list(buffers.values()))
         self.timings.append(
             {
                 "bucket": bucket.index,
-                "receive_s": t1 - t0,
+                "receive_s": receive_s,
                 "load_s": time.perf_counter() - t1,
                 "bytes": bucket.nbytes,
             }
@@ -198,7 +204,16 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return aliases(self.model, self("expected_params"))
         if query == "unrepairable":
             return {"layers": unrepairable(self.model)}
+        if query == "apply_staged":
+            return self.apply_staged()
+        if query == "drop_staged":
+            self._staging = None
+            return {"dropped": True}
         kind, _, arg = query.partition(":")
+        if kind == "stage_open":
+            return self.open_staging(arg)
+        if kind == "stage":
+            return self.stage(self.parse_update_info(json.loads(arg)))
         if kind == "proof":
             return self.proof(Probe.parse(arg))
         seed, _, name = arg.partition(":")
@@ -211,8 +226,60 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         raise ValueError(
             f"unknown weightsync query {query[:80]!r}: expected_params|model_config|session|"
             "aliases|unrepairable|timings|abort|proof:<level>:<group>:<seed>|adapter:<seed>:<name>|"
-            "forget_adapter:<name>"
+            "forget_adapter:<name>|stage_open:<bytes>:<bound>|stage:<update_info>|apply_staged|"
+            "drop_staged"
         )
+
+    # --- engine-side staging (``staging``): received while generating, loaded in the pause --
+    def open_staging(self, arg: str) -> dict:
+        nbytes, _, bound = arg.partition(":")
+        if not (nbytes.isdigit() and bound.isdigit()):
+            raise ValueError(f"stage_open:{arg[:40]!r}: expected <bytes>:<bound>")
+        if self._open:
+            raise RuntimeError("weightsync backend: staging during an open update session")
+        self._staging = Staging(int(nbytes), int(bound))
+        return {"opened": int(nbytes)}
+
+    def stage(self, update_info: UpdateInfo) -> dict:
+        """One bucket off the wire into the staging area; the model is not touched."""
+        if self._staging is None:
+            raise RuntimeError("weightsync backend: stage_open first")
+        if self.source is None:
+            raise RuntimeError("weightsync backend: init_weight_transfer_engine was not called")
+        bucket, ticket = update_info.to_bucket()
+        try:
+            buffers = self.source.recv(bucket, ticket)
+            try:
+                self._staging.take(bucket, buffers)
+            finally:
+                self.source.release(ticket)
+        except BaseException:
+            self._staging = None  # half an update is never applied
+            raise
+        return {"staged": bucket.index}
+
+    def apply_staged(self) -> dict:
+        """The whole staged update, as one session (start, every bucket, finish): the pause
+        holds only the local load. A failure aborts it, keeping every layer whole."""
+        from vllm.config import set_current_vllm_config
+
+        staging, self._staging = self._staging, None
+        if staging is None:
+            raise RuntimeError("weightsync backend: nothing is staged")
+        if staging.held != staging.nbytes:
+            raise RuntimeError(
+                f"weightsync backend: {staging.held} of {staging.nbytes} staged bytes arrived"
+            )
+        with set_current_vllm_config(self.vllm_config):
+            self.start_weight_update()
+            try:
+                for bucket, buffers in staging.buckets:
+                    self._load(bucket, buffers, receive_s=0.0)
+            except BaseException:
+                self.abort_weight_update()
+                raise
+            self.finish_weight_update()
+        return {"applied": len(staging.buckets)}
 
     def proof(self, probe: Probe) -> dict[str, dict[str, dict]]:
         """This rank's fingerprint parts of the weights the kernels compute with

@@ -1,0 +1,72 @@
+"""Engine-side staging in the driver's flow (pure, scripted engines and trainers): the
+buckets go into the engines before the pause, the pause holds one apply per engine, and
+what fails before the pause is dropped with nothing paused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
+from weightsync.driver import UpdateFailed
+from weightsync.worker import TrainerSync
+
+
+class StagingEngine(ScriptedEngine):
+    def apply_staged(self):
+        return self._step("apply")
+
+    def drop_staged(self):
+        return self._step("drop")
+
+
+class LoggedTrainers(ScriptedTrainers):
+    """Writes its sends into the engines' call logs, so the order shows across both."""
+
+    def __init__(self, engines, send_error=None) -> None:
+        super().__init__(send_error)
+        self.engines = engines
+        self.stage_flags: list[bool] = []
+
+    def run_all(self, fn, *args, timeout_s):
+        if fn is TrainerSync.send:
+            self.stage_flags.append(args[1])
+            for e in self.engines:
+                e.calls.append("push")
+        return super().run_all(fn, *args, timeout_s=timeout_s)
+
+
+def test_the_buckets_move_before_the_pause_and_the_pause_holds_one_apply():
+    engines = [StagingEngine("e0"), StagingEngine("e1")]
+    trainers = LoggedTrainers(engines)
+    ws = _sync(engines, trainers, engine_stage_bytes=1 << 30)
+    stats = ws.update(1)
+    assert trainers.stage_flags == [True] and stats.verified
+    for e in engines:
+        assert e.calls == [
+            "push",
+            "pause",
+            "flush",
+            "apply",
+            "complete",
+            "verify",
+            "version",
+            "resume",
+        ]
+
+
+def test_a_push_that_fails_before_the_pause_drops_what_was_staged_and_pauses_nothing():
+    engines = [StagingEngine("e0"), StagingEngine("e1")]
+    trainers = LoggedTrainers(engines, send_error=RuntimeError("engine 'e1' cannot hold it"))
+    ws = _sync(engines, trainers, engine_stage_bytes=1 << 30)
+    with pytest.raises(UpdateFailed, match="cannot hold"):
+        ws.update(1)
+    for e in engines:
+        assert e.calls == ["push", "drop"]  # never paused: the old weights served throughout
+
+
+def test_engine_staging_is_refused_for_engines_without_it():
+    from weightsync import EngineSpec, SyncConfig, WeightSync
+
+    spec = EngineSpec(kind="sglang", url="http://127.0.0.1:30000")
+    with pytest.raises(ValueError, match=r"engine_stage_bytes.*vLLM"):
+        WeightSync(ScriptedTrainers(), [spec], SyncConfig(engine_stage_bytes=1 << 20))
