@@ -298,9 +298,9 @@ def test_engine_staging_moves_every_bucket_before_the_pause_and_refuses_what_it_
 ):
     """Engine-side staging: every rank of both engines takes the buckets into host memory
     while serving, and the pause applies them in one call; what each rank then computes with
-    is the trainer's export (verified, and its logprobs). An update past the staging bound
-    is refused by the engines before anything moves or pauses: they keep serving the weights
-    they had, and the next update (staged, also in the background) repairs the fleet."""
+    is the trainer's export (verified, and its logprobs), after ``update`` and after
+    ``update_async``. First, an update past the staging bound is refused by the engines
+    before anything moves or pauses: they keep serving the weights they had."""
     from weightsync import SyncConfig, UpdateFailed, WeightSync
 
     group, servers, model_dir, reset = fleet
