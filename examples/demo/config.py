@@ -24,7 +24,9 @@ class DemoConfig:
     vocab_size: int = 32
     hidden_size: int = 128
     num_layers: int = 2
-    lr: float = 1e-2
+    lr: float = 3e-3
+    """Adam's step size (also the base's pretraining). 1e-2 collapses the policy within a few
+    steps: every group's samples become one sequence and the advantages vanish."""
     seed: int = 0
     int4: bool = False
     """QAT: the trainer's forward runs fake_quant_int4 on the Linear weights; the engine

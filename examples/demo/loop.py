@@ -17,7 +17,7 @@ import torch
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.policy import PolicyWorker
 from weightsync_demo.report import Report, StepRecord, table
-from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
+from weightsync_demo.task import count_up_correct, group_advantages, make_prompts
 
 if TYPE_CHECKING:
     from weightsync.driver import SyncStats
@@ -34,20 +34,22 @@ def run_step(cfg: DemoConfig, step: int, sync: SyncFn, rt: DemoRuntime) -> StepR
     )
     rollout_s = time.perf_counter() - t0
     samples = [s for g in groups for s in g]
-    rewards_PG = torch.tensor(
-        [[count_up_reward(s.prompt, s.tokens, cfg.vocab_size) for s in g] for g in groups]
+    # One reward per response token; a sample's reward (reported) is their mean.
+    correct_PGR = torch.tensor(
+        [[count_up_correct(s.prompt, s.tokens, cfg.vocab_size) for s in g] for g in groups]
     )
     tokens_BS = torch.tensor([s.prompt + s.tokens for s in samples])
     rollout_lp_BR = torch.tensor([s.logprobs for s in samples])
 
     t0 = time.perf_counter()
-    train_lp_BR, metrics = _train(cfg, rt, tokens_BS, group_advantages(rewards_PG).flatten())
+    advantages_BR = group_advantages(correct_PGR).flatten(0, 1)
+    train_lp_BR, metrics = _train(cfg, rt, tokens_BS, advantages_BR)
     train_s = time.perf_counter() - t0
 
     stats = sync(step + 1)
     return StepRecord(
         step=step,
-        reward=float(rewards_PG.mean()),
+        reward=float(correct_PGR.mean()),
         logprob_diff=float((train_lp_BR - rollout_lp_BR).abs().mean()),
         rollout_version=_common([s.weight_version for s in samples]),
         sample_versions=[s.weight_version for s in samples],
@@ -59,13 +61,13 @@ def run_step(cfg: DemoConfig, step: int, sync: SyncFn, rt: DemoRuntime) -> StepR
     )
 
 
-def _train(cfg: DemoConfig, rt: DemoRuntime, tokens_BS: torch.Tensor, advantages_B: torch.Tensor):
+def _train(cfg: DemoConfig, rt: DemoRuntime, tokens_BS: torch.Tensor, advantages_BR: torch.Tensor):
     """Trainer logprobs of the rollout tokens, then one GRPO step; both on every rank."""
     run_all, timeout = rt.group.run_all, cfg.timeout_s
     # Before the update: the trainer holds the weights the engine sampled with.
     logprobs_BR = run_all(PolicyWorker.logprobs, tokens_BS, cfg.prompt_len, timeout_s=timeout)[0]
     metrics = run_all(
-        PolicyWorker.train_step, tokens_BS, cfg.prompt_len, advantages_B, timeout_s=timeout
+        PolicyWorker.train_step, tokens_BS, cfg.prompt_len, advantages_BR, timeout_s=timeout
     )[0]
     return logprobs_BR, metrics
 

@@ -78,9 +78,10 @@ PRETRAIN_STEPS = 60
 
 
 def _pretrain(model: torch.nn.Module, cfg: DemoConfig) -> None:
-    """LoRA RL starts from a pretrained base, not a random one: adapters cannot grow a random
-    model's tiny LM head into sharp outputs (checked: a random base's reward does not move
-    in 50 LoRA steps). A few seconds of supervised steps on a related task make one."""
+    """RL starts from a pretrained base, not a random one. From a random base, full training
+    collapses onto a prompt-independent cycle (e.g. 5 6 7 8 5 6 7 8, reward 0.75) and LoRA
+    cannot grow the tiny LM head into sharp outputs (a random base's reward does not move in
+    50 LoRA steps). A few seconds of supervised steps on a related task (+1/+2/+3) make one."""
     from weightsync_demo.task import pretraining_batch
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -101,8 +102,7 @@ def write_model_dirs(cfg: DemoConfig, root: Path) -> ModelDirs:
     hf_config = tiny_qwen2_config(cfg)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    if cfg.lora_rank:
-        _pretrain(model, cfg)
+    _pretrain(model, cfg)
     hf_dir = root / "model_bf16"
     with _no_progress_bars():
         model.to(torch.bfloat16).save_pretrained(hf_dir)

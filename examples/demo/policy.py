@@ -83,21 +83,25 @@ class PolicyWorker(TrainerWorker):
             return self._response_logprobs(tokens_BS, prompt_len)
 
     def train_step(
-        self, tokens_BS: torch.Tensor, prompt_len: int, advantages_B: torch.Tensor
+        self, tokens_BS: torch.Tensor, prompt_len: int, advantages: torch.Tensor
     ) -> dict[str, float]:
         """One GRPO step (on-policy, so the policy-gradient ratio is 1: REINFORCE with
-        group-normalized advantages, averaged over tokens)."""
-        if advantages_B.shape != tokens_BS.shape[:1]:
+        group-normalized advantages, averaged over tokens). ``advantages``: one per response
+        token [B, R], or one per sequence [B] (given to each of its tokens)."""
+        B, R = tokens_BS.shape[0], tokens_BS.shape[1] - prompt_len
+        if tuple(advantages.shape) == (B,):
+            advantages = advantages[:, None].expand(B, R)
+        if tuple(advantages.shape) != (B, R):
             raise ValueError(
-                f"advantages shape {tuple(advantages_B.shape)}: expected one per sequence, "
-                f"({tokens_BS.shape[0]},)"
+                f"advantages shape {tuple(advantages.shape)}: expected one per sequence, "
+                f"({B},), or one per response token, ({B}, {R})"
             )
         model = self.model_chunks[0]
         model.train()
         for p in self.params:
             p.grad = None
         logp_BR = self._response_logprobs(tokens_BS, prompt_len)
-        loss = -(advantages_B[:, None] * logp_BR).mean()
+        loss = -(advantages * logp_BR).mean()
         loss.backward()
         for p, m in zip(self.params, self.masters, strict=True):
             m.grad = None if p.grad is None else p.grad.float()

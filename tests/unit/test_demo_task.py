@@ -11,7 +11,12 @@ from weightsync.quant import Int4Config
 from weightsync_demo.config import DemoConfig
 from weightsync_demo.qat import check_shard
 from weightsync_demo.report import Report, StepRecord, table
-from weightsync_demo.task import count_up_reward, group_advantages, make_prompts
+from weightsync_demo.task import (
+    count_up_correct,
+    count_up_reward,
+    group_advantages,
+    make_prompts,
+)
 
 
 def test_count_up_reward_counts_successors_from_the_prompt_end():
@@ -22,6 +27,29 @@ def test_count_up_reward_counts_successors_from_the_prompt_end():
     assert count_up_reward([30], [31, 0, 1], vocab=32) == 1.0
     with pytest.raises(ValueError, match="non-empty"):
         count_up_reward([1], [], vocab=32)
+
+
+def test_count_up_correct_credits_each_token_and_averages_to_the_reward():
+    correct = count_up_correct([7, 3], [5, 6, 0, 1], vocab=32)
+    assert correct == [0.0, 1.0, 0.0, 1.0]
+    assert sum(correct) / 4 == count_up_reward([7, 3], [5, 6, 0, 1], vocab=32)
+
+
+def test_per_token_advantages_normalize_each_position_within_its_group():
+    """[prompts, samples, tokens]: position 0 differs within the group, position 1 does not
+    (no signal there), the other prompt's group is normalized on its own."""
+    correct = torch.tensor(
+        [
+            [[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]],
+            [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]],
+        ]
+    )
+    adv = group_advantages(correct)
+    assert adv.shape == correct.shape
+    per_sample = group_advantages(correct[:, :, 0])
+    torch.testing.assert_close(adv[:, :, 0], per_sample)  # a position is a sample reward
+    assert (adv[0, :, 1] == 0).all() and (adv[1, :, 0] == 0).all()
+    assert adv[1, 1, 1] > 0 > adv[1, 0, 1]
 
 
 def test_prompts_are_deterministic_per_seed_and_step():
