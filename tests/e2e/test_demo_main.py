@@ -15,8 +15,7 @@ import pytest
 from weightsync_demo.app import LOGPROB_DIFF_BOUND
 
 pytestmark = pytest.mark.slow
-STEPS = 20  # the default: the count-up reward leaves its random-policy level within it (on
-# an AMX Xeon a 14-step bf16 run had not yet: the engine samples other rollouts per CPU)
+STEPS = 20  # the default: from the pretrained base (~0.3) the reward passes 0.9 within it
 
 
 SECRET = "demo-secret-key"
