@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
-from pathlib import Path
+
+from benchmarks.report import print_table, save_rows
 
 SIZES = {
     "demo": dict(hidden_size=128, num_layers=2, vocab_size=32),
@@ -79,20 +79,20 @@ def main() -> None:
         for tp in args.engine_tp
         for row in measure(size, tp, args.repeats, args.out)
     ]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "engine_stage.json").write_text(json.dumps(rows, indent=1))
-    print(
-        "| model | engine TP | mode | pause s | engine load in pause s | verify s | update s "
-        "| pause/apply |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    save_rows(rows, args.out, "engine_stage")
+    header = ["model", "engine TP", "mode", "pause s", "engine load in pause s", "verify s"]
+    cells = []
     for r in rows:
         load = r["apply_s"] if r["mode"] == "staged" else r["engine_load_s"]
         ratio = f"{r['pause/apply']:.2f}" if "pause/apply" in r else "-"
-        print(
-            f"| {r['size']} | {r['engine_tp']} | {r['mode']} | {r['pause_s']:.3f} | "
-            f"{load:.3f} | {r['verify_s']:.3f} | {r['total_s']:.3f} | {ratio} |"
-        )
+        timed = [
+            f"{r['pause_s']:.3f}",
+            f"{load:.3f}",
+            f"{r['verify_s']:.3f}",
+            f"{r['total_s']:.3f}",
+        ]
+        cells.append([r["size"], str(r["engine_tp"]), r["mode"], *timed, ratio])
+    print_table([*header, "update s", "pause/apply"], cells)
 
 
 if __name__ == "__main__":

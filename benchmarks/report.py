@@ -151,3 +151,19 @@ def _series(rows: list[dict]) -> dict:
         if r["bucket_mib"] == mid:
             out.setdefault((r["transport"], r["int4"]), []).append(r)
     return out
+
+
+def save_rows(rows: list[dict], out_dir: str, name: str) -> Path:
+    """A benchmark's medians as ``<out_dir>/<name>.json``."""
+    path = Path(out_dir, f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, default=str))
+    return path
+
+
+def print_table(header: list[str], cells: list[list[str]]) -> None:
+    """A markdown table (the README's), one row per list of formatted cells."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")

@@ -20,10 +20,10 @@ Medians. On 2 cores the push, the engine's load and the next train step share th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
+
+from benchmarks.report import print_table, save_rows
 
 SIZES = {
     "demo": dict(hidden_size=128, num_layers=2, vocab_size=32),
@@ -121,20 +121,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out/sync_async")
     args = parser.parse_args()
     rows = [row for size in args.sizes for row in measure(size, args.repeats, args.out)]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "sync_async.json").write_text(json.dumps(rows, indent=1))
-    print(
-        "| model | MiB | mode | call s | waited later s | export s | staged s | call/export | "
-        "pause s | update s | train+sync step s |"
+    save_rows(rows, args.out, "sync_async")
+    header = ["model", "MiB", "mode", "call s", "waited later s", "export s", "staged s"]
+    header += ["call/export", "pause s", "update s", "train+sync step s"]
+    print_table(
+        header,
+        [
+            [r["size"], f"{r['MiB']:.0f}", r["mode"]]
+            + [f"{r[k]:.3f}" for k in ("call_s", "tail_s", "export_s", "staged_s")]
+            + [f"{r['call/export']:.2f}"]
+            + [f"{r[k]:.3f}" for k in ("pause_s", "update_s", "step_s")]
+            for r in rows
+        ],
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['size']} | {r['MiB']:.0f} | {r['mode']} | {r['call_s']:.3f} | "
-            f"{r['tail_s']:.3f} | {r['export_s']:.3f} | {r['staged_s']:.3f} | "
-            f"{r['call/export']:.2f} | "
-            f"{r['pause_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.3f} |"
-        )
 
 
 if __name__ == "__main__":
