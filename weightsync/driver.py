@@ -119,8 +119,8 @@ class WeightSync:
         return self.trainers.run_all(fn, self._id, *args, timeout_s=self.config.step_timeout_s)
 
     def connect(self) -> None:
-        self._in_flight.settle(self.config.in_flight, self._drain_s, "connect")
         """Set up the transport between the source rank and every engine (once)."""
+        self._in_flight.settle(self.config.in_flight, self._drain_s, "connect")
         self._check_ranks()
         unknown = {lb: u for lb, u in self._each(lambda e: e.unrepairable()).items() if u}
         if unknown:
@@ -454,15 +454,7 @@ class WeightSync:
             if background:
                 # A push whose wait timed out may still run (Ray does not cancel it): the
                 # source rank's reset queues behind it in its group, not beside it.
-                from megatron_bridge import EXPORT_SOURCE_RANK
-
-                self.trainers.run_rank(
-                    EXPORT_SOURCE_RANK,
-                    TrainerSync.reset,
-                    self._id,
-                    timeout_s=timeout,
-                    concurrency_group=BACKGROUND_GROUP,
-                )
+                self._on_source_beside(TrainerSync.reset, timeout_s=timeout)
             self.trainers.run_all(TrainerSync.reset, self._id, timeout_s=timeout)
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
@@ -513,14 +505,19 @@ class WeightSync:
         on its own thread (the trainer steps on)."""
         if not background:
             return self._run(TrainerSync.send, stage)[0]
+        return self._on_source_beside(TrainerSync.send, stage, timeout_s=self.config.step_timeout_s)
+
+    def _on_source_beside(self, fn: Callable, *args: Any, timeout_s: float) -> Any:
+        """``fn`` on the source rank, in its background group: beside the trainer's calls,
+        one at a time (after a push still running there)."""
         from megatron_bridge import EXPORT_SOURCE_RANK
 
         return self.trainers.run_rank(
             EXPORT_SOURCE_RANK,
-            TrainerSync.send,
+            fn,
             self._id,
-            stage,
-            timeout_s=self.config.step_timeout_s,
+            *args,
+            timeout_s=timeout_s,
             concurrency_group=BACKGROUND_GROUP,
         )
 
@@ -665,17 +662,14 @@ def _failed_engines(error: BaseException | None) -> set[str]:
 def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
     """Combinations no update could run, refused when WeightSync is built, naming the
     engines: the CPU shared-memory ring is read by our vLLM plugin only."""
-    if config.engine_stage_bytes:
-        bad = [s.label for s in specs if s.kind != "vllm"]
-        if bad:
-            raise ValueError(
-                f"SyncConfig.engine_stage_bytes: engine-side staging is built for vLLM engines "
-                f"(the weightsync plugin); not for {bad}"
-            )
-    if config.transport == "ipc":
-        bad = [s.label for s in specs if s.kind != "vllm"]
-        if bad:
-            raise ValueError(
-                f"SyncConfig.transport='ipc' is wired for vLLM engines; not for {bad}: "
-                "use transport='broadcast' for SGLang"
-            )
+    bad = [s.label for s in specs if s.kind != "vllm"]
+    if config.engine_stage_bytes and bad:
+        raise ValueError(
+            f"SyncConfig.engine_stage_bytes: engine-side staging is built for vLLM engines "
+            f"(the weightsync plugin); not for {bad}"
+        )
+    if config.transport == "ipc" and bad:
+        raise ValueError(
+            f"SyncConfig.transport='ipc' is wired for vLLM engines; not for {bad}: "
+            "use transport='broadcast' for SGLang"
+        )

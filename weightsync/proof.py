@@ -268,17 +268,18 @@ def fingerprints(
 ) -> dict[str, str]:
     """``fingerprint_columns`` of many weights ``(name, w_RC, cols_C, in_features)`` at once:
     their pieces hashed in groups (``partials``), a few ops per group, not per weight."""
-    pieces, names = [], []
+    pieces = []
     for name, w_RC, cols_C, in_features in taken:
         w_RC = w_RC.reshape(-1, w_RC.shape[-1])
         step = max(1, (1 << 22) // max(1, len(cols_C)))  # bounded float64 copies
         rows = w_RC.shape[0]
-        for s in range(0, rows, step):
-            pieces.append(Piece(w_RC[s : s + step], name, (s, rows), cols_C, in_features))
-            names.append(name)
+        pieces += [
+            Piece(w_RC[s : s + step], name, (s, rows), cols_C, in_features)
+            for s in range(0, rows, step)
+        ]
     by_name: dict[str, list[dict]] = {}
-    for name, part in zip(names, partials(pieces, probe), strict=True):
-        by_name.setdefault(name, []).append(part)
+    for piece, part in zip(pieces, partials(pieces, probe), strict=True):
+        by_name.setdefault(piece.name, []).append(part)
     return {name: text(combine(parts)) for name, parts in by_name.items()}
 
 

@@ -162,7 +162,7 @@ class WeightSender:
         self._aliases = {}
         for alias, source in (aliases or {}).items():
             self._aliases.setdefault(source, []).append(alias)
-        self._drop_staged()  # an update that failed between stage and send
+        self.drop_staged()  # an update that failed between stage and send
         metas = plan_metas(hf_weight_metadata(self.model_chunks, self.hf_config), self.int4)
         plan = build_plan(metas, self.config.bucket_bytes)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -181,7 +181,7 @@ class WeightSender:
         same units from the identical plan, so the collectives stay in step. Returns the
         staged bytes."""
         assert self.plan is not None, "prepare() first"
-        self._drop_staged()
+        self.drop_staged()
         return self._stage(self.config.stage_bytes if budget_bytes is None else budget_bytes)
 
     def _stage(self, budget: int) -> int:
@@ -205,7 +205,7 @@ class WeightSender:
         trainer's next step. What shares memory with a parameter is copied (the next step
         changes it in place). Only the source rank keeps the result. Returns its bytes."""
         assert self.plan is not None, "prepare() first"
-        self._drop_staged()
+        self.drop_staged()
         # The fingerprints' column copies wait for the push (its thread, not the trainer's).
         self._unprobed = []
         try:
@@ -235,11 +235,8 @@ class WeightSender:
         return nbytes
 
     def drop_staged(self) -> None:
-        """Let go of what was staged (an update that failed before its send)."""
-        self._drop_staged()
-
-    def _drop_staged(self) -> None:
-        # Every rank stops the open export at the same unit: no collective is left half-done.
+        """Let go of what was staged (an update that failed before its send). Every rank
+        stops the open export at the same unit: no collective is left half-done."""
         close = getattr(self._units, "close", None)
         if close is not None:
             close()
@@ -285,10 +282,7 @@ class WeightSender:
             if self._unprobed is not None:
                 self._unprobed.append((name, out))
             elif self.probe is not None and self.is_source:
-                t0 = time.perf_counter()
-                for as_name in [name, *self._aliases.get(name, [])]:
-                    self._hashing.submit(as_name, *self._probed(out, as_name))
-                stats.probe_s += time.perf_counter() - t0
+                self._fingerprint(name, out, stats)
             yield from out
 
     def _probe_staged(self, stats: SendStats) -> None:
@@ -296,10 +290,15 @@ class WeightSender:
         unprobed, self._unprobed = self._unprobed or [], None
         if self.probe is None or not self.is_source:
             return
-        t0 = time.perf_counter()
         for name, out in unprobed:
-            for as_name in [name, *self._aliases.get(name, [])]:
-                self._hashing.submit(as_name, *self._probed(out, as_name))
+            self._fingerprint(name, out, stats)
+
+    def _fingerprint(self, name: str, out: list, stats: SendStats) -> None:
+        """Hand the weight ``out`` (its sent tensors) to the hashing, under its name and
+        every alias the engines compute with."""
+        t0 = time.perf_counter()
+        for as_name in [name, *self._aliases.get(name, [])]:
+            self._hashing.submit(as_name, *self._probed(out, as_name))
         stats.probe_s += time.perf_counter() - t0
 
     def _probed(self, sent: list, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:

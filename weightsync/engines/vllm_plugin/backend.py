@@ -316,8 +316,10 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         old values; ``tp_ranks``: only these ranks of a TP>1 engine break (default: all)."""
         if os.environ.get("WEIGHTSYNC_FAULT_INJECTION") != "1":
             raise PermissionError("fault injection is off (WEIGHTSYNC_FAULT_INJECTION=1)")
-        allowed = {"skip", "stale_alias", "post_twice", "lora_zero", "corrupt", "stale_derived"}
-        allowed.add("tp_ranks")
+        allowed = {
+            *("skip", "stale_alias", "post_twice", "lora_zero", "corrupt", "stale_derived"),
+            "tp_ranks",
+        }
         if not isinstance(faults, dict) or set(faults) - allowed:
             raise ValueError(f"faults: a dict with keys from {sorted(allowed)}")
         for key in ("skip", "lora_zero", "stale_derived"):
