@@ -164,8 +164,11 @@ def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tenso
     return [(n, named[n]) for b in plan.buckets for n in b.names()]
 
 
-def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=TIMEOUT_S):
-    """One full update the way the driver (WeightSync) drives it; returns the wall seconds."""
+def push(
+    engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=TIMEOUT_S, flush=True
+):
+    """One full update the way the driver (WeightSync) drives it; returns the wall seconds.
+    ``flush``: drop the old KV in the pause (``SyncConfig.kv_cache="recompute"``)."""
     import time
 
     from weightsync.transport.base import send_stream
@@ -173,7 +176,7 @@ def push(engine, sender, plan, named, version: str, mode: str = "abort", timeout
     engine.validate(plan, named.items())
     t0 = time.perf_counter()
     engine.pause(mode)
-    if mode != "in_place":
+    if flush:
         assert engine.flush_cache()
     engine.begin_update()
 

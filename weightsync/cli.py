@@ -90,6 +90,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
     p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")
     p.add_argument(
+        "--kv-cache",
+        choices=("recompute", "reuse"),
+        default="recompute",
+        help="KV computed under the old weights, after a sync: dropped and recomputed, or "
+        "reused (in_place pause only)",
+    )
+    p.add_argument(
         "--verify",
         choices=("off", "sample", "full"),
         default="sample",

@@ -21,11 +21,13 @@ TransportKind = Literal["broadcast", "ipc"]
 PauseMode = Literal["abort", "retract", "in_place"]
 VerifyLevel = Literal["off", "sample", "full"]
 OnVerifyFailure = Literal["hold", "resume"]
+KvCache = Literal["recompute", "reuse"]
 
 _TRANSPORTS = ("broadcast", "ipc")
 _PAUSE_MODES = ("abort", "retract", "in_place")
 _LEVELS = ("off", "sample", "full")
 _ON_FAILURE = ("hold", "resume")
+_KV_CACHE = ("recompute", "reuse")
 MiB = 1 << 20
 DEFAULT_TIMEOUT_S = 300.0
 """The default deadline of every single wait: long enough for a multi-GiB bucket on a slow
@@ -122,6 +124,18 @@ class SyncConfig:
     in_flight: InFlightPolicy = "wait"
     """A call (``update``, ``update_async``, ``verify``, ``update_adapter``) made while an
     ``update_async`` is still running: ``wait`` for it, or ``fail`` (``UpdateInFlight``)."""
+    kv_cache: KvCache = "recompute"
+    """KV computed under the old weights, after the switch: ``recompute`` drops it in the
+    pause (the prefix cache, and the KV of requests paused in flight: they go on with the
+    tokens they have, recomputed under the new weights); ``reuse`` keeps both (only with
+    ``pause_mode="in_place"``: the lowest ramp-down, each token's KV from whichever
+    version computed it). ``SyncStats.kv_cache`` says which was done."""
+    min_serving: float = 0.0
+    """The least fraction of the fleet that keeps generating at every moment of an update.
+    0 pauses every engine at once; > 0 switches the engines in waves of at most
+    ``(1 - min_serving) * engines`` (at least one), each wave paused, loaded, verified,
+    stamped and resumed whole while the others serve (needs ``engine_stage_bytes``: the
+    bytes reach every engine before the first wave pauses). ``SyncStats.waves``."""
 
     def __post_init__(self) -> None:
         _require(
@@ -165,4 +179,20 @@ class SyncConfig:
             "in_flight",
             self.in_flight,
             f"one of {IN_FLIGHT_POLICIES}",
+        )
+        _require(self.kv_cache in _KV_CACHE, "kv_cache", self.kv_cache, f"one of {_KV_CACHE}")
+        _require(
+            self.kv_cache == "recompute" or self.pause_mode == "in_place",
+            "kv_cache",
+            self.kv_cache,
+            f"'reuse' keeps KV only in a pause_mode='in_place' pause ({self.pause_mode!r} "
+            "drops it)",
+        )
+        _require(0 <= self.min_serving < 1, "min_serving", self.min_serving, "0 <= x < 1")
+        _require(
+            not self.min_serving or self.engine_stage_bytes > 0,
+            "min_serving",
+            self.min_serving,
+            "waves need engine-side staging (engine_stage_bytes > 0): every engine takes "
+            "the bytes before the first wave pauses",
         )

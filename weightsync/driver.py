@@ -4,13 +4,17 @@ The whole contract, driver side (``WeightSync.update``)::
 
     lease lock -> [trainers] prepare: plan, identical on all ranks, finite, engines accept it;
                   export + int4 of the first SyncConfig.stage_bytes
-    pause(mode) -> flush cache (not for in_place) -> begin session        <- control plane here
+    pause(mode) -> flush cache (not with kv_cache="reuse") -> begin session  <- control plane
     [trainers] export -> int4 -> buckets -> engines, each bucket acknowledged   <- data plane
     end session (engine post-processing, e.g. the int4 repack)
     -> prove: every rank loaded every tensor sent (always); read back through the kernels
        and compared with what was sent (SyncConfig.verify: sample | full) -> stamp version
     finally: resume every paused engine; an engine whose update broke is marked stale, one
     that failed the proof is held paused (SyncConfig.on_verify_failure="hold")
+
+With engine-side staging (``SyncConfig.engine_stage_bytes``) the buckets reach every engine
+before any pause, and the pause holds only ``apply_staged``; with ``min_serving`` the engines
+then switch in waves (``weightsync.waves``), the rest of the fleet serving meanwhile.
 
 ``update_async`` runs the same update with the whole export staged on the source rank before
 the pause, returns to the caller there, and runs the rest on a thread of its own
@@ -45,6 +49,7 @@ from weightsync.quant import Int4Config
 from weightsync.sender import SendStats
 from weightsync.stats import AdapterStats, SyncStats, UpdateFailed, sync_stats
 from weightsync.verify import Proof, VerifyReport, check_adapter, check_complete, check_proof
+from weightsync.waves import Progress, Wave, plan_waves
 from weightsync.worker import TrainerSync
 
 log = logging.getLogger("weightsync")
@@ -211,20 +216,18 @@ class WeightSync:
 
     def _complete(self, opened: _Opened) -> SyncStats:
         version, probe = opened.version, opened.probe
-        paused: list[str] = []
-        begun: list[str] = []
+        progress = Progress()
         try:
-            send = self._update_paused(opened, paused, begun)
+            send = self._update_paused(opened, progress)
         except BaseException as e:  # noqa: BLE001 - _fail resumes, then re-raises
-            self._fail(version, e, paused, begun, opened.background)
-        # Every engine now holds this version; one that fails to resume is stale again.
-        self.stale.difference_update(self.engines)
-        self.held.clear()
-        t_pause, resumed_at = self._resume(paused)
+            self._fail(version, e, progress, opened.background)
         self._retire(self._adapters)  # trained against the old base: they no longer apply
         self.adapter = None
         self._proof = None if probe is None else Proof(version, probe, send.digests)
-        stats = sync_stats(version, send, resumed_at - t_pause, time.perf_counter() - opened.t0)
+        pause_s = max(w.pause_s for w in progress.waves)
+        stats = sync_stats(version, send, pause_s, time.perf_counter() - opened.t0)
+        stats.waves = progress.waves
+        stats.kv_cache = self.config.kv_cache
         stats.verify = self.config.verify
         stats.unverified = send.unverified
         stats.verified = probe is not None and not send.unverified
@@ -408,16 +411,20 @@ class WeightSync:
         return names
 
     def _fail(
-        self,
-        version: int,
-        error: BaseException,
-        paused: list,
-        begun: list,
-        background: bool = False,
+        self, version: int, error: BaseException, progress: Progress, background: bool = False
     ) -> NoReturn:
         # Partially written weights must never be served as if they were whole: an engine
         # whose session opened, or that the error names, waits for a full resync.
-        hit = sorted(set(begun) | (_failed_engines(error) & set(self.engines)))
+        begun, paused = progress.begun, progress.paused
+        hit = set(begun) | (_failed_engines(error) & set(self.engines))
+        # Never loaded: they let go of what they staged and serve the old weights, whole;
+        # behind the fleet (stale) once an earlier wave switched.
+        unapplied = [lb for lb in self.engines if lb not in begun and lb not in progress.switched]
+        if self.config.engine_stage_bytes and unapplied:
+            self._settle(lambda e: e.drop_staged(), unapplied)
+        if progress.switched:
+            hit.update(unapplied)
+        hit = sorted(hit)
         self.stale.update(hit)
         # The transport comes down while the engines are aborted and resumed: an engine still
         # waiting for a bucket that will never come returns from it only when the trainer's
@@ -425,9 +432,6 @@ class WeightSync:
         # An open session is aborted before the resume: no engine serves half-reloaded layers.
         # Held: what this update's proof failed, and what an earlier one held (unless this
         # update's proof passed it: ``_prove`` took it out).
-        if self.config.engine_stage_bytes and not begun:
-            # Staged but never applied: the engines let go of it (they serve the old weights).
-            self._settle(lambda e: e.drop_staged())
         hold = self.config.on_verify_failure == "hold"
         held = (self.held | self._proof_failed) if hold else set()
         self._proof_failed = set()
@@ -436,7 +440,7 @@ class WeightSync:
             teardown = pool.submit(self._disconnect, background)
             self._resume(paused, abort=begun, label=f"partial-{version}", hold=held)
             teardown.result()
-        if begun:  # some engine's base changed: adapters trained on the old one no longer apply
+        if begun or progress.switched:  # some engine's base changed: its adapters no longer apply
             self._retire(self._adapters)
             self.adapter = None
         if not isinstance(error, Exception):
@@ -459,45 +463,70 @@ class WeightSync:
         except Exception as e:  # noqa: BLE001 - a dead rank cannot reset; reconnect reports it
             log.warning("weightsync: trainer-side transport reset failed: %s", e)
 
-    def _update_paused(self, opened: _Opened, paused: list[str], begun: list[str]) -> SendStats:
-        """The paused part of an update; the lease is checked before every step (a holder
-        that lost it stops at the next step, and the failure path resumes its engines)."""
-        version, probe, sent, lease = opened.version, opened.probe, opened.sent, opened.lease
-        staged = self.config.engine_stage_bytes > 0
-        if staged:  # every bucket into the engines' host memory while they generate
-            send = self._push(opened.background, stage=True)
-            lease.check()
-        self._pause_started = time.perf_counter()
-        # Counted as paused before the call returns: a pause that timed out may still land.
-        paused.extend(self.engines)
-        self._each(lambda e: e.pause(self.config.pause_mode))
-        if self.config.pause_mode != "in_place":
-            flushed = self._each(lambda e: e.flush_cache())
-            refused = [label for label, ok in flushed.items() if not ok]
-            if refused:
-                raise EngineFailed(
-                    tuple(refused),
-                    f"engines {refused} refused to flush their cache after "
-                    f"{self.config.flush_retries} retries (their reasons are in the log)",
-                )
-        lease.check()
-        begun.extend(self.engines)
-        if staged:  # the pause holds only the local load: one call, start to finish
+    def _update_paused(self, opened: _Opened, progress: Progress) -> SendStats:
+        """The paused part of an update, one wave at a time (``SyncConfig.min_serving``; by
+        default one wave of every engine): each wave is paused, loaded, proved, stamped and
+        resumed whole while the others serve."""
+        send = None
+        if self.config.engine_stage_bytes:  # every bucket into the engines' host memory
+            send = self._push(opened.background, stage=True)  # while they all generate
+            opened.lease.check()
+        for wave in plan_waves(list(self.engines), self.config.min_serving):
             t0 = time.perf_counter()
-            self._each(lambda e: e.apply_staged())
-            send.apply_s = time.perf_counter() - t0
+            send = self._switch(opened, wave, progress, send)
+            progress.switched.extend(wave)
+            progress.begun.clear()
+            self.stale.difference_update(wave)  # they hold this version now
+            self.held.difference_update(wave)
+            self._resume(progress.paused)  # one that fails to resume is stale again
+            progress.paused.clear()
+            progress.waves.append(Wave(wave, time.perf_counter() - t0))
+        assert send is not None  # at least one wave
+        return send
+
+    def _switch(
+        self, opened: _Opened, wave: list[str], progress: Progress, send: SendStats | None
+    ) -> SendStats:
+        """One wave's engines to ``opened.version``: pause, drop old KV (``kv_cache``), load
+        (from staging; or, ``send`` None, the buckets as they arrive), prove, stamp. The lease
+        is checked before every step (a holder that lost it stops at the next step, and the
+        failure path resumes its engines)."""
+        lease = opened.lease
+        # Counted as paused before the call returns: a pause that timed out may still land.
+        progress.paused.extend(wave)
+        self._each(lambda e: e.pause(self.config.pause_mode), wave)
+        if self.config.kv_cache == "recompute":
+            self._flush(wave)
+        lease.check()
+        progress.begun.extend(wave)
+        if send is not None:  # the pause holds only the local load: one call, start to finish
+            t0 = time.perf_counter()
+            self._each(lambda e: e.apply_staged(), wave)
+            send.apply_s += time.perf_counter() - t0
         else:
-            self._each(lambda e: e.begin_update())
+            self._each(lambda e: e.begin_update(), wave)
             lease.check()
             send = self._push(opened.background)
             lease.check()
-            self._each(lambda e: e.end_update())
+            self._each(lambda e: e.end_update(), wave)
         t0 = time.perf_counter()
-        send.unverified = self._prove(probe, sent, send.digests, version, begun)
-        send.verify_s = time.perf_counter() - t0
+        send.unverified += self._prove(opened, send.digests, wave, progress.begun)
+        send.verify_s += time.perf_counter() - t0
         lease.check()
-        self._each(lambda e: e.set_version(str(version)))
+        self._each(lambda e: e.set_version(str(opened.version)), wave)
         return send
+
+    def _flush(self, labels: list[str]) -> None:
+        """KV computed under the old weights goes: the prefix cache, and (paused in place or
+        retracted) the running requests' KV, recomputed under the new weights on resume."""
+        flushed = self._each(lambda e: e.flush_cache(), labels)
+        refused = [label for label, ok in flushed.items() if not ok]
+        if refused:
+            raise EngineFailed(
+                tuple(refused),
+                f"engines {refused} refused to flush their cache after "
+                f"{self.config.flush_retries} retries (their reasons are in the log)",
+            )
 
     def _push(self, background: bool, stage: bool = False) -> SendStats:
         """The buckets, to every engine (``stage``: into their staging areas). In the
@@ -522,18 +551,14 @@ class WeightSync:
         )
 
     def _prove(
-        self,
-        probe: Probe | None,
-        sent: dict[str, int],
-        digests: dict[str, str],
-        version: int,
-        begun: list,
+        self, opened: _Opened, digests: dict[str, str], labels: list[str], begun: list
     ) -> list[str]:
-        """Every engine loaded everything sent (always) and, at ``probe``'s level, computes
-        with it (those that can read back). An engine that passes holds this version: it is
-        stamped with it and stays live even when another fails (it leaves ``begun``: nothing
-        of it is aborted); the failures are raised (and held, ``_fail``). Returns the engines
-        nothing could be read back from."""
+        """Every engine of ``labels`` loaded everything sent (always) and, at the probe's
+        level, computes with it (those that can read back). An engine that passes holds this
+        version: it is stamped with it and stays live even when another fails (it leaves
+        ``begun``: nothing of it is aborted); the failures are raised (and held, ``_fail``).
+        Returns the engines nothing could be read back from."""
+        probe, sent, version = opened.probe, opened.sent, opened.version
 
         def prove(engine: ControlPlane) -> bool:
             check_complete(engine, sent)
@@ -542,7 +567,7 @@ class WeightSync:
             check_proof(engine, probe, digests)
             return True
 
-        futures = self._run_engines(prove)
+        futures = self._run_engines(prove, labels)
         bad = {lb: f.exception() for lb, f in futures.items() if f.exception() is not None}
         if not bad:
             return [lb for lb, f in futures.items() if probe is not None and not f.result()]
@@ -572,10 +597,11 @@ class WeightSync:
         with ThreadPoolExecutor(len(labels), thread_name_prefix="engine") as pool:
             return {lb: pool.submit(_named, lb, call, self.engines[lb]) for lb in labels}
 
-    def _each(self, call: Callable) -> dict[str, Any]:
-        """``call(engine)`` on every engine at once (one slow engine delays no other step of
-        the others); every call has its own deadline. Raises naming each engine that failed."""
-        futures = self._run_engines(call)
+    def _each(self, call: Callable, labels: Sequence[str] | None = None) -> dict[str, Any]:
+        """``call(engine)`` on the engines ``labels`` (default all) at once (one slow engine
+        delays no other step of the others); every call has its own deadline. Raises naming
+        each engine that failed."""
+        futures = self._run_engines(call, labels)
         errors = [f.exception() for f in futures.values() if f.exception() is not None]
         if len(errors) == 1:
             raise errors[0]
@@ -590,11 +616,10 @@ class WeightSync:
         abort: Sequence[str] = (),
         label: str = "",
         hold: set[str] | frozenset = frozenset(),
-    ) -> tuple[float, float]:
+    ) -> None:
         """Resume every paused engine but those to ``hold``, all at once (one that hangs
         delays no other), first aborting the sessions named in ``abort`` and stamping them
         ``label``: what they hold mixes two versions, and every client must be able to tell."""
-        start = getattr(self, "_pause_started", time.perf_counter())
         if paused:
             with ThreadPoolExecutor(len(paused), thread_name_prefix="resume") as pool:
                 outcomes = {
@@ -605,7 +630,6 @@ class WeightSync:
             if errors:
                 self.stale.update(errors)
                 log.error("engines %s may not serve (marked stale): %s", sorted(errors), errors)
-        return start, time.perf_counter()
 
     def _recover(self, label: str, stamp: str, hold: bool = False) -> list[Exception]:
         engine, errors = self.engines[label], []
@@ -661,8 +685,15 @@ def _failed_engines(error: BaseException | None) -> set[str]:
 
 def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
     """Combinations no update could run, refused when WeightSync is built, naming the
-    engines: the CPU shared-memory ring is read by our vLLM plugin only."""
+    engines: the CPU shared-memory ring and engine-side staging are our vLLM plugin's."""
+    plan_waves([s.label for s in specs], config.min_serving)  # raises if none could switch
     bad = [s.label for s in specs if s.kind != "vllm"]
+    if config.pause_mode == "in_place" and config.kv_cache == "recompute" and bad:
+        raise ValueError(
+            f"SyncConfig.kv_cache='recompute' with pause_mode='in_place': SGLang engines {bad} "
+            "cannot drop the KV of requests paused in place (their flush waits for idle); "
+            "use pause_mode='retract', or kv_cache='reuse' to keep that KV"
+        )
     if config.engine_stage_bytes and bad:
         raise ValueError(
             f"SyncConfig.engine_stage_bytes: engine-side staging is built for vLLM engines "

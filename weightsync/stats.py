@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from weightsync.waves import Wave
+
 if TYPE_CHECKING:
     from weightsync.sender import SendStats
 
@@ -17,7 +19,8 @@ class SyncStats:
     transfer_s: float
     engine_load_s: float
     pause_s: float
-    """Engines paused: first pause call to last resume returned."""
+    """The longest any engine was paused: its wave's pause call to its resume returned (one
+    wave of every engine unless ``SyncConfig.min_serving``)."""
     staged_s: float
     """Export + int4 done before the pause (``SyncConfig.stage_bytes``)."""
     total_s: float
@@ -42,6 +45,11 @@ class SyncStats:
     trainer_blocked_s: float = 0.0
     """How long the caller (the trainer's loop) waited: all of ``total_s`` for ``update``,
     the checks and the staged export for ``update_async``."""
+    kv_cache: str = "recompute"
+    """What became of KV computed under the old weights (``SyncConfig.kv_cache``):
+    ``recompute`` dropped in the pause, ``reuse`` kept (in-place pause)."""
+    waves: list[Wave] = field(default_factory=list)
+    """Which engines switched together, in order, each wave's pause (``min_serving``)."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,7 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
     return SyncConfig(
         transport=args.transport,
         pause_mode=args.pause_mode,
+        kv_cache=args.kv_cache,
         bucket_bytes=args.bucket_mib * MiB,
         stage_bytes=args.stage_mib * MiB,
         verify=args.verify,

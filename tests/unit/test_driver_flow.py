@@ -125,10 +125,26 @@ def test_every_engine_gets_the_update_in_order_and_at_once():
         assert e.calls == UPDATE_CALLS
 
 
-def test_in_place_pause_keeps_the_cache():
+@pytest.mark.parametrize("kv_cache", ["recompute", "reuse"])
+def test_an_in_place_pause_drops_old_kv_unless_asked_to_reuse_it(kv_cache):
     engine = ScriptedEngine("e0")
-    _sync([engine], ScriptedTrainers(), pause_mode="in_place").update(1)
-    assert "flush" not in engine.calls
+    ws = _sync([engine], ScriptedTrainers(), pause_mode="in_place", kv_cache=kv_cache)
+    stats = ws.update(1)
+    assert stats.kv_cache == kv_cache
+    assert ("flush" in engine.calls) == (kv_cache == "recompute")
+    assert engine.calls.index("pause") < engine.calls.index("begin")
+
+
+def test_kv_reuse_needs_an_in_place_pause_and_sglang_cannot_drop_kv_held_in_place():
+    with pytest.raises(ValueError, match=r"kv_cache='reuse'.*in_place"):
+        SyncConfig(kv_cache="reuse", pause_mode="retract")
+    with pytest.raises(ValueError, match=r"kv_cache="):
+        SyncConfig(kv_cache="keep")
+    spec = EngineSpec(kind="sglang", url="http://127.0.0.1:30000", name="sg")
+    with pytest.raises(ValueError, match=r"SGLang engines \['sg'\] cannot drop the KV"):
+        WeightSync(ScriptedTrainers(), [spec], SyncConfig(pause_mode="in_place"))
+    ok = SyncConfig(pause_mode="in_place", kv_cache="reuse")
+    WeightSync(ScriptedTrainers(), [spec], ok).close()
 
 
 def test_a_failed_send_aborts_every_session_before_resuming():

@@ -33,10 +33,11 @@ from weightsync.proof import Probe
 from weightsync.tensors import all_finite, dtype_name
 from weightsync.transport.base import Ticket
 
-# weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; retract
-# then has flush_cache preempt them too (their KV is dropped and recomputed with the new
-# weights after resume), where in_place leaves their KV as it was. vLLM's own "wait" (drain
-# in-flight requests first) is accepted as is.
+# weightsync's pause modes -> vLLM's /pause modes. "keep" freezes in-flight requests; a flush
+# then preempts them too (their KV is dropped and recomputed with the new weights after
+# resume): always after retract, after in_place unless SyncConfig.kv_cache="reuse" skips the
+# flush and leaves their KV as it was. vLLM's own "wait" (drain in-flight requests first) is
+# accepted as is.
 PAUSE_MODES = {"abort": "abort", "retract": "keep", "in_place": "keep", "wait": "wait"}
 
 
@@ -234,10 +235,10 @@ class VllmEngine:
         self._pause_mode = mode
 
     def flush_cache(self) -> bool:
-        """Drop the prefix cache; after a retract pause also preempt the frozen requests, so
-        they are recomputed with the new weights. Retried with backoff while blocks are
-        held."""
-        retract = "true" if self._pause_mode == "retract" else "false"
+        """Drop the prefix cache; after a retract or in-place pause also preempt the frozen
+        requests, so their KV is recomputed with the new weights. Retried with backoff while
+        blocks are held."""
+        retract = "false" if self._pause_mode == "abort" else "true"
 
         def attempt() -> str | None:
             answer = self._call(
