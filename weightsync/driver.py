@@ -469,10 +469,10 @@ class WeightSync:
         resumed whole while the others serve."""
         send = None
         if self.config.engine_stage_bytes:  # every bucket into the engines' host memory
-            send = self._push(opened.background, stage=True)  # while they all generate
+            send = self._push(opened.background, staged=True)  # while they all generate
             opened.lease.check()
         for wave in plan_waves(list(self.engines), self.config.min_serving):
-            t0 = time.perf_counter()
+            t0, paused_at = time.perf_counter(), time.time()
             send = self._switch(opened, wave, progress, send)
             progress.switched.extend(wave)
             progress.begun.clear()
@@ -480,7 +480,8 @@ class WeightSync:
             self.held.difference_update(wave)
             self._resume(progress.paused)  # one that fails to resume is stale again
             progress.paused.clear()
-            progress.waves.append(Wave(wave, time.perf_counter() - t0))
+            pause_s = time.perf_counter() - t0
+            progress.waves.append(Wave(wave, pause_s, paused_at, time.time()))
         assert send is not None  # at least one wave
         return send
 
@@ -528,13 +529,14 @@ class WeightSync:
                 f"{self.config.flush_retries} retries (their reasons are in the log)",
             )
 
-    def _push(self, background: bool, stage: bool = False) -> SendStats:
-        """The buckets, to every engine (``stage``: into their staging areas). In the
-        background the whole export is staged on the source rank already: it pushes alone,
-        on its own thread (the trainer steps on)."""
+    def _push(self, background: bool, staged: bool = False) -> SendStats:
+        """The buckets, to every engine (``staged``: into their staging areas, bounded by
+        ``engine_stage_bytes``). In the background the whole export is staged on the source
+        rank already: it pushes alone, on its own thread (the trainer steps on)."""
+        bound = self.config.engine_stage_bytes if staged else 0
         if not background:
-            return self._run(TrainerSync.send, stage)[0]
-        return self._on_source_beside(TrainerSync.send, stage, timeout_s=self.config.step_timeout_s)
+            return self._run(TrainerSync.send, bound)[0]
+        return self._on_source_beside(TrainerSync.send, bound, timeout_s=self.config.step_timeout_s)
 
     def _on_source_beside(self, fn: Callable, *args: Any, timeout_s: float) -> Any:
         """``fn`` on the source rank, in its background group: beside the trainer's calls,

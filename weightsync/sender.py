@@ -243,11 +243,12 @@ class WeightSender:
         self._units, self._staged, self._unprobed = None, [], None
 
     def send(
-        self, engines: Sequence[DataPlane], sender: Sender | None, stage: bool = False
+        self, engines: Sequence[DataPlane], sender: Sender | None, stage_bound: int = 0
     ) -> SendStats:
         """Stream the model to ``engines`` (source rank) or take part in the export (others).
-        ``stage``: into each engine's staging area, the model untouched (engine-side
-        staging, ``SyncConfig.engine_stage_bytes``; the engines apply it in the pause)."""
+        ``stage_bound`` > 0: into each engine's staging area, the model untouched, refused
+        past that many bytes (engine-side staging, the driver's
+        ``SyncConfig.engine_stage_bytes``; the engines apply it in the pause)."""
         assert self.plan is not None, "prepare() first"
         if self._units is None:
             self.stage(0)  # nothing staged: the whole export runs now
@@ -262,10 +263,10 @@ class WeightSender:
         try:
             self._probe_staged(stats)
             named = itertools.chain(_drain(staged), self._quantized(rest, stats))
-            if stage:  # refused here, before anything moves, by an engine that cannot hold it
-                for engine in engines:
-                    engine.open_staging(self.plan.total_nbytes, self.config.engine_stage_bytes)
-            self._send(engines, sender, named, stats, stage)
+            if stage_bound:  # refused here, before anything moves, by an engine that cannot
+                for engine in engines:  # hold it
+                    engine.open_staging(self.plan.total_nbytes, stage_bound)
+            self._send(engines, sender, named, stats, stage_bound > 0)
             stats.digests.update(self._hashing.collect())
         finally:
             # Peers block in the export's collectives until the source has pulled every unit,

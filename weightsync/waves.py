@@ -35,6 +35,10 @@ class Wave:
     engines: list[str]
     pause_s: float
     """This wave's engines paused: its pause call to its resume returned."""
+    paused_at: float = 0.0
+    """Wall clock (``time.time()``) of its pause call, to line up with rollout logs."""
+    resumed_at: float = 0.0
+    """Wall clock when its resume returned."""
 
 
 @dataclass

@@ -151,9 +151,9 @@ class TrainerSync:
         return {s.name: s.numel for b in plan.buckets for g in b.groups for s in g.entries}
 
     @staticmethod
-    def send(worker: Any, sync_id: str, stage: bool = False) -> SendStats:
+    def send(worker: Any, sync_id: str, stage_bound: int = 0) -> SendStats:
         state = _state(worker, sync_id)
-        return state.sender.send(state.engines, state.transport, stage)
+        return state.sender.send(state.engines, state.transport, stage_bound)
 
     @staticmethod
     def publish_adapter(

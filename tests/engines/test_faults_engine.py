@@ -9,12 +9,14 @@ figures to out/reliability.json.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
+import requests
 import torch
 
 from tests import fault_helpers as fh
@@ -48,6 +50,11 @@ class Rig:
                 raise
             self.server_b = second.result(timeout=300)
         self.server_a = self.rt.server
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= 2:  # each engine its own cores: one under load cannot starve the other
+            half = len(cores) // 2
+            self.server_a.pin(set(cores[:half]))
+            self.server_b.pin(set(cores[half:]))
         self.spec_a = replace(self.rt.engine_spec, name="engine-a", timeout_s=STEP_S)
         url_b = self.server_b.url
         self.spec_b = replace(self.spec_a, name="engine-b", url=url_b)
@@ -268,6 +275,67 @@ def test_concurrent_updates_never_interleave(rig):
         outcome="second refused with LockBusy, never interleaved",
         engines_resumed=2,
         data_lost="none",
+    )
+
+
+# --- 7b. a rolling update: one engine serves while the other switches -------------------------
+def _answers(url: str, stop: threading.Event, out: list) -> None:
+    """Short generations on ``url`` until ``stop``: (wall clock answered, the versions its
+    tokens were sampled under: vLLM's per-token spans)."""
+    body = {
+        "token_ids": [1, 2, 3],
+        "sampling_params": {"max_tokens": 2, "temperature": 0.0, "ignore_eos": True},
+    }
+    headers = {"Authorization": f"Bearer {fh.API_KEY}"}
+    with requests.Session() as session:
+        while not stop.is_set():
+            r = session.post(f"{url}/inference/v1/generate", json=body, headers=headers, timeout=60)
+            if r.ok:
+                spans = r.json()["choices"][0]["weight_versions"]
+                out.append((time.time(), {span["version"] for span in spans}))
+            time.sleep(0.002)  # a steady load, not a flood
+
+
+def test_waves_keep_one_engine_serving_while_the_other_switches(rig):
+    base = rig.ws.config
+    rig.ws.config = replace(base, engine_stage_bytes=64 << 20, min_serving=0.5)
+    urls = {"engine-a": rig.spec_a.url, "engine-b": rig.spec_b.url}
+    stop, answered = threading.Event(), {label: [] for label in urls}
+    clients = [
+        threading.Thread(target=_answers, args=(urls[lb], stop, answered[lb])) for lb in urls
+    ]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(1.0)
+        rig.version += 1
+        stats = rig.ws.update(rig.version)
+        time.sleep(0.5)
+    finally:
+        rig.ws.config = base
+        stop.set()
+        for c in clients:
+            c.join(timeout=60)
+    old, new = str(rig.version - 1), str(rig.version)
+    first, second = stats.waves
+    assert [first.engines, second.engines] == [["engine-a"], ["engine-b"]]
+    assert first.resumed_at <= second.paused_at
+    assert stats.verified and set(rig.ws.versions().values()) == {new}
+
+    def during(label, wave):
+        return [v for t, v in answered[label] if wave.paused_at <= t <= wave.resumed_at]
+
+    # While one wave was paused the other engine answered, on the version it then held.
+    assert during("engine-b", first) and all(v == {old} for v in during("engine-b", first))
+    assert during("engine-a", second) and all(new in v for v in during("engine-a", second))
+    fh.record(
+        "rolling update (min_serving=0.5)",
+        waves=[w.engines for w in stats.waves],
+        pause_s=[round(w.pause_s, 3) for w in stats.waves],
+        answered_while_the_other_switched=[
+            len(during("engine-b", first)),
+            len(during("engine-a", second)),
+        ],
     )
 
 

