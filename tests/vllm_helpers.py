@@ -165,17 +165,27 @@ def ordered(named: dict[str, torch.Tensor], plan) -> list[tuple[str, torch.Tenso
 
 
 def push(
-    engine, sender, plan, named, version: str, mode: str = "abort", timeout_s=TIMEOUT_S, flush=True
+    engine,
+    sender,
+    plan,
+    named,
+    version: str,
+    mode: str = "abort",
+    timeout_s=TIMEOUT_S,
+    flush=True,
+    paused=False,
 ):
     """One full update the way the driver (WeightSync) drives it; returns the wall seconds.
-    ``flush``: drop the old KV in the pause (``SyncConfig.kv_cache="recompute"``)."""
+    ``flush``: drop the old KV in the pause (``SyncConfig.kv_cache="recompute"``);
+    ``paused``: the caller paused the engine already."""
     import time
 
     from weightsync.transport.base import send_stream
 
     engine.validate(plan, named.items())
     t0 = time.perf_counter()
-    engine.pause(mode)
+    if not paused:
+        engine.pause(mode)
     if flush:
         assert engine.flush_cache()
     engine.begin_update()

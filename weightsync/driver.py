@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from weightsync.config import SyncConfig
-from weightsync.engines.base import ControlPlane, EngineFailed
+from weightsync.engines.base import Applied, ControlPlane, EngineFailed
 from weightsync.engines.spec import EngineSpec
 from weightsync.inflight import BACKGROUND_GROUP, BackgroundSlot, UpdateHandle, UpdateInFlight
 from weightsync.lease import Lease, LeaseLock, LocalLeaseLock
@@ -500,10 +500,14 @@ class WeightSync:
             self._flush(wave)
         lease.check()
         progress.begun.extend(wave)
+        applied: dict[str, Applied | None] = {}
         if send is not None:  # the pause holds only the local load: one call, start to finish
-            t0 = time.perf_counter()
-            self._each(lambda e: e.apply_staged(), wave)
-            send.apply_s += time.perf_counter() - t0
+            applied = self._each(lambda e: e.apply_staged(opened.probe), wave)
+            # The engines' own load (the slowest); the call also answers completeness and
+            # verify, so the pause holds one round trip for three.
+            answers = [a for a in applied.values() if a is not None]
+            send.apply_s += max((a.load_s for a in answers), default=0.0)
+            send.verify_s += max((a.readback_s for a in answers), default=0.0)
         else:
             self._each(lambda e: e.begin_update(), wave)
             lease.check()
@@ -511,7 +515,7 @@ class WeightSync:
             lease.check()
             self._each(lambda e: e.end_update(), wave)
         t0 = time.perf_counter()
-        send.unverified += self._prove(opened, send.digests, wave, progress.begun)
+        send.unverified += self._prove(opened, send.digests, wave, progress, applied)
         send.verify_s += time.perf_counter() - t0
         lease.check()
         self._each(lambda e: e.set_version(str(opened.version)), wave)
@@ -553,20 +557,28 @@ class WeightSync:
         )
 
     def _prove(
-        self, opened: _Opened, digests: dict[str, str], labels: list[str], begun: list
+        self,
+        opened: _Opened,
+        digests: dict[str, str],
+        labels: list[str],
+        progress: Progress,
+        applied: dict[str, Applied | None],
     ) -> list[str]:
         """Every engine of ``labels`` loaded everything sent (always) and, at the probe's
         level, computes with it (those that can read back). An engine that passes holds this
         version: it is stamped with it and stays live even when another fails (it leaves
-        ``begun``: nothing of it is aborted); the failures are raised (and held, ``_fail``).
-        Returns the engines nothing could be read back from."""
+        ``begun`` for ``switched``: nothing of it is aborted); the failures are raised (and
+        held, ``_fail``). Returns the engines nothing could be read back from."""
         probe, sent, version = opened.probe, opened.sent, opened.version
+        # What an engine's apply already answered (keyed by the engine: ``prove`` gets it).
+        answered = {self.engines[lb]: a for lb, a in applied.items() if a is not None}
 
         def prove(engine: ControlPlane) -> bool:
-            check_complete(engine, sent)
+            got = answered.get(engine)
+            check_complete(engine, sent, None if got is None else got.session)
             if probe is None or not engine.verifiable:
                 return False
-            check_proof(engine, probe, digests)
+            check_proof(engine, probe, digests, None if got is None else got.digests)
             return True
 
         futures = self._run_engines(prove, labels)
@@ -577,7 +589,8 @@ class WeightSync:
             lambda e: e.set_version(str(version)), [lb for lb in futures if lb not in bad]
         )
         whole = {lb for lb, e in good.items() if e is None}
-        begun[:] = [lb for lb in begun if lb not in whole]
+        progress.begun[:] = [lb for lb in progress.begun if lb not in whole]
+        progress.switched.extend(whole)
         self.stale.difference_update(whole)
         self.held.difference_update(whole)
         self._proof_failed = set(bad)
@@ -697,9 +710,13 @@ def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
             "use pause_mode='retract', or kv_cache='reuse' to keep that KV"
         )
     if config.engine_stage_bytes and bad:
+        # SGLang 0.5.23 holds bytes unloaded only through custom weight loaders on its tensor
+        # path, inside an open update session, and drains every request in flight before
+        # each such call (its model-update writer lock): nothing would arrive while it serves.
         raise ValueError(
             f"SyncConfig.engine_stage_bytes: engine-side staging is built for vLLM engines "
-            f"(the weightsync plugin); not for {bad}"
+            f"(the weightsync plugin); not for {bad}: SGLang cannot hold an update unloaded "
+            "while it serves (its update calls drain the requests in flight)"
         )
     if config.transport == "ipc" and bad:
         raise ValueError(

@@ -19,10 +19,13 @@ from weightsync.engines.base import ControlPlane
 from weightsync.proof import Probe, source_of
 
 
-def check_complete(engine: ControlPlane, sent: dict[str, int]) -> bool:
+def check_complete(
+    engine: ControlPlane, sent: dict[str, int], ranks: list[dict] | None = None
+) -> bool:
     """RuntimeError unless every rank of ``engine`` loaded all of ``sent`` (``{tensor
-    name: elements}``) and left no layer unloaded. False where the engine cannot tell."""
-    ranks = engine.session_report()
+    name: elements}``) and left no layer unloaded. False where the engine cannot tell.
+    ``ranks``: its session report, when the apply already answered it."""
+    ranks = engine.session_report() if ranks is None else ranks
     if ranks is None:
         return False
     for rank, report in enumerate(ranks):
@@ -43,10 +46,13 @@ def check_complete(engine: ControlPlane, sent: dict[str, int]) -> bool:
     return True
 
 
-def check_proof(engine: ControlPlane, probe: Probe, sent: dict[str, str]) -> None:
+def check_proof(
+    engine: ControlPlane, probe: Probe, sent: dict[str, str], live: dict[str, str] | None = None
+) -> None:
     """The engine's kernels compute with exactly the weights whose fingerprints are
-    ``sent``: every weight, aliases included, at ``probe.level``."""
-    live = engine.live_digests(probe)
+    ``sent``: every weight, aliases included, at ``probe.level``. ``live``: its
+    fingerprints at ``probe``, when the apply already answered them."""
+    live = engine.live_digests(probe) if live is None else live
     # A derived copy (MLA's decode copies) must hold exactly the weight it was derived from.
     derived = {n: sent[source_of(n)] for n in live if source_of(n) != n and source_of(n) in sent}
     bad = sorted(n for n, d in {**sent, **derived}.items() if live.get(n) != d)

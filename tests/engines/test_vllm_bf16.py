@@ -6,6 +6,7 @@ the original checkpoint weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -156,14 +157,18 @@ def test_inflight_request_survives_the_update(served, broadcast_sender, mode, kv
     prompt, n = PROMPTS[1], 2000
     new = perturbed(state, seed=5)
     old = generate(server.url, prompt, n, API_KEY, ignore_eos=True)[0]
+    plan = plan_for(new, 1 << 20)
     # A request that finished before the pause took effect proves nothing: try again.
     for _ in range(3):
         started, tokens = threading.Event(), []
         worker = threading.Thread(target=_stream, args=(server.url, prompt, n, started, tokens))
         worker.start()
         assert started.wait(timeout=TIMEOUT_S)
-        plan = plan_for(new, 1 << 20)
-        push(engine, broadcast_sender, plan, new, f"bf16-{mode}", mode=mode, flush=flush)
+        engine.pause(mode)
+        if not worker.is_alive():  # done before the pause (a loaded machine): nothing to see
+            engine.resume()
+            continue
+        push(engine, broadcast_sender, plan, new, f"bf16-{mode}", mode, flush=flush, paused=True)
         worker.join(timeout=TIMEOUT_S)
         fresh = generate(server.url, prompt, n, API_KEY, ignore_eos=True)[0]
         # First token the new weights chose (those before it may come from either).
@@ -198,20 +203,26 @@ def _first_token(url: str, prompt: list[int]) -> tuple[int, float]:
     return entry["token_id"], entry["logprob"]
 
 
-@pytest.mark.parametrize("kv_cache", ["recompute", "reuse"])
+@pytest.mark.parametrize("kv_cache", ["recompute", "recompute in the pause call", "reuse"])
 def test_a_cached_prefix_is_not_reused_across_versions_unless_asked(
     served, broadcast_sender, kv_cache
 ):
+    from weightsync.engines.vllm import VllmEngine
+
     server, engine, state, _, model_dir = served
+    if kv_cache == "recompute in the pause call":  # as WeightSync connects it by default
+        engine = VllmEngine(dataclasses.replace(engine.config, flush_in_pause=True))
     # Longer than a KV block, so its head is cached by the first request.
     prompt = [(7 * i + 3) % 250 + 1 for i in range(300)]
     new = perturbed(state, seed=11, scale=1.0)
     _first_token(server.url, prompt)  # cached under the old weights
     plan = plan_for(new, 1 << 20)
-    flush = kv_cache == "recompute"
-    push(engine, broadcast_sender, plan, new, f"kv-{kv_cache}", mode="in_place", flush=flush)
+    flush = kv_cache != "reuse"
+    push(engine, broadcast_sender, plan, new, "kv", mode="in_place", flush=flush)
     token, got = _first_token(server.url, prompt)
     push(engine, broadcast_sender, plan_for(state, 1 << 20), state, version="bf16-v0")
+    if engine is not served[1]:
+        engine.close()
     want = reference_logprobs(model_dir, new, [*prompt, token])[-1]
     if flush:  # computed from scratch under the new weights
         assert abs(got - want) < 0.06

@@ -8,11 +8,12 @@ import pytest
 
 from tests.unit.test_driver_flow import ScriptedEngine, ScriptedTrainers, _sync
 from weightsync.driver import UpdateFailed
+from weightsync.engines.base import Applied
 from weightsync.worker import TrainerSync
 
 
 class StagingEngine(ScriptedEngine):
-    def apply_staged(self):
+    def apply_staged(self, probe=None):
         return self._step("apply")
 
     def drop_staged(self):
@@ -68,5 +69,37 @@ def test_engine_staging_is_refused_for_engines_without_it():
     from weightsync import EngineSpec, SyncConfig, WeightSync
 
     spec = EngineSpec(kind="sglang", url="http://127.0.0.1:30000")
-    with pytest.raises(ValueError, match=r"engine_stage_bytes.*vLLM"):
+    with pytest.raises(ValueError, match=r"engine_stage_bytes.*vLLM.*cannot hold an update"):
         WeightSync(ScriptedTrainers(), [spec], SyncConfig(engine_stage_bytes=1 << 20))
+
+
+class AnsweringEngine(StagingEngine):
+    """Its apply also answers completeness and the fingerprints (as the vLLM plugin does)."""
+
+    def apply_staged(self, probe=None):
+        self._step("apply")
+        digests = None if probe is None else dict(self.holds)
+        return Applied(load_s=0.01, readback_s=0.0, session=self.session, digests=digests)
+
+
+def test_an_apply_that_answers_completeness_and_verify_spares_their_round_trips():
+    engine = AnsweringEngine("e0")
+    stats = _sync([engine], LoggedTrainers([engine]), engine_stage_bytes=1 << 30).update(1)
+    assert engine.calls == ["push", "pause", "flush", "apply", "version", "resume"]
+    assert stats.verified and stats.apply_s == 0.01
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("holds", {"w": "old"}, "differ from the trainer's"),
+        ("session", [{"received": {"w": 3}, "unloaded": []}], "did not load"),
+    ],
+)
+def test_what_the_apply_answered_is_held_to_the_same_checks(field, value, match):
+    engine = AnsweringEngine("e0")
+    setattr(engine, field, value)
+    ws = _sync([engine], LoggedTrainers([engine]), engine_stage_bytes=1 << 30)
+    with pytest.raises(UpdateFailed, match=match):
+        ws.update(1)
+    assert ws.stale == {"e0"} and "1" not in engine.versions  # never stamped as whole

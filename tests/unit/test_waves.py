@@ -96,3 +96,14 @@ def test_waves_need_engine_staging_and_a_fleet_that_can_spare_an_engine():
         SyncConfig(min_serving=1, engine_stage_bytes=1 << 20)
     with pytest.raises(ValueError, match=r"keeps all 1 engines serving"):
         _build([StagingEngine("e0")], ScriptedTrainers(), engine_stage_bytes=1, min_serving=0.5)
+
+
+def test_in_a_failing_wave_the_engines_that_passed_stay_live():
+    engines, _ = _fleet(4)
+    engines[3].holds = {"w": "old"}  # fails verify: its kernels compute with other weights
+    ws = _sync(engines)  # waves of two
+    with pytest.raises(UpdateFailed, match="differ from the trainer's"):
+        ws.update(1)
+    assert [e.versions for e in engines] == [["1"], ["1"], ["1"], ["partial-1"]]
+    assert ws.stale == {"e3"} and ws.held == {"e3"}
+    assert [s.label for s in ws.live_engines] == ["e0", "e1", "e2"]

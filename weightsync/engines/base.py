@@ -69,6 +69,21 @@ class ShmLink:
 Link = BroadcastLink | ShmLink
 
 
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A staged update applied (``ControlPlane.apply_staged``), with what the same call
+    also answered, so the pause holds one round trip where it would hold three."""
+
+    load_s: float
+    """The slowest rank's own load from staging (start, every bucket, finish)."""
+    readback_s: float
+    """The slowest rank's read-back at the probe (0 without one)."""
+    session: list[dict]
+    """Per rank, what it loaded (``session_report``'s answer)."""
+    digests: dict[str, str] | None = None
+    """The fingerprints ``live_digests(probe)`` would answer; None without a probe."""
+
+
 class EngineFailed(RuntimeError):
     """A step failed on named engines; the driver marks exactly those stale. Pickles whole,
     so it crosses Ray with the names intact."""
@@ -120,9 +135,10 @@ class ControlPlane(Protocol):
 
     def end_update(self) -> None: ...
 
-    def apply_staged(self) -> None:
+    def apply_staged(self, probe: Probe | None = None) -> Applied | None:
         """In the pause: load the staged update whole (one session), or abort it keeping
-        every layer whole."""
+        every layer whole. May also answer completeness and the fingerprints at ``probe``
+        (``Applied``); None: ask ``session_report`` and ``live_digests``."""
         ...
 
     def drop_staged(self) -> None:

@@ -313,7 +313,7 @@ class SGLangEngine:
     def stage_bucket(self, bucket: Bucket, ticket: Ticket) -> InFlight:
         raise ValueError(f"{self.name}: engine-side staging is not built for SGLang engines")
 
-    def apply_staged(self) -> None:
+    def apply_staged(self, probe=None) -> None:
         raise ValueError(f"{self.name}: engine-side staging is not built for SGLang engines")
 
     def drop_staged(self) -> None:

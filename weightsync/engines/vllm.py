@@ -24,7 +24,7 @@ import torch
 
 from weightsync import proof
 from weightsync.config import DEFAULT_TIMEOUT_S
-from weightsync.engines.base import BroadcastLink, Link, ShmLink
+from weightsync.engines.base import Applied, BroadcastLink, Link, ShmLink
 from weightsync.engines.http import DeadlineSession, InFlight, retry_flush
 from weightsync.engines.vllm_plugin.wire import InitInfo, update_info
 from weightsync.plan import Bucket, Plan
@@ -50,6 +50,10 @@ class VllmEngineConfig:
     flush_retries: int = 8
     flush_backoff_s: float = 0.05
     flush_backoff_max_s: float = 2.0
+    flush_in_pause: bool = False
+    """Every pause also drops the old KV (vLLM's ``/pause?clear_cache``: the prefix cache,
+    the frozen requests preempted), and ``flush_cache`` then has nothing left to do: one
+    round trip less in the pause (``SyncConfig.kv_cache="recompute"``)."""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -77,6 +81,7 @@ class VllmEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-bucket")
         self._expected: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self._pause_mode = "abort"
+        self._flushed = False
 
     # --- HTTP plumbing -------------------------------------------------------------------
     def _request(
@@ -215,9 +220,14 @@ class VllmEngine:
         future = self._pool.submit(self._rpc_all, query)
         return InFlight(future, f"{self.name} bucket {bucket.index} (staging)")
 
-    def apply_staged(self) -> None:
-        """In the pause: load the staged update (start, every bucket, finish) in one call."""
-        self._rpc_all("apply_staged")
+    def apply_staged(self, probe: Probe | None = None) -> Applied:
+        """In the pause: load the staged update (start, every bucket, finish) in one call,
+        which also answers each rank's session report and, given ``probe``, fingerprints."""
+        ranks = self._rpc_all("apply_staged" + (f":{probe.query()}" if probe else ""))
+        digests = proof.assemble([r["proof"] for r in ranks]) if probe else None
+        load_s = max(r["load_s"] for r in ranks)
+        readback_s = max(r["readback_s"] for r in ranks)
+        return Applied(load_s, readback_s, [r["session"] for r in ranks], digests)
 
     def drop_staged(self) -> None:
         self._rpc_all("drop_staged")
@@ -231,13 +241,17 @@ class VllmEngine:
     def pause(self, mode: str = "abort") -> None:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
-        self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": "false"})
-        self._pause_mode = mode
+        clear = "true" if self.config.flush_in_pause else "false"
+        self._flushed = False  # a pause that fails midway may not have cleared
+        self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": clear})
+        self._pause_mode, self._flushed = mode, self.config.flush_in_pause
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; after a retract or in-place pause also preempt the frozen
         requests, so their KV is recomputed with the new weights. Retried with backoff while
         blocks are held."""
+        if self._flushed:  # the pause did it (``flush_in_pause``)
+            return True
         retract = "false" if self._pause_mode == "abort" else "true"
 
         def attempt() -> str | None:
@@ -282,6 +296,7 @@ class VllmEngine:
         return self._call("GET", "/weight_info").get("weight_version")
 
     def resume(self) -> None:
+        self._flushed = False
         self._call("POST", "/resume")
 
     def load_adapter(self, name: str, path: str) -> None:

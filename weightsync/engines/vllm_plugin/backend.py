@@ -204,12 +204,15 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             return aliases(self.model, self("expected_params"))
         if query == "unrepairable":
             return {"layers": unrepairable(self.model)}
-        if query == "apply_staged":
-            return self.apply_staged()
         if query == "drop_staged":
             self._staging = None
             return {"dropped": True}
         kind, _, arg = query.partition(":")
+        if kind == "apply_staged":  # apply_staged[:proof:<level>:<group>:<seed>]
+            tag, _, probe = arg.partition(":")
+            if arg and tag != "proof":
+                raise ValueError(f"apply_staged:{arg[:60]!r}: expected proof:<probe>")
+            return self.apply_staged(Probe.parse(probe) if arg else None)
         if kind == "stage_open":
             return self.open_staging(arg)
         if kind == "stage":
@@ -226,7 +229,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         raise ValueError(
             f"unknown weightsync query {query[:80]!r}: expected_params|model_config|session|"
             "aliases|unrepairable|timings|abort|proof:<level>:<group>:<seed>|adapter:<seed>:<name>|"
-            "forget_adapter:<name>|stage_open:<bytes>:<bound>|stage:<update_info>|apply_staged|"
+            "forget_adapter:<name>|stage_open:<bytes>:<bound>|stage:<update_info>|apply_staged[:proof:...]|"
             "drop_staged"
         )
 
@@ -258,9 +261,11 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise
         return {"staged": bucket.index}
 
-    def apply_staged(self) -> dict:
+    def apply_staged(self, probe: Probe | None) -> dict:
         """The whole staged update, as one session (start, every bucket, finish): the pause
-        holds only the local load. A failure aborts it, keeping every layer whole."""
+        holds only the local load. A failure aborts it, keeping every layer whole. Answers
+        with its load time, the session report and, given ``probe``, this rank's proof
+        parts: the driver's next two calls, without their round trips."""
         from vllm.config import set_current_vllm_config
 
         staging, self._staging = self._staging, None
@@ -270,6 +275,7 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise RuntimeError(
                 f"weightsync backend: {staging.held} of {staging.nbytes} staged bytes arrived"
             )
+        t0 = time.perf_counter()
         with set_current_vllm_config(self.vllm_config):
             self.start_weight_update()
             try:
@@ -279,7 +285,10 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
                 self.abort_weight_update()
                 raise
             self.finish_weight_update()
-        return {"applied": len(staging.buckets)}
+        t1 = time.perf_counter()
+        parts = None if probe is None else self.proof(probe)
+        answer = {"load_s": t1 - t0, "readback_s": time.perf_counter() - t1}
+        return answer | {"session": self._session, "proof": parts}
 
     def proof(self, probe: Probe) -> dict[str, dict[str, dict]]:
         """This rank's fingerprint parts of the weights the kernels compute with
