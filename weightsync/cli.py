@@ -88,7 +88,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--api-key", default=None)
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
-    p.add_argument("--pause-mode", choices=("abort", "retract", "in_place"), default="retract")
+    p.add_argument(
+        "--pause-mode",
+        choices=("abort", "retract", "in_place"),
+        default=None,
+        help="how a sync pauses the engine's requests (default: retract; with --async on vLLM: "
+        "in_place)",
+    )
     p.add_argument(
         "--kv-cache",
         choices=("recompute", "reuse"),
@@ -109,6 +115,27 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1024,
         help="export (+ int4) up to this much before pausing the engine (0: all during the pause)",
+    )
+    p.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="generate step k+1's rollouts while step k trains and syncs (update_async, "
+        "engine paused in place); not with --lora",
+    )
+    p.add_argument(
+        "--max-staleness",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--async: a sample's oldest token lags the trained policy by at most N versions",
+    )
+    p.add_argument(
+        "--tis-cap",
+        type=float,
+        default=2.0,
+        metavar="C",
+        help="truncated importance sampling: each token's weight min(p_trainer/p_rollout, C)",
     )
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
     p.add_argument("--seed", type=int, default=0)

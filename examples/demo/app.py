@@ -34,6 +34,9 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
         ray_address=args.ray_address,
         seed=args.seed,
         out_dir=args.out,
+        asynchronous=args.asynchronous,
+        max_staleness=args.max_staleness,
+        tis_cap=args.tis_cap,
     )
 
 
@@ -42,7 +45,7 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
     # the engine can (vLLM); an SGLang engine is reported as unverified.
     return SyncConfig(
         transport=args.transport,
-        pause_mode=args.pause_mode,
+        pause_mode=pause_mode(args),
         kv_cache=args.kv_cache,
         bucket_bytes=args.bucket_mib * MiB,
         stage_bytes=args.stage_mib * MiB,
@@ -50,6 +53,21 @@ def sync_config(args: argparse.Namespace) -> SyncConfig:
         # One adapter directory per run (a second demo must not meet the first one's).
         lora=LoraSync(root=str(Path(args.out).resolve() / "adapters")) if args.lora else None,
     )
+
+
+def pause_mode(args: argparse.Namespace) -> str:
+    """--pause-mode, by default ``retract``; with --async ``in_place``: the next step's
+    rollouts are running when an update pauses the engine, and must survive it."""
+    if args.pause_mode is None:
+        # SGLang cannot drop the frozen requests' old KV in place (the driver refuses it with
+        # kv_cache="recompute"); retract requeues them, recomputed on the new weights.
+        return "in_place" if args.asynchronous and args.engine == "vllm" else "retract"
+    if args.asynchronous and args.pause_mode == "abort":
+        raise ValueError(
+            "pause_mode='abort' with --async: it would end the rollouts that run across "
+            "each sync (use in_place or retract)"
+        )
+    return args.pause_mode
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,6 +104,8 @@ def run_with_weightsync(cfg: DemoConfig, sync_cfg: SyncConfig) -> Report:
     def make_sync(rt):
         ws = WeightSync(rt.group, [rt.engine_spec], sync_cfg, int4_config(cfg), owner="demo")
         rt.on_close.append(ws.close)  # while the trainer actors still exist
+        if cfg.asynchronous:
+            return ws.update_async  # the loop waits on its handles
         if not cfg.lora_rank:
             return ws.update
 
@@ -110,6 +130,9 @@ weights the trainer's forward used (int4: on the same grid), so only kernel roun
 def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -> list[str]:
     """What the main job promises, checked on its report: empty means every promise held."""
     problems = []
+    asynchronous = report.config.get("asynchronous", False)
+    # The synchronous loop samples on the weights it trains; --async up to max_staleness back.
+    bound = report.config.get("max_staleness", 1) if asynchronous else 0
     for i, step in enumerate(report.steps):
         want = i + 1
         if step.sync.get("version") != want or step.engine_version != str(want):
@@ -125,9 +148,12 @@ def report_problems(report: Report, logprob_bound: float = LOGPROB_DIFF_BOUND) -
             problems.append(f"step {i}: engine weights were not verified after the sync")
         if step.sync.get("verified") and step.sync.get("unverified"):
             problems.append(f"step {i}: {step.sync['unverified']} counted as verified")
-        if step.rollout_version not in (None, str(i)) and i > 0:
+        if step.rollout_version not in (None, str(i)) and i > 0 and not asynchronous:
             problems.append(f"step {i}: rollouts ran on version {step.rollout_version}, not {i}")
-        if step.logprob_diff > logprob_bound:
+        if step.staleness_max > bound:
+            problems.append(f"step {i}: a sample {step.staleness_max} versions stale > {bound}")
+        # None: no token came from the trainer's weights (async), nothing to compare.
+        if step.logprob_diff is not None and step.logprob_diff > logprob_bound:
             problems.append(
                 f"step {i}: train/rollout logprob diff {step.logprob_diff:.4f} > {logprob_bound}"
             )

@@ -48,6 +48,18 @@ class DemoConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     """Deadline of every remote call (trainer step, rollout request, engine start)."""
     out_dir: str = "demo_out"
+    asynchronous: bool = False
+    """Rollouts for step k+1 run while step k trains and syncs (``WeightSync.update_async``,
+    engines paused ``in_place``): samples may come from a policy up to ``max_staleness``
+    versions older than the one they train."""
+    max_staleness: int = 1
+    """Async only: the most versions a sample's oldest token may lag the trainer's policy
+    (AReaL's ``max_head_offpolicyness``). Rollouts wait for the in-flight update rather than
+    exceed it."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling: each token's loss is weighted by
+    min(p_trainer / p_rollout, tis_cap), which corrects off-policy tokens and bounds the
+    variance a very unlikely rollout token would add."""
 
     def __post_init__(self) -> None:
         positive = [
@@ -89,6 +101,21 @@ class DemoConfig:
             raise ValueError(f"num_workers={self.num_workers} must be a multiple of tp={self.tp}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be > 0")
+        self._check_off_policy()
+
+    def _check_off_policy(self) -> None:
+        if self.max_staleness < 1:
+            raise ValueError(
+                f"max_staleness={self.max_staleness} must be >= 1 (0 leaves nothing to overlap: "
+                "that is the synchronous loop)"
+            )
+        if not self.tis_cap > 0:
+            raise ValueError(f"tis_cap={self.tis_cap} must be > 0")
+        if self.asynchronous and self.lora_rank:
+            raise ValueError(
+                f"asynchronous: not with lora_rank={self.lora_rank} (the adapter sync, "
+                "WeightSync.update_adapter, has no background variant)"
+            )
 
     @property
     def batch_size(self) -> int:

@@ -83,11 +83,21 @@ class PolicyWorker(TrainerWorker):
             return self._response_logprobs(tokens_BS, prompt_len)
 
     def train_step(
-        self, tokens_BS: torch.Tensor, prompt_len: int, advantages: torch.Tensor
+        self,
+        tokens_BS: torch.Tensor,
+        prompt_len: int,
+        advantages: torch.Tensor,
+        rollout_logprobs_BR: torch.Tensor | None = None,
+        tis_cap: float = 2.0,
     ) -> dict[str, float]:
-        """One GRPO step (on-policy, so the policy-gradient ratio is 1: REINFORCE with
-        group-normalized advantages, averaged over tokens). ``advantages``: one per response
-        token [B, R], or one per sequence [B] (given to each of its tokens)."""
+        """One GRPO step: REINFORCE with group-normalized advantages, averaged over tokens,
+        each token weighted by its truncated importance ratio (``tis_weights``) against the
+        engine's ``rollout_logprobs_BR`` [B, R]: ~1 on-policy, the off-policy correction when
+        the rollouts came from an older version (async loop). None: on-policy, weight 1.
+        ``advantages``: one per response token [B, R], or one per sequence [B] (given to each
+        of its tokens)."""
+        from weightsync_demo.offpolicy import tis_weights
+
         B, R = tokens_BS.shape[0], tokens_BS.shape[1] - prompt_len
         if tuple(advantages.shape) == (B,):
             advantages = advantages[:, None].expand(B, R)
@@ -101,7 +111,10 @@ class PolicyWorker(TrainerWorker):
         for p in self.params:
             p.grad = None
         logp_BR = self._response_logprobs(tokens_BS, prompt_len)
-        loss = -(advantages * logp_BR).mean()
+        # The ratio's numerator is this forward: the weights just before the step.
+        rollout = logp_BR.detach() if rollout_logprobs_BR is None else rollout_logprobs_BR
+        w_BR = tis_weights(logp_BR, rollout, tis_cap)
+        loss = -(w_BR * advantages * logp_BR).mean()
         loss.backward()
         for p, m in zip(self.params, self.masters, strict=True):
             m.grad = None if p.grad is None else p.grad.float()
@@ -109,7 +122,12 @@ class PolicyWorker(TrainerWorker):
         with torch.no_grad():
             for p, m in zip(self.params, self.masters, strict=True):
                 p.copy_(m)
-        return {"loss": float(loss.detach()), "sample_nll": float(-logp_BR.detach().mean())}
+        return {
+            "loss": float(loss.detach()),
+            "sample_nll": float(-logp_BR.detach().mean()),
+            "tis_mean": float(w_BR.mean()),
+            "tis_capped": float((w_BR >= tis_cap).float().mean()),
+        }
 
     def release(self) -> None:
         for h in getattr(self, "qat_handles", []):

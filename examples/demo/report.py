@@ -15,19 +15,30 @@ class StepRecord:
     step: int
     reward: float
     """Mean reward of this step's rollouts (before the train step)."""
-    logprob_diff: float
-    """Mean |log p_trainer - log p_rollout| over rollout tokens, trainer weights = the weights
-    the engine sampled with (measured before the train step)."""
+    logprob_diff: float | None
+    """Mean |log p_trainer - log p_rollout| over the rollout tokens sampled with the trainer's
+    current weights (measured before the train step; sync loop: every token). None when every
+    token is stale (async loop): it measures the sync's fidelity, not the policy's drift."""
     rollout_version: str | None
-    """The engine's weight version the rollouts were sampled with."""
+    """The engine's weight version the rollouts were sampled with (None: several)."""
     sample_versions: list[str | None]
     loss: float
     rollout_s: float
+    """From the rollouts' submission to their last answer (async: beside the previous step)."""
     train_s: float
     sync: dict[str, Any]
     """The sync's SyncStats as a dict (seconds per stage, version, bytes)."""
     engine_version: str | None
     """The engine's weight version right after the sync."""
+    staleness_max: int = 0
+    """Over this step's samples: how many versions the oldest token lags the trained policy."""
+    staleness_mean: float = 0.0
+    tis_mean: float = 1.0
+    """Mean truncated importance weight over the step's tokens (~1 on-policy)."""
+    step_s: float = 0.0
+    """Wall clock of the step in the loop (async: what it waited for, not what overlapped)."""
+    elapsed_s: float = 0.0
+    """Wall clock from the loop's start to this step's end."""
 
 
 @dataclass
@@ -43,11 +54,13 @@ class Report:
         rewards = [s.reward for s in self.steps]
         k = max(1, len(rewards) // 4)
         totals = [s.sync.get("total_s", 0.0) for s in self.steps]
+        diffs = [s.logprob_diff for s in self.steps if s.logprob_diff is not None]
         return {
             "steps": len(self.steps),
             "reward_first": sum(rewards[:k]) / k if rewards else None,
             "reward_last": sum(rewards[-k:]) / k if rewards else None,
-            "max_logprob_diff": max((s.logprob_diff for s in self.steps), default=None),
+            "max_logprob_diff": max(diffs, default=None),
+            "max_staleness": max((s.staleness_max for s in self.steps), default=None),
             "mean_sync_s": sum(totals) / len(totals) if totals else None,
             "setup_s": self.setup_s,
             "total_s": self.total_s,
@@ -70,16 +83,20 @@ class Report:
 
 
 HEADER = (
-    f"{'step':>4} {'reward':>6} {'|dlogp|':>8} {'version':>8} {'export':>7} {'quant':>6} "
-    f"{'xfer':>6} {'load':>6} {'pause':>6} {'sync':>6}"
+    f"{'step':>4} {'reward':>6} {'|dlogp|':>8} {'version':>8} {'stale':>5} {'mean':>5} "
+    f"{'tis':>5} {'export':>7} {'quant':>6} {'xfer':>6} {'load':>6} {'pause':>6} {'sync':>6} "
+    f"{'step_s':>6}"
 )
 
 
 def table_row(s: StepRecord) -> str:
     t = [s.sync.get(f, 0.0) for f in SYNC_FIELDS]
+    diff = "-" if s.logprob_diff is None else f"{s.logprob_diff:.4f}"
     return (
-        f"{s.step:>4} {s.reward:>6.3f} {s.logprob_diff:>8.4f} {s.rollout_version!s:>8} "
-        f"{t[0]:>7.3f} {t[1]:>6.3f} {t[2]:>6.3f} {t[3]:>6.3f} {t[4]:>6.3f} {t[5]:>6.3f}"
+        f"{s.step:>4} {s.reward:>6.3f} {diff:>8} {s.rollout_version!s:>8} "
+        f"{s.staleness_max:>5} {s.staleness_mean:>5.2f} {s.tis_mean:>5.3f} "
+        f"{t[0]:>7.3f} {t[1]:>6.3f} {t[2]:>6.3f} {t[3]:>6.3f} {t[4]:>6.3f} {t[5]:>6.3f} "
+        f"{s.step_s:>6.3f}"
     )
 
 

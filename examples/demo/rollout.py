@@ -4,14 +4,15 @@ vLLM: ``/inference/v1/generate`` (``vllm serve --enable-scale-out``) takes token
 tokenizer and reports, per sample, the weight versions its tokens were generated with.
 SGLang: ``/generate`` with ``input_ids``; ``meta_info.weight_versions`` spans per sample
 (not exercised on CPU: no SGLang server runs here).
-Prompts are sent concurrently, one request per prompt with ``n`` samples.
+Prompts are sent concurrently, one request per prompt with ``n`` samples; ``submit`` returns
+at once (the async loop generates the next step's rollouts while the trainer steps).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
@@ -25,8 +26,52 @@ class Sample:
     tokens: list[int]
     logprobs: list[float]
     """The engine's log p of each sampled token (temperature 1)."""
-    weight_version: str | None
-    """The engine's weight version for the whole sample (None if it reported several)."""
+    token_versions: list[str]
+    """The engine's weight version each token was sampled with: an update that lands while
+    a request runs (an ``in_place`` pause) switches the versions mid-sample."""
+
+    @property
+    def weight_version(self) -> str | None:
+        """The one weight version of the whole sample; None when it spans an update."""
+        distinct = set(self.token_versions)
+        return distinct.pop() if len(distinct) == 1 else None
+
+
+class PendingRollouts:
+    """Rollouts submitted to the client's pool; ``result()`` waits for them and checks them."""
+
+    def __init__(self, futures: list[Future], max_tokens: int, engine: str, timeout_s: float):
+        self._futures, self._max_tokens, self._engine = futures, max_tokens, engine
+        self._t0 = time.perf_counter()
+        self._deadline = time.monotonic() + timeout_s
+        self._ends: list[float] = []
+        for f in futures:
+            # When each request answered: generation time, however late the loop collects.
+            f.add_done_callback(lambda _: self._ends.append(time.perf_counter()))
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    @property
+    def generation_s(self) -> float:
+        """From submission to the last answer (so far)."""
+        return max(self._ends, default=time.perf_counter()) - self._t0
+
+    def result(self) -> list[list[Sample]]:
+        """``n`` samples per prompt, each exactly ``max_tokens`` long (EOS ignored)."""
+        groups = [
+            f.result(timeout=max(0.0, self._deadline - time.monotonic())) for f in self._futures
+        ]
+        for group in groups:
+            for s in group:
+                # Fixed lengths keep the batch rectangular; an engine ignoring min/ignore_eos
+                # would silently misalign tokens and logprobs.
+                if len(s.tokens) != self._max_tokens or len(s.logprobs) != self._max_tokens:
+                    raise RuntimeError(
+                        f"{self._engine} returned {len(s.tokens)} tokens and {len(s.logprobs)} "
+                        f"logprobs for a sample, asked for exactly {self._max_tokens}"
+                    )
+        return groups
 
 
 class RolloutClient:
@@ -51,22 +96,17 @@ class RolloutClient:
         self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, seed: int
     ) -> list[list[Sample]]:
         """``n`` samples per prompt, each exactly ``max_tokens`` long (EOS ignored)."""
+        return self.submit(prompts, n, max_tokens, seed).result()
+
+    def submit(
+        self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, seed: int
+    ) -> PendingRollouts:
+        """``generate`` without waiting: the requests run on the client's pool."""
         one = self._vllm if self.engine == "vllm" else self._sglang
         futures = [
             self._pool.submit(one, list(p), n, max_tokens, seed + i) for i, p in enumerate(prompts)
         ]
-        deadline = time.monotonic() + self.timeout_s
-        groups = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
-        for group in groups:
-            for s in group:
-                # Fixed lengths keep the batch rectangular; an engine ignoring min/ignore_eos
-                # would silently misalign tokens and logprobs.
-                if len(s.tokens) != max_tokens or len(s.logprobs) != max_tokens:
-                    raise RuntimeError(
-                        f"{self.engine} returned {len(s.tokens)} tokens and {len(s.logprobs)} "
-                        f"logprobs for a sample, asked for exactly {max_tokens}"
-                    )
-        return groups
+        return PendingRollouts(futures, max_tokens, self.engine, self.timeout_s)
 
     def _post(self, path: str, body: dict) -> dict:
         r = self._http.post(self.url + path, json=body, timeout=self.timeout_s)
@@ -89,10 +129,14 @@ class RolloutClient:
         samples = []
         for choice in out["choices"]:
             lps = [entry["logprob"] for entry in choice["logprobs"]["content"]]
-            # vLLM computes with exactly the adapter asked for: its version is the sample's.
-            stamped = _single(choice.get("weight_versions") or [])
-            version = _adapter_version(self.adapter) if self.adapter else stamped
-            samples.append(Sample(prompt, list(choice["token_ids"]), lps, version))
+            tokens = list(choice["token_ids"])
+            if self.adapter:
+                # vLLM computes with exactly the adapter asked for: its version is every token's.
+                versions = [_adapter_version(self.adapter)] * len(tokens)
+            else:
+                request = f"vllm request {out.get('request_id')} choice {choice.get('index')}"
+                versions = token_versions(choice.get("weight_versions"), len(tokens), request)
+            samples.append(Sample(prompt, tokens, lps, versions))
         return samples
 
     def _sglang(self, prompt: list[int], n: int, max_tokens: int, seed: int) -> list[Sample]:
@@ -113,8 +157,12 @@ class RolloutClient:
             lps = [float(e[0]) for e in meta["output_token_logprobs"]]
             tokens = [int(e[1]) for e in meta["output_token_logprobs"]]
             spans = meta.get("weight_versions")
-            version = _single(spans) if spans else meta.get("weight_version")
-            samples.append(Sample(prompt, tokens, lps, version))
+            if not spans and meta.get("weight_version") is not None:
+                # An SGLang without per-token spans: its one label covers the sample.
+                spans = [{"version": meta["weight_version"], "start": 0, "end": len(tokens)}]
+            request = f"sglang request {meta.get('id')}"
+            versions = token_versions(spans, len(tokens), request)
+            samples.append(Sample(prompt, tokens, lps, versions))
         return samples
 
     def newest_adapter(self) -> str | None:
@@ -130,10 +178,29 @@ class RolloutClient:
         self._http.close()
 
 
-def _single(spans: list[dict]) -> str | None:
-    """The one weight version of a sample's token spans; None when an update landed mid-sample."""
-    versions = {span["version"] for span in spans}
-    return versions.pop() if len(versions) == 1 else None
+def token_versions(spans: Sequence[Mapping] | None, num_tokens: int, request: str) -> list[str]:
+    """One weight version per output token, from the engine's spans ``{version, start, end}``
+    (output tokens ``[start, end)``; vLLM's ``WeightVersionSpan``, SGLang's
+    ``meta_info.weight_versions``). RuntimeError naming ``request`` unless the spans cover
+    every token exactly once: a token of unknown version would hide its staleness."""
+    versions: list[str | None] = [None] * num_tokens
+    for span in spans or []:
+        start, end = int(span["start"]), int(span["end"])
+        if not 0 <= start <= end <= num_tokens:
+            raise RuntimeError(
+                f"{request}: weight_versions span {dict(span)} is outside its {num_tokens} "
+                "output tokens"
+            )
+        if any(v is not None for v in versions[start:end]):
+            raise RuntimeError(f"{request}: weight_versions spans overlap at {dict(span)}")
+        versions[start:end] = [str(span["version"])] * (end - start)
+    missing = [i for i, v in enumerate(versions) if v is None]
+    if missing:
+        raise RuntimeError(
+            f"{request}: weight_versions {list(spans or [])} leave output tokens {missing} "
+            f"of {num_tokens} without a version"
+        )
+    return [v for v in versions if v is not None]
 
 
 def _adapter_version(name: str) -> str:

@@ -199,3 +199,141 @@ def test_cli_says_when_the_demo_package_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(sys, "meta_path", [_NotInstalled, *sys.meta_path])
     assert main(["demo", "--steps", "1"]) == 2
     assert "weightsync_demo` is not installed" in capsys.readouterr().err
+
+
+# --- off-policy: per-token versions, staleness, TIS (the --async loop) ----------------------
+
+
+def test_spans_expand_to_one_version_per_token():
+    from weightsync_demo.rollout import Sample, token_versions
+
+    spans = [{"version": "3", "start": 0, "end": 2}, {"version": "4", "start": 2, "end": 5}]
+    versions = token_versions(spans, 5, "req-1")
+    assert versions == ["3", "3", "4", "4", "4"]
+    mixed = Sample([1], [2, 3, 4, 5, 6], [0.0] * 5, versions)
+    assert mixed.weight_version is None  # an update landed mid-sample
+    assert Sample([1], [2], [0.0], ["7"]).weight_version == "7"
+    assert token_versions([{"version": 2, "start": 0, "end": 1}], 1, "r") == ["2"]  # as str
+
+
+@pytest.mark.parametrize(
+    ("spans", "match"),
+    [
+        (
+            [{"version": "1", "start": 0, "end": 2}, {"version": "2", "start": 3, "end": 4}],
+            r"\[2\]",
+        ),
+        ([{"version": "1", "start": 0, "end": 3}], r"\[3\]"),
+        (None, r"\[0, 1, 2, 3\]"),
+        ([{"version": "1", "start": 0, "end": 5}], "outside its 4"),
+        (
+            [{"version": "1", "start": 0, "end": 3}, {"version": "2", "start": 2, "end": 4}],
+            "overlap",
+        ),
+    ],
+    ids=["gap", "short", "none", "past-the-end", "overlap"],
+)
+def test_spans_that_miss_a_token_name_the_request(spans, match):
+    from weightsync_demo.rollout import token_versions
+
+    with pytest.raises(RuntimeError, match="vllm request abc choice 0") as err:
+        token_versions(spans, 4, "vllm request abc choice 0")
+    assert err.match(match)
+
+
+def test_staleness_is_the_trained_version_minus_the_oldest_token():
+    from weightsync_demo.offpolicy import check_staleness, must_wait, staleness, version_number
+
+    assert version_number("default") == 0 and version_number("12") == 12
+    with pytest.raises(ValueError, match="'policy@v1'"):
+        version_number("policy@v1")
+    assert staleness(5, ["5", "5"]) == 0
+    assert staleness(5, ["4", "4", "5"]) == 1  # spans the update to 5: its oldest token counts
+    assert staleness(1, ["default", "1"]) == 1
+    with pytest.raises(ValueError, match="newer than the trainer"):
+        staleness(2, ["3"])
+    with pytest.raises(ValueError, match="at least one token"):
+        staleness(2, [])
+    # Rollouts for step 3 on an engine serving 1: 2 behind at worst.
+    assert must_wait(3, served=1, max_staleness=1) and not must_wait(3, 1, max_staleness=2)
+    assert not must_wait(1, served=0, max_staleness=1)
+    check_staleness(3, [0, 1, 1], max_staleness=1)
+    with pytest.raises(RuntimeError, match="step 3: a sample is 2 versions stale, max_staleness=1"):
+        check_staleness(3, [0, 2, 1], max_staleness=1)
+
+
+def test_tis_weights_are_the_capped_ratio_without_gradient():
+    from weightsync_demo.offpolicy import tis_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    rollout = torch.tensor([[-1.0, -1.0, -2.0]])
+    w = tis_weights(trainer, rollout, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, float(torch.exp(torch.tensor(-1.0))), 2.0]]))
+    assert not w.requires_grad  # exp(1.5) = 4.48 was capped at 2 above
+    # The weight scales each token's gradient and is not differentiated itself.
+    advantages = torch.tensor([[1.0, -1.0, 2.0]])
+    (w * advantages * trainer).sum().backward()
+    torch.testing.assert_close(trainer.grad, w * advantages)
+    with pytest.raises(ValueError, match="cap=0"):
+        tis_weights(trainer, rollout, cap=0)
+    with pytest.raises(ValueError, match="rollout_logprobs shape"):
+        tis_weights(trainer, rollout[:, :2], cap=2.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"max_staleness": 0}, "max_staleness=0 must be >= 1"),
+        ({"tis_cap": 0.0}, "tis_cap=0.0 must be > 0"),
+        ({"asynchronous": True, "lora_rank": 8}, "asynchronous: not with lora_rank=8"),
+    ],
+)
+def test_demo_config_rejects_bad_off_policy_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**fields)
+
+
+def test_cli_async_flags_and_their_pause_mode():
+    from weightsync.cli import build_parser
+    from weightsync_demo.app import demo_config, sync_config
+
+    parser = build_parser()
+    assert sync_config(parser.parse_args(["demo"])).pause_mode == "retract"
+    args = parser.parse_args(["demo", "--async", "--max-staleness", "2", "--tis-cap", "3"])
+    cfg = demo_config(args)
+    assert (cfg.asynchronous, cfg.max_staleness, cfg.tis_cap) == (True, 2, 3.0)
+    # In-flight rollouts survive the switch; their old-version KV is dropped in the pause.
+    assert (sync_config(args).pause_mode, sync_config(args).kv_cache) == ("in_place", "recompute")
+    sglang = parser.parse_args(["demo", "--async", "--engine", "sglang", "--engine-url", "u"])
+    assert sync_config(sglang).pause_mode == "retract"  # SGLang keeps no KV across in_place
+    explicit = parser.parse_args(["demo", "--async", "--pause-mode", "retract"])
+    assert sync_config(explicit).pause_mode == "retract"
+    with pytest.raises(ValueError, match="pause_mode='abort' with --async"):
+        sync_config(parser.parse_args(["demo", "--async", "--pause-mode", "abort"]))
+    with pytest.raises(ValueError, match="asynchronous: not with lora_rank=8"):
+        demo_config(parser.parse_args(["demo", "--async", "--lora"]))
+    with pytest.raises(ValueError, match="max_staleness=0"):
+        demo_config(parser.parse_args(["demo", "--async", "--max-staleness", "0"]))
+
+
+def test_report_table_shows_staleness_and_an_all_stale_step():
+    record = StepRecord(
+        step=1,
+        reward=0.5,
+        logprob_diff=None,
+        rollout_version=None,
+        sample_versions=[None],
+        loss=0.0,
+        rollout_s=0.1,
+        train_s=0.1,
+        sync={"version": 2},
+        engine_version="2",
+        staleness_max=1,
+        staleness_mean=0.75,
+        tis_mean=0.98,
+    )
+    report = Report(config={}, steps=[record])
+    row = table(report).splitlines()[1].split()
+    assert row[:7] == ["1", "0.500", "-", "None", "1", "0.75", "0.980"]
+    assert report.summary()["max_logprob_diff"] is None
+    assert report.summary()["max_staleness"] == 1
