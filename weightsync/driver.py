@@ -175,6 +175,7 @@ class WeightSync:
         update at a time: the next call waits for this one or fails (``SyncConfig.in_flight``),
         and raises this one's failure if nobody took it from the handle."""
         self._in_flight.settle(self.config.in_flight, self._drain_s, "update_async")
+        _source_rank()  # megatron_bridge's first import (~1.6 s) here, not in the first pause
         held = contextlib.ExitStack()
         try:
             opened = self._open(version, held, background=True)
@@ -545,10 +546,8 @@ class WeightSync:
     def _on_source_beside(self, fn: Callable, *args: Any, timeout_s: float) -> Any:
         """``fn`` on the source rank, in its background group: beside the trainer's calls,
         one at a time (after a push still running there)."""
-        from megatron_bridge import EXPORT_SOURCE_RANK
-
         return self.trainers.run_rank(
-            EXPORT_SOURCE_RANK,
+            _source_rank(),
             fn,
             self._id,
             *args,
@@ -679,6 +678,13 @@ class WeightSync:
         finally:
             for engine in self.engines.values():
                 engine.close()
+
+
+def _source_rank() -> int:
+    """The trainer rank that exports and pushes (megatron_bridge's; a heavy first import)."""
+    from megatron_bridge import EXPORT_SOURCE_RANK
+
+    return EXPORT_SOURCE_RANK
 
 
 def _named(label: str, call: Callable, *args: Any) -> Any:
