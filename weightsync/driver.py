@@ -195,8 +195,10 @@ class WeightSync:
 
     @property
     def _drain_s(self) -> float:
-        # Each of an update's steps has its own deadline; about eight follow one another.
-        return self.config.step_timeout_s * 10
+        # Each of an update's steps has its own deadline; about eight follow one another,
+        # five more for every further wave.
+        waves = len(plan_waves(list(self.engines), self.config.min_serving))
+        return self.config.step_timeout_s * (10 + 5 * (waves - 1))
 
     def _open(self, version: int, held: contextlib.ExitStack, background: bool) -> _Opened:
         """Everything before the pause: the lease, the checks, the plan; staged export
@@ -237,7 +239,8 @@ class WeightSync:
 
     def _new_probe(self) -> Probe | None:
         """Fresh secret columns for verify, every update (the engine learns the seed only
-        once it has loaded the bytes)."""
+        once it holds the bytes: after loading them, or with the call that loads them from
+        its staging area)."""
         if self.config.verify == "off":
             return None
         group = self.int4.group_size if self.int4 and self.int4.group_size > 0 else 0
@@ -425,6 +428,8 @@ class WeightSync:
             self._settle(lambda e: e.drop_staged(), unapplied)
         if progress.switched:
             hit.update(unapplied)
+            # What the live engines (those switched) hold: the audit's reference.
+            self._proof = progress.proof
         hit = sorted(hit)
         self.stale.update(hit)
         # The transport comes down while the engines are aborted and resumed: an engine still
@@ -472,11 +477,17 @@ class WeightSync:
         if self.config.engine_stage_bytes:  # every bucket into the engines' host memory
             send = self._push(opened.background, staged=True)  # while they all generate
             opened.lease.check()
-        for wave in plan_waves(list(self.engines), self.config.min_serving):
+        # Engines that serve nothing current (stale, held) switch first: the waves keep the
+        # live ones generating.
+        order = sorted(self.engines, key=lambda lb: lb not in self.stale)
+        for wave in plan_waves(order, self.config.min_serving):
+            opened.lease.check()  # a holder that lost it pauses no further wave
             t0, paused_at = time.perf_counter(), time.time()
             send = self._switch(opened, wave, progress, send)
             progress.switched.extend(wave)
             progress.begun.clear()
+            if opened.probe is not None:  # what the switched engines hold, for an audit
+                progress.proof = Proof(opened.version, opened.probe, send.digests)
             self.stale.difference_update(wave)  # they hold this version now
             self.held.difference_update(wave)
             self._resume(progress.paused)  # one that fails to resume is stale again
@@ -593,8 +604,8 @@ class WeightSync:
         self.stale.difference_update(whole)
         self.held.difference_update(whole)
         self._proof_failed = set(bad)
-        # What the engines that passed hold now: an audit compares them with this update.
-        self._proof = None if probe is None else Proof(version, probe, digests)
+        if whole and probe is not None:  # what they hold now: an audit compares them with it
+            progress.proof = Proof(version, probe, digests)
         raise EngineFailed(tuple(bad), "; ".join(map(str, bad.values())))
 
     def _settle(self, call: Callable, labels: Sequence[str] | None = None) -> dict:

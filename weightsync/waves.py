@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from weightsync.verify import Proof
+
 
 def plan_waves(labels: Sequence[str], min_serving: float) -> list[list[str]]:
     """``labels`` in order, cut into waves of at most ``(1 - min_serving) * len(labels)``
@@ -53,3 +55,5 @@ class Progress:
     switched: list[str] = field(default_factory=list)
     """Loaded, proved, stamped: they hold the new version (earlier waves)."""
     waves: list[Wave] = field(default_factory=list)
+    proof: Proof | None = None
+    """What the switched engines were proved to hold (``SyncConfig.verify``)."""

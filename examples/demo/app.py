@@ -62,6 +62,11 @@ def pause_mode(args: argparse.Namespace) -> str:
         # SGLang cannot drop the frozen requests' old KV in place (the driver refuses it with
         # kv_cache="recompute"); retract requeues them, recomputed on the new weights.
         return "in_place" if args.asynchronous and args.engine == "vllm" else "retract"
+    if args.engine == "sglang" and args.pause_mode == "in_place" and args.kv_cache != "reuse":
+        raise ValueError(
+            "pause_mode='in_place' with --engine sglang: SGLang cannot drop the KV of requests "
+            "paused in place; add --kv-cache reuse, or use retract"
+        )
     if args.asynchronous and args.pause_mode == "abort":
         raise ValueError(
             "pause_mode='abort' with --async: it would end the rollouts that run across "

@@ -21,12 +21,11 @@ def version_number(label: str) -> int:
     ``str(int)``; the launched engine's initial ``INITIAL_LABEL`` is 0)."""
     if label == INITIAL_LABEL:
         return 0
-    try:
-        return int(label)
-    except ValueError:
+    if not (label.isascii() and label.isdigit()):  # no sign, blanks or "1_000": as synced
         raise ValueError(
             f"weight version {label!r}: not a policy version (an int, or {INITIAL_LABEL!r})"
-        ) from None
+        )
+    return int(label)
 
 
 def staleness(trainer_version: int, token_versions: Sequence[str]) -> int:

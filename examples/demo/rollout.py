@@ -185,8 +185,8 @@ def token_versions(spans: Sequence[Mapping] | None, num_tokens: int, request: st
     every token exactly once: a token of unknown version would hide its staleness."""
     versions: list[str | None] = [None] * num_tokens
     for span in spans or []:
-        start, end = int(span["start"]), int(span["end"])
-        if not 0 <= start <= end <= num_tokens:
+        start, end = span["start"], span["end"]
+        if not (type(start) is int and type(end) is int and 0 <= start <= end <= num_tokens):
             raise RuntimeError(
                 f"{request}: weight_versions span {dict(span)} is outside its {num_tokens} "
                 "output tokens"

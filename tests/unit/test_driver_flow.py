@@ -92,6 +92,7 @@ class ScriptedTrainers:
         self.send_error = send_error
         self.calls: list[str] = []
         self.on_send = lambda: None
+        self.digests = {"w": "new"}  # what the source rank fingerprints as sent
 
     def run_all(self, fn, *args, timeout_s):
         self.calls.append(fn.__name__)
@@ -99,7 +100,7 @@ class ScriptedTrainers:
             self.on_send()
             if self.send_error is not None:
                 raise self.send_error
-            return [SendStats(nbytes=1, num_buckets=1, digests={"w": "new"})]
+            return [SendStats(nbytes=1, num_buckets=1, digests=dict(self.digests))]
         if fn is TrainerSync.prepare:
             return [{"w": 4}, {"w": 4}]  # what the plan sends: tensor -> elements
         return [None, None]

@@ -103,3 +103,25 @@ def test_what_the_apply_answered_is_held_to_the_same_checks(field, value, match)
     with pytest.raises(UpdateFailed, match=match):
         ws.update(1)
     assert ws.stale == {"e0"} and "1" not in engine.versions  # never stamped as whole
+
+
+class UnreadableEngine(AnsweringEngine):
+    """Loads, but its read-back fails: the apply answers no digests (as a vLLM rank whose
+    proof raised does), and asking again fails too."""
+
+    def apply_staged(self, probe=None):
+        self._step("apply")
+        return Applied(load_s=0.01, readback_s=0.0, session=self.session, digests=None)
+
+    def live_digests(self, probe):
+        self._step("verify")
+        raise RuntimeError("read-back failed")
+
+
+def test_a_read_back_that_fails_after_the_apply_holds_that_engine_alone():
+    good, bad = AnsweringEngine("e0"), UnreadableEngine("e1")
+    ws = _sync([good, bad], LoggedTrainers([good, bad]), engine_stage_bytes=1 << 30)
+    with pytest.raises(UpdateFailed, match="read-back failed"):
+        ws.update(1)
+    assert good.versions == ["1"] and good.calls[-1] == "resume"
+    assert ws.stale == ws.held == {"e1"} and "resume" not in bad.calls

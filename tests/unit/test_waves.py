@@ -107,3 +107,27 @@ def test_in_a_failing_wave_the_engines_that_passed_stay_live():
     assert [e.versions for e in engines] == [["1"], ["1"], ["1"], ["partial-1"]]
     assert ws.stale == {"e3"} and ws.held == {"e3"}
     assert [s.label for s in ws.live_engines] == ["e0", "e1", "e2"]
+
+
+def test_after_a_failed_wave_an_audit_holds_the_switched_engines_to_the_new_version():
+    engines, _ = _fleet(3)
+    ws = _sync(engines, min_serving=0.6)
+    ws.update(1)
+    engines[1].fail = {"apply": RuntimeError("staging lost")}
+    for e in engines:
+        e.holds = {"w": "new2"}
+    ws.trainers.digests = {"w": "new2"}
+    with pytest.raises(UpdateFailed):
+        ws.update(2)
+    report = ws.verify()  # e0 holds version 2, verified: the audit compares it with 2
+    assert report.ok is False and report.verified == ["e0"] and report.version == 2
+    assert sorted(report.failed) == ["e1", "e2"]  # stale since the failed update, not re-held
+
+
+def test_stale_engines_switch_first_so_the_live_ones_keep_generating():
+    engines, _ = _fleet(4)
+    ws = _sync(engines)
+    ws.stale = {"e2", "e3"}
+    stats = ws.update(1)
+    assert [w.engines for w in stats.waves] == [["e2", "e3"], ["e0", "e1"]]
+    assert not ws.stale

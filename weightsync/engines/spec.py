@@ -53,8 +53,7 @@ class EngineSpec:
         if self.kind == "vllm":
             from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
 
-            flush = sync.kv_cache == "recompute"  # in the pause call itself
-            return VllmEngine(VllmEngineConfig(**common, flush_in_pause=flush), name=self.label)
+            return VllmEngine(VllmEngineConfig(**common), name=self.label)
         from weightsync.engines.sglang import SGLangConfig, SGLangEngine
 
         return SGLangEngine(SGLangConfig(tp_size=self.tp_size, **common), name=self.label)

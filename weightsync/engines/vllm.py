@@ -50,10 +50,6 @@ class VllmEngineConfig:
     flush_retries: int = 8
     flush_backoff_s: float = 0.05
     flush_backoff_max_s: float = 2.0
-    flush_in_pause: bool = False
-    """Every pause also drops the old KV (vLLM's ``/pause?clear_cache``: the prefix cache,
-    the frozen requests preempted), and ``flush_cache`` then has nothing left to do: one
-    round trip less in the pause (``SyncConfig.kv_cache="recompute"``)."""
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -81,7 +77,6 @@ class VllmEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-bucket")
         self._expected: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self._pause_mode = "abort"
-        self._flushed = False
 
     # --- HTTP plumbing -------------------------------------------------------------------
     def _request(
@@ -224,7 +219,10 @@ class VllmEngine:
         """In the pause: load the staged update (start, every bucket, finish) in one call,
         which also answers each rank's session report and, given ``probe``, fingerprints."""
         ranks = self._rpc_all("apply_staged" + (f":{probe.query()}" if probe else ""))
-        digests = proof.assemble([r["proof"] for r in ranks]) if probe else None
+        # A rank that loaded but could not read back answers no digests: the driver then asks
+        # live_digests, whose error fails this engine alone (held), not the whole wave.
+        read = probe is not None and not any(r["proof_error"] for r in ranks)
+        digests = proof.assemble([r["proof"] for r in ranks]) if read else None
         load_s = max(r["load_s"] for r in ranks)
         readback_s = max(r["readback_s"] for r in ranks)
         return Applied(load_s, readback_s, [r["session"] for r in ranks], digests)
@@ -241,17 +239,15 @@ class VllmEngine:
     def pause(self, mode: str = "abort") -> None:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}: allowed {sorted(PAUSE_MODES)}")
-        clear = "true" if self.config.flush_in_pause else "false"
-        self._flushed = False  # a pause that fails midway may not have cleared
-        self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": clear})
-        self._pause_mode, self._flushed = mode, self.config.flush_in_pause
+        # The KV is dropped by flush_cache's own call: /pause's clear_cache is deprecated and
+        # documented as ignored for "keep".
+        self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode], "clear_cache": "false"})
+        self._pause_mode = mode
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; after a retract or in-place pause also preempt the frozen
         requests, so their KV is recomputed with the new weights. Retried with backoff while
         blocks are held."""
-        if self._flushed:  # the pause did it (``flush_in_pause``)
-            return True
         retract = "false" if self._pause_mode == "abort" else "true"
 
         def attempt() -> str | None:
@@ -296,7 +292,6 @@ class VllmEngine:
         return self._call("GET", "/weight_info").get("weight_version")
 
     def resume(self) -> None:
-        self._flushed = False
         self._call("POST", "/resume")
 
     def load_adapter(self, name: str, path: str) -> None:
