@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Sequence
 
 from weightsync.config import SyncConfig
 from weightsync.engines.base import ControlPlane
 from weightsync.engines.spec import EngineSpec
 from weightsync.inflight import BackgroundSlot
-from weightsync.lease import Lease, LeaseLock
+from weightsync.lease import Lease
 from weightsync.stats import AdapterStats, UpdateFailed
 from weightsync.verify import check_adapter
 from weightsync.worker import TrainerSync
@@ -31,8 +30,6 @@ class AdapterPublisher:
 
     config: SyncConfig
     engines: dict[str, ControlPlane]
-    lock: LeaseLock
-    owner: str
     adapter: str | None
     _adapters: list[str]
     _model: dict | None
@@ -40,7 +37,7 @@ class AdapterPublisher:
     _drain_s: float
     live_engines: list[EngineSpec]
     # And its methods _run (on every trainer rank), _settle (on engines at once, each one's
-    # error), _install and _check_models.
+    # error), _hold_lease, _install and _check_models.
 
     def update_adapter(self, version: int) -> AdapterStats:
         """Publish the trainer's LoRA adapter (``SyncConfig.lora``, ``weightsync.lora``) as
@@ -57,8 +54,7 @@ class AdapterPublisher:
         served = lora.served_name(version)
         if served in self._adapters:  # its directory may be read again: never rewritten
             raise ValueError(f"adapter {served} is already published: use a new version")
-        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
-        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4) as lease:
+        with self._hold_lease() as lease:
             t0 = time.perf_counter()
             live = [s.label for s in self.live_engines]
             if not live:

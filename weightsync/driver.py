@@ -201,13 +201,17 @@ class WeightSync(AdapterPublisher):
         waves = len(plan_waves(list(self.engines), self.config.min_serving))
         return self.config.step_timeout_s * (10 + 5 * (waves - 1))
 
+    def _hold_lease(self) -> contextlib.AbstractContextManager[Lease]:
+        """The lease for one call (update, audit, adapter). One token per call: the lease
+        lets its holder renew, so a bare owner name would let two updates of this driver in
+        at once."""
+        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
+        return self.lock.hold(token, lease_s=self.config.step_timeout_s * 4)
+
     def _open(self, version: int, held: contextlib.ExitStack, background: bool) -> _Opened:
         """Everything before the pause: the lease, the checks, the plan; staged export
         (all of it when ``background``: the trainer is free once this returns)."""
-        # One token per request: the lease lets its holder renew, so a bare owner name would
-        # let two updates of this driver in at once.
-        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
-        lease = held.enter_context(self.lock.hold(token, lease_s=self.config.step_timeout_s * 4))
+        lease = held.enter_context(self._hold_lease())
         if not self._connected:
             self.connect()
         t0 = time.perf_counter()
@@ -227,7 +231,7 @@ class WeightSync(AdapterPublisher):
             self._fail(version, e, progress, opened.background)
         self._retire(self._adapters)  # trained against the old base: they no longer apply
         self.adapter = None
-        self._proof = None if probe is None else Proof(version, probe, send.digests)
+        self._proof = progress.proof  # what every engine was proved to hold (None: unverified)
         pause_s = max(w.pause_s for w in progress.waves)
         stats = sync_stats(version, send, pause_s, time.perf_counter() - opened.t0)
         stats.waves = progress.waves
@@ -267,8 +271,7 @@ class WeightSync(AdapterPublisher):
                 f"WeightSync.verify(level={level!r}): the last update was verified at "
                 f"{proof.probe.level!r}; an audit re-checks what it read"
             )
-        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
-        with self.lock.hold(token, lease_s=self.config.step_timeout_s * 4):
+        with self._hold_lease():
             report = VerifyReport(proof.version, proof.probe.level, ok=True)
             failed = {lb: "stale since a failed update" for lb in sorted(self.stale)}
             live = [lb for lb in self.engines if lb not in self.stale]
