@@ -23,7 +23,7 @@ from weightsync_demo.config import DemoConfig
 from weightsync_demo.offpolicy import check_staleness, must_wait, staleness, version_number
 from weightsync_demo.policy import PolicyWorker
 from weightsync_demo.report import Report, StepRecord, table
-from weightsync_demo.rollout import PendingRollouts, Sample
+from weightsync_demo.rollout import PendingRollouts, Sample, one_version
 from weightsync_demo.task import count_up_correct, group_advantages, make_prompts
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def learn(
         step=step,
         reward=float(correct_PGR.mean()),
         logprob_diff=float(diff_BR[fresh_BR].mean()) if fresh_BR.any() else None,
-        rollout_version=_common([s.weight_version for s in samples]),
+        rollout_version=one_version(s.weight_version for s in samples),
         sample_versions=[s.weight_version for s in samples],
         loss=metrics["loss"],
         rollout_s=rollout_s,
@@ -226,11 +226,6 @@ def run(
         print(table(report))
         print(f"report: {paths[0]}  plot: {paths[1]}")
     return report
-
-
-def _common(versions: list[str | None]) -> str | None:
-    distinct = set(versions)
-    return distinct.pop() if len(distinct) == 1 else None
 
 
 def _as_dict(stats: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ at once (the async loop generates the next step's rollouts while the trainer ste
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,8 +33,13 @@ class Sample:
     @property
     def weight_version(self) -> str | None:
         """The one weight version of the whole sample; None when it spans an update."""
-        distinct = set(self.token_versions)
-        return distinct.pop() if len(distinct) == 1 else None
+        return one_version(self.token_versions)
+
+
+def one_version(versions: Iterable[str | None]) -> str | None:
+    """The version all of ``versions`` share; None when they differ."""
+    distinct = set(versions)
+    return distinct.pop() if len(distinct) == 1 else None
 
 
 class PendingRollouts:
@@ -48,9 +53,6 @@ class PendingRollouts:
         for f in futures:
             # When each request answered: generation time, however late the loop collects.
             f.add_done_callback(lambda _: self._ends.append(time.perf_counter()))
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
 
     @property
     def generation_s(self) -> float:
