@@ -1,0 +1,140 @@
+"""Processes of the sharded-transfer tests: megatron trainer ranks sending their own slices,
+and engine-rank stand-ins receiving theirs, in one gloo group (weightsync.shard_transfer)."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.bridge_helpers import hf_config
+from tests.holdings_jobs import distinct_values
+from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
+from weightsync.net import free_port
+
+BOUND = 1 << 16  # small rounds: many of them, the deadlock-free ordering is exercised
+
+
+def _plan(family: str, sizes_kw: dict, engines: list[EngineLayout]):
+    from megatron_bridge.holdings import ParallelSizes, plan_holdings
+    from weightsync.reshard import plan_reshard
+
+    cfg = hf_config(family, num_hidden_layers=2)
+    holdings = plan_holdings(cfg, ParallelSizes(**sizes_kw))
+    itemsize = {h.name: 4 for h in holdings}  # fp32 model
+    plan = plan_reshard(holdings, itemsize, engines, ModelShape.of(cfg), split_bytes=1 << 12)
+    return cfg, {h.name: h.shape for h in holdings}, plan
+
+
+def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines: list) -> dict:
+    import megatron_bridge as mb
+    from megatron_bridge.holdings import ParallelSizes, live_holdings, plan_holdings, shard_reader
+    from weightsync.shard_transfer import send_slices
+    from weightsync.transport.broadcast import init_weight_group
+
+    world = sizes_kw["world"]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mb.enable_cpu_megatron()
+    mb.init_parallel(tp=sizes_kw["tp"], pp=sizes_kw["pp"], ep=sizes_kw["ep"], etp=sizes_kw["etp"])
+    cfg, _, plan = _plan(family, sizes_kw, engines)
+    chunks = mb.build_model(cfg)
+    distinct_values(chunks[0])
+    live = live_holdings(chunks, cfg)
+    agree = live == plan_holdings(cfg, ParallelSizes(**sizes_kw))  # what the receivers planned
+    read = shard_reader(chunks, cfg, live)
+    full = {n: t.clone() for n, t in mb.export_hf_weights(chunks, cfg)}  # collective
+    total = world + sum(e.tp for e in engines)
+    group = init_weight_group("127.0.0.1", ports[1], total, rank, "shards")
+    sent = send_slices(plan, rank, lambda m: read(m.name, m.box), group, world, BOUND)
+    return {
+        "full": full if rank == 0 else None,
+        "sent": sent,
+        "planned": plan.sent.get(rank, 0),
+        "agree": agree,
+    }
+
+
+def receiver(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines: list) -> dict:
+    from weightsync.shard_transfer import receive_slices
+    from weightsync.transport.broadcast import init_weight_group
+
+    cfg, shapes, plan = _plan(family, sizes_kw, engines)
+    at, engine = rank - sizes_kw["world"], 0
+    while at >= engines[engine].tp:
+        at, engine = at - engines[engine].tp, engine + 1
+    model = ModelShape.of(cfg)
+    slices = {}
+    for name, shape in shapes.items():
+        box = engine_box(name, shape, engines[engine], model, at)
+        if box is not None:
+            slices[name] = (box, torch.float32)
+    total = sizes_kw["world"] + sum(e.tp for e in engines)
+    group = init_weight_group("127.0.0.1", ports[1], total, rank, "shards")
+    got = receive_slices(plan, engine, at, slices, group, BOUND)
+    received = sum(t.numel() * 4 for t in got.values())
+    return {
+        "engine": engine,
+        "worker": at,
+        "slices": got,
+        "boxes": {n: b for n, (b, _) in slices.items()},
+        "received": received,
+        "served": plan.served[(engine, at)],
+    }
+
+
+def _run(role, rank: int, ports, args, results) -> None:
+    torch.set_num_threads(1)
+    try:
+        buf = io.BytesIO()
+        torch.save(role(rank, ports, *args), buf)
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - the traceback travels back to the test
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_transfer(family: str, sizes_kw: dict, engines: list[EngineLayout], timeout: float = 240):
+    """Trainer ranks 0..world-1 and one receiver per engine rank; results by group rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ports = (free_port(), free_port())
+    world = sizes_kw["world"]
+    total = world + sum(e.tp for e in engines)
+    procs = [
+        ctx.Process(
+            target=_run,
+            args=(
+                trainer if r < world else receiver,
+                r,
+                ports,
+                (family, sizes_kw, engines),
+                results,
+            ),
+            daemon=True,
+        )
+        for r in range(total)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        for _ in range(total):
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(total)) - set(out))} hung") from None
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(total)]

@@ -1,0 +1,111 @@
+"""The reshard plan's bytes on the wire: every trainer rank sends its own slices, every engine
+rank receives exactly the slices it serves, point to point and all at once.
+
+One process group holds the trainer ranks (group ranks 0..T-1, the trainer's global ranks) and
+the engine ranks after them (``receiver_rank``). The moves are cut into rounds
+(``plan_rounds``) that both sides derive from the same plan: in a round every sender posts all
+its sends and every receiver all its receives before anyone waits, so no order of waits can
+deadlock, and no endpoint holds more than ``bound_bytes`` in flight per round (one move larger
+than the bound travels alone).
+
+A receiver assembles, per tensor, only its own slice (``engine_box``): the pieces land at their
+offsets inside it. A piece that spans the slice's trailing dims (a cut by rows) is received in
+place; others go through one contiguous buffer (gloo mis-handles strided tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge.meta import Box
+from weightsync.reshard import Move, ReshardPlan
+
+
+def receiver_rank(plan: ReshardPlan, trainer_world: int, engine: int, worker: int) -> int:
+    """Group rank of an engine rank: after the trainer's ranks, engines in order."""
+    before = sum(tp for e, tp in enumerate(plan.engine_tps) if e < engine)
+    return trainer_world + before + worker
+
+
+def plan_rounds(moves: Sequence[Move], bound_bytes: int) -> list[list[Move]]:
+    """``moves`` (plan order) cut into rounds: a round closes when one more move would put more
+    than ``bound_bytes`` on one of its endpoints."""
+    rounds: list[list[Move]] = [[]]
+    load: dict[object, int] = {}
+    for m in moves:
+        ends = (("src", m.src), ("dst", m.engine, m.worker))
+        if rounds[-1] and any(load.get(x, 0) + m.nbytes > bound_bytes for x in ends):
+            rounds.append([])
+            load = {}
+        rounds[-1].append(m)
+        for x in ends:
+            load[x] = load.get(x, 0) + m.nbytes
+    return [r for r in rounds if r]
+
+
+def send_slices(
+    plan: ReshardPlan,
+    rank: int,
+    read: Callable[[Move], torch.Tensor],
+    group: dist.ProcessGroup,
+    trainer_world: int,
+    bound_bytes: int,
+) -> int:
+    """Send this trainer rank's moves; ``read(move)`` gives the move's slice from the local
+    shard. Returns the bytes sent. Collective over ``group`` with ``receive_slices``."""
+    sent = 0
+    for moves in plan_rounds(plan.moves, bound_bytes):
+        work, keep = [], []
+        for m in moves:
+            if m.src != rank:
+                continue
+            t = read(m).contiguous()
+            keep.append(t)
+            dst = receiver_rank(plan, trainer_world, m.engine, m.worker)
+            work.append(dist.isend(t, group=group, group_dst=dst))
+            sent += t.numel() * t.element_size()
+        for w in work:
+            w.wait()
+    return sent
+
+
+def receive_slices(
+    plan: ReshardPlan,
+    engine: int,
+    worker: int,
+    slices: Mapping[str, tuple[Box, torch.dtype]],
+    group: dist.ProcessGroup,
+    bound_bytes: int,
+) -> dict[str, torch.Tensor]:
+    """This engine rank's slice of every tensor in ``slices`` ({name: (its box, dtype)}),
+    assembled from the moves addressed to it. Collective with ``send_slices``."""
+    out = {n: torch.empty(_extent(box), dtype=dt) for n, (box, dt) in slices.items()}
+    for moves in plan_rounds(plan.moves, bound_bytes):
+        work, landing = [], []
+        for m in moves:
+            if (m.engine, m.worker) != (engine, worker):
+                continue
+            view = _view(out[m.name], slices[m.name][0], m.box)
+            buf = view if view.is_contiguous() else torch.empty_like(view)
+            work.append(dist.irecv(buf, group=group, group_src=m.src))
+            landing.append((view, buf))
+        for w in work:
+            w.wait()
+        for view, buf in landing:
+            if buf is not view:
+                view.copy_(buf)
+    return out
+
+
+def _extent(box: Box) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in box)
+
+
+def _view(whole: torch.Tensor, outer: Box, inner: Box) -> torch.Tensor:
+    """``inner`` (HF coordinates) as a view of ``whole``, which holds ``outer``."""
+    for dim, ((o0, _), (i0, i1)) in enumerate(zip(outer, inner, strict=True)):
+        whole = whole.narrow(dim, i0 - o0, i1 - i0)
+    return whole
