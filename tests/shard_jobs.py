@@ -15,24 +15,29 @@ import torch.multiprocessing as mp
 
 from tests.bridge_helpers import hf_config
 from tests.holdings_jobs import distinct_values
-from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
+from weightsync.engine_shards import EngineLayout, ModelShape
 from weightsync.net import free_port
+from weightsync.quant.config import Int4Config
+from weightsync.shard_transfer import Tensors
 
 BOUND = 1 << 16  # small rounds: many of them, the deadlock-free ordering is exercised
 
 
-def _plan(family: str, sizes_kw: dict, engines: list[EngineLayout]):
+def _plan(family: str, sizes_kw: dict, engines: list[EngineLayout], int4: Int4Config | None):
+    """What both sides derive from the configs alone: the plan and the tensors' description."""
     from megatron_bridge.holdings import ParallelSizes, plan_holdings
     from weightsync.reshard import plan_reshard
 
     cfg = hf_config(family, num_hidden_layers=2)
     holdings = plan_holdings(cfg, ParallelSizes(**sizes_kw))
     itemsize = {h.name: 4 for h in holdings}  # fp32 model
-    plan = plan_reshard(holdings, itemsize, engines, ModelShape.of(cfg), split_bytes=1 << 12)
-    return cfg, {h.name: h.shape for h in holdings}, plan
+    model = ModelShape.of(cfg)
+    plan = plan_reshard(holdings, itemsize, engines, model, int4, split_bytes=1 << 12)
+    shapes = {h.name: h.shape for h in holdings}
+    return cfg, plan, Tensors(shapes, dict.fromkeys(shapes, torch.float32), int4)
 
 
-def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines: list) -> dict:
+def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines, int4) -> dict:
     import megatron_bridge as mb
     from megatron_bridge.holdings import ParallelSizes, live_holdings, plan_holdings, shard_reader
     from weightsync.shard_transfer import send_slices
@@ -43,7 +48,7 @@ def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engi
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mb.enable_cpu_megatron()
     mb.init_parallel(tp=sizes_kw["tp"], pp=sizes_kw["pp"], ep=sizes_kw["ep"], etp=sizes_kw["etp"])
-    cfg, _, plan = _plan(family, sizes_kw, engines)
+    cfg, plan, tensors = _plan(family, sizes_kw, engines, int4)
     chunks = mb.build_model(cfg)
     distinct_values(chunks[0])
     live = live_holdings(chunks, cfg)
@@ -52,7 +57,7 @@ def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engi
     full = {n: t.clone() for n, t in mb.export_hf_weights(chunks, cfg)}  # collective
     total = world + sum(e.tp for e in engines)
     group = init_weight_group("127.0.0.1", ports[1], total, rank, "shards")
-    sent = send_slices(plan, rank, lambda m: read(m.name, m.box), group, world, BOUND)
+    sent = send_slices(plan, rank, read, tensors, group, world, BOUND)
     return {
         "full": full if rank == 0 else None,
         "sent": sent,
@@ -61,24 +66,19 @@ def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engi
     }
 
 
-def receiver(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines: list) -> dict:
+def receiver(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines, int4) -> dict:
     from weightsync.shard_transfer import receive_slices
     from weightsync.transport.broadcast import init_weight_group
 
-    cfg, shapes, plan = _plan(family, sizes_kw, engines)
+    cfg, plan, tensors = _plan(family, sizes_kw, engines, int4)
     at, engine = rank - sizes_kw["world"], 0
     while at >= engines[engine].tp:
         at, engine = at - engines[engine].tp, engine + 1
-    model = ModelShape.of(cfg)
-    slices = {}
-    for name, shape in shapes.items():
-        box = engine_box(name, shape, engines[engine], model, at)
-        if box is not None:
-            slices[name] = (box, torch.float32)
+    slices = tensors.worker_slices(engines[engine], ModelShape.of(cfg), at)
     total = sizes_kw["world"] + sum(e.tp for e in engines)
     group = init_weight_group("127.0.0.1", ports[1], total, rank, "shards")
-    got = receive_slices(plan, engine, at, slices, group, BOUND)
-    received = sum(t.numel() * 4 for t in got.values())
+    got = receive_slices(plan, engine, at, slices, tensors, group, BOUND)
+    received = sum(t.numel() * t.element_size() for t in got.values())
     return {
         "engine": engine,
         "worker": at,
@@ -99,7 +99,13 @@ def _run(role, rank: int, ports, args, results) -> None:
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_transfer(family: str, sizes_kw: dict, engines: list[EngineLayout], timeout: float = 240):
+def run_transfer(
+    family: str,
+    sizes_kw: dict,
+    engines: list[EngineLayout],
+    int4: Int4Config | None = None,
+    timeout: float = 240,
+):
     """Trainer ranks 0..world-1 and one receiver per engine rank; results by group rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -113,7 +119,7 @@ def run_transfer(family: str, sizes_kw: dict, engines: list[EngineLayout], timeo
                 trainer if r < world else receiver,
                 r,
                 ports,
-                (family, sizes_kw, engines),
+                (family, sizes_kw, engines, int4),
                 results,
             ),
             daemon=True,

@@ -7,10 +7,9 @@ piece is read from one of the data-parallel replicas holding it, taken in turn s
 replicas share the sending. No full tensor is assembled anywhere, and an engine rank receives
 exactly what it serves.
 
-A piece of an int4 tensor (``Int4Config``) travels as its packed codes, scales and zero points:
-the trainer rank quantizes its own slice, which is exact only when the slice's input columns
-start and end on group boundaries (and, with zero points packed 8 rows per word, its rows on
-multiples of 8); anything else is refused, naming the tensor and both layouts.
+A piece of an int4 tensor (``Int4Config``) travels as its packed codes, scales and zero points
+(``weightsync.quant.shards``): the trainer rank quantizes its own slice, exact only on group
+boundaries; anything else is refused, naming the tensor and the engine's layout.
 """
 
 from __future__ import annotations
@@ -19,9 +18,14 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from megatron_bridge.meta import Box, Holding, box_numel
 from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
 from weightsync.quant.config import Int4Config
+from weightsync.quant.shards import packed_parts
+
+_SIZED = {1: torch.uint8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,19 +163,6 @@ def _wire_bytes(
     layout: EngineLayout,
 ) -> int:
     """Bytes of ``box`` on the wire: as exported, or as int4 codes + scales (+ zero points)."""
-    if int4 is None or not int4.is_quantized(name, shape):
-        return box_numel(box) * itemsize
-    (r0, r1), (c0, c1) = box
-    group = shape[1] if int4.group_size == -1 else int4.group_size
-    zp_rows = "" if int4.symmetric else ", zero points 8 rows per word"
-    if c0 % group or c1 % group or (zp_rows and (r0 % 8 or r1 % 8)):
-        raise ValueError(
-            f"{name}: slice rows [{r0}, {r1}) columns [{c0}, {c1}) of {shape} does not fall on "
-            f"int4 group boundaries (group {group}{zp_rows}) for engine {layout}: quantizing "
-            "it on the trainer's shard would not be exact"
-        )
-    rows, groups = r1 - r0, (c1 - c0) // group
-    codes = rows * (c1 - c0) // 2
-    scales = rows * groups * itemsize
-    zeros = 0 if int4.symmetric else rows // 8 * groups * 4
-    return codes + scales + zeros
+    like = _SIZED[itemsize]  # only the size matters here
+    parts = packed_parts(name, shape, box, like, int4, where=f" for engine {layout}")
+    return sum(box_numel(b) * dtype.itemsize for _, b, dtype in parts)

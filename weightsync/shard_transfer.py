@@ -9,18 +9,24 @@ deadlock, and no endpoint holds more than ``bound_bytes`` in flight per round (o
 than the bound travels alone).
 
 A receiver assembles, per tensor, only its own slice (``engine_box``): the pieces land at their
-offsets inside it. A piece that spans the slice's trailing dims (a cut by rows) is received in
-place; others go through one contiguous buffer (gloo mis-handles strided tensors).
+offsets inside it. int4 pieces are quantized by their sender and travel as codes, scales (and
+zero points), each landing in the receiver's slice of that engine tensor. A piece that spans
+the slice's trailing dims (a cut by rows) is received in place; others go through one
+contiguous buffer (gloo mis-handles strided tensors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge.meta import Box
+from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
+from weightsync.quant.config import Int4Config
+from weightsync.quant.shards import Part, encode, packed_parts
 from weightsync.reshard import Move, ReshardPlan
 
 
@@ -46,27 +52,53 @@ def plan_rounds(moves: Sequence[Move], bound_bytes: int) -> list[list[Move]]:
     return [r for r in rounds if r]
 
 
+@dataclass(frozen=True)
+class Tensors:
+    """What both sides know of the exported tensors: shapes, dtypes, and the int4 config."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, torch.dtype]
+    int4: Int4Config | None = None
+
+    def parts(self, name: str, box: Box) -> list[Part]:
+        return packed_parts(name, self.shapes[name], box, self.dtypes[name], self.int4)
+
+    def worker_slices(
+        self, layout: EngineLayout, model: ModelShape, worker: int
+    ) -> dict[str, tuple[Box, torch.dtype]]:
+        """Every engine tensor part this engine rank serves: {name: (its box, dtype)}."""
+        out = {}
+        for name, shape in self.shapes.items():
+            box = engine_box(name, shape, layout, model, worker)
+            if box is not None:
+                out.update((n, (b, dt)) for n, b, dt in self.parts(name, box))
+        return out
+
+
 def send_slices(
     plan: ReshardPlan,
     rank: int,
-    read: Callable[[Move], torch.Tensor],
+    read: Callable[[str, Box], torch.Tensor],
+    tensors: Tensors,
     group: dist.ProcessGroup,
     trainer_world: int,
     bound_bytes: int,
 ) -> int:
-    """Send this trainer rank's moves; ``read(move)`` gives the move's slice from the local
-    shard. Returns the bytes sent. Collective over ``group`` with ``receive_slices``."""
+    """Send this trainer rank's moves, ``read(name, box)`` giving each slice from the local
+    shard (quantized here when int4). Returns the bytes sent. Collective over ``group`` with
+    ``receive_slices``."""
     sent = 0
     for moves in plan_rounds(plan.moves, bound_bytes):
         work, keep = [], []
         for m in moves:
             if m.src != rank:
                 continue
-            t = read(m).contiguous()
-            keep.append(t)
             dst = receiver_rank(plan, trainer_world, m.engine, m.worker)
-            work.append(dist.isend(t, group=group, group_dst=dst))
-            sent += t.numel() * t.element_size()
+            for t in encode(m.name, read(m.name, m.box), tensors.int4):
+                t = t.contiguous()
+                keep.append(t)
+                work.append(dist.isend(t, group=group, group_dst=dst))
+                sent += t.numel() * t.element_size()
         for w in work:
             w.wait()
     return sent
@@ -77,10 +109,11 @@ def receive_slices(
     engine: int,
     worker: int,
     slices: Mapping[str, tuple[Box, torch.dtype]],
+    tensors: Tensors,
     group: dist.ProcessGroup,
     bound_bytes: int,
 ) -> dict[str, torch.Tensor]:
-    """This engine rank's slice of every tensor in ``slices`` ({name: (its box, dtype)}),
+    """This engine rank's part of every tensor in ``slices`` (``Tensors.worker_slices``),
     assembled from the moves addressed to it. Collective with ``send_slices``."""
     out = {n: torch.empty(_extent(box), dtype=dt) for n, (box, dt) in slices.items()}
     for moves in plan_rounds(plan.moves, bound_bytes):
@@ -88,10 +121,11 @@ def receive_slices(
         for m in moves:
             if (m.engine, m.worker) != (engine, worker):
                 continue
-            view = _view(out[m.name], slices[m.name][0], m.box)
-            buf = view if view.is_contiguous() else torch.empty_like(view)
-            work.append(dist.irecv(buf, group=group, group_src=m.src))
-            landing.append((view, buf))
+            for name, box, _ in tensors.parts(m.name, m.box):
+                view = _view(out[name], slices[name][0], box)
+                buf = view if view.is_contiguous() else torch.empty_like(view)
+                work.append(dist.irecv(buf, group=group, group_src=m.src))
+                landing.append((view, buf))
         for w in work:
             w.wait()
         for view, buf in landing:
