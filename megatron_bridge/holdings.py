@@ -134,6 +134,12 @@ def _block(
     """TP rank ``r``'s block of a split ``piece``, in HF tensors."""
     dim = split_dim(piece.mcore)
     assert dim is not None, piece.mcore
+    if piece.kind is QKV and dims.kv_heads % n:
+        # megatron then keeps a copy of a KV group on several ranks: not a clean cut of k/v
+        raise ValueError(
+            f"{piece.hf[1]}: {dims.kv_heads} KV heads over tensor parallel {n} (a KV group on "
+            "several ranks): the sharded plan needs whole KV groups per rank"
+        )
     if piece.kind is VOCAB:
         padded = sizes.padded_vocab or padded_vocab_size(dims.vocab, 128, n)
         if padded < dims.vocab or padded % n:

@@ -42,7 +42,7 @@ def check_holdings(rank: int, world: int, family: str, tp: int, pp: int, ep: int
     return {"checked": checked, "wrong": wrong, "names": covered == set(full)}
 
 
-def distinct_values(chunk: torch.nn.Module) -> None:
+def distinct_values(chunk: torch.nn.Module, std: float = 1.0) -> None:
     """Random values per shard: equal on the replicas megatron keeps equal (data-parallel
     copies, a replicated norm across TP ranks), different wherever shards differ, so reading
     another rank's block cannot pass unnoticed."""
@@ -64,4 +64,7 @@ def distinct_values(chunk: torch.nn.Module) -> None:
                 else ps.get_tensor_model_parallel_rank()
             )
         g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-        p.data.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+        values = torch.randn(p.shape, generator=g) * std
+        if std < 1 and p.dim() == 1:
+            values += 1  # norms near 1: small weights, yet a model whose outputs tell them apart
+        p.data.copy_(values.to(p.dtype))

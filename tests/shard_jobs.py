@@ -23,21 +23,32 @@ from weightsync.shard_transfer import Tensors
 BOUND = 1 << 16  # small rounds: many of them, the deadlock-free ordering is exercised
 
 
-def _plan(family: str, sizes_kw: dict, engines: list[EngineLayout], int4: Int4Config | None):
+def config_of(family: str | tuple[str, dict]):
+    """A bridge test model by family name, or (model_type, tiny_config overrides)."""
+    if isinstance(family, str):
+        return hf_config(family, num_hidden_layers=2)
+    from tests.models import tiny_config
+
+    return tiny_config(family[0], **family[1])
+
+
+def plan_of(family, sizes_kw: dict, engines: list, int4: Int4Config | None, dtype=torch.float32):
     """What both sides derive from the configs alone: the plan and the tensors' description."""
     from megatron_bridge.holdings import ParallelSizes, plan_holdings
     from weightsync.reshard import plan_reshard
 
-    cfg = hf_config(family, num_hidden_layers=2)
+    cfg = config_of(family)
     holdings = plan_holdings(cfg, ParallelSizes(**sizes_kw))
-    itemsize = {h.name: 4 for h in holdings}  # fp32 model
+    itemsize = {h.name: dtype.itemsize for h in holdings}
     model = ModelShape.of(cfg)
     plan = plan_reshard(holdings, itemsize, engines, model, int4, split_bytes=1 << 12)
     shapes = {h.name: h.shape for h in holdings}
-    return cfg, plan, Tensors(shapes, dict.fromkeys(shapes, torch.float32), int4)
+    return cfg, plan, Tensors(shapes, dict.fromkeys(shapes, dtype), int4)
 
 
-def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines, int4) -> dict:
+def trainer(
+    rank: int, ports: tuple[int, int], family, sizes_kw: dict, engines, int4, dtype=torch.float32
+) -> dict:
     import megatron_bridge as mb
     from megatron_bridge.holdings import ParallelSizes, live_holdings, plan_holdings, shard_reader
     from weightsync.shard_transfer import send_slices
@@ -48,9 +59,9 @@ def trainer(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engi
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mb.enable_cpu_megatron()
     mb.init_parallel(tp=sizes_kw["tp"], pp=sizes_kw["pp"], ep=sizes_kw["ep"], etp=sizes_kw["etp"])
-    cfg, plan, tensors = _plan(family, sizes_kw, engines, int4)
-    chunks = mb.build_model(cfg)
-    distinct_values(chunks[0])
+    cfg, plan, tensors = plan_of(family, sizes_kw, engines, int4, dtype)
+    chunks = mb.build_model(cfg, params_dtype=dtype)
+    distinct_values(chunks[0], std=0.08 if dtype == torch.bfloat16 else 1.0)
     live = live_holdings(chunks, cfg)
     agree = live == plan_holdings(cfg, ParallelSizes(**sizes_kw))  # what the receivers planned
     read = shard_reader(chunks, cfg, live)
@@ -70,7 +81,7 @@ def receiver(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, eng
     from weightsync.shard_transfer import receive_slices
     from weightsync.transport.broadcast import init_weight_group
 
-    cfg, plan, tensors = _plan(family, sizes_kw, engines, int4)
+    cfg, plan, tensors = plan_of(family, sizes_kw, engines, int4)
     at, engine = rank - sizes_kw["world"], 0
     while at >= engines[engine].tp:
         at, engine = at - engines[engine].tp, engine + 1
@@ -107,24 +118,19 @@ def run_transfer(
     timeout: float = 240,
 ):
     """Trainer ranks 0..world-1 and one receiver per engine rank; results by group rank."""
+    world = sizes_kw["world"]
+    roles = [trainer] * world + [receiver] * sum(e.tp for e in engines)
+    return run_roles(roles, (family, sizes_kw, engines, int4), (free_port(), free_port()), timeout)
+
+
+def run_roles(roles: list, args: tuple, ports: tuple[int, int], timeout: float = 240) -> list:
+    """``roles[r](r, ports, *args)`` in one spawned process per rank; results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    ports = (free_port(), free_port())
-    world = sizes_kw["world"]
-    total = world + sum(e.tp for e in engines)
+    total = len(roles)
     procs = [
-        ctx.Process(
-            target=_run,
-            args=(
-                trainer if r < world else receiver,
-                r,
-                ports,
-                (family, sizes_kw, engines, int4),
-                results,
-            ),
-            daemon=True,
-        )
-        for r in range(total)
+        ctx.Process(target=_run, args=(role, r, ports, args, results), daemon=True)
+        for r, role in enumerate(roles)
     ]
     for p in procs:
         p.start()

@@ -90,28 +90,56 @@ def plan_reshard(
     unheld = sorted(set(itemsize) - set(by_name))
     if unheld:
         raise ValueError(f"no trainer rank holds any slice of {unheld[:5]} ({len(unheld)} tensors)")
-    moves: list[Move] = []
+    pieces: list[tuple[tuple[int, ...], int, int, str, Box, int]] = []
     served: dict[tuple[int, int], int] = defaultdict(int)
-    load: dict[int, int] = defaultdict(int)
+    cache: dict[tuple[EngineLayout, int], list] = {}  # engines alike need the same pieces
     for e, layout in enumerate(engines):
         for w in range(layout.tp):
-            for name, held in by_name.items():
-                need = engine_box(name, held[0].shape, layout, model, w)
-                if need is None:
-                    continue
-                for ranks, box in _cover(name, need, held, layout):
-                    size = itemsize[name]
-                    for part in _spread(box, len(ranks), size, split_bytes, int4 is not None):
-                        src = min(ranks, key=lambda r: (load[r], r))
-                        nbytes = _wire_bytes(name, held[0].shape, part, size, int4, layout)
-                        load[src] += nbytes
-                        served[(e, w)] += nbytes
-                        moves.append(Move(src, e, w, name, part, nbytes))
+            if (layout, w) not in cache:
+                cache[(layout, w)] = _worker_pieces(
+                    by_name, itemsize, layout, model, w, int4, split_bytes
+                )
+            for ranks, name, box, nbytes in cache[(layout, w)]:
+                pieces.append((ranks, e, w, name, box, nbytes))
+                served[(e, w)] += nbytes
+    # The least loaded holder takes each piece, pieces with the fewest holders first: a rank's
+    # fixed load (its own experts) is known before the shared load (replicated weights) is
+    # spread, so the shared load can even it out.
+    load: dict[int, int] = defaultdict(int)
+    src = [0] * len(pieces)
+    for i in sorted(range(len(pieces)), key=lambda i: len(pieces[i][0])):
+        ranks, nbytes = pieces[i][0], pieces[i][5]
+        src[i] = min(ranks, key=lambda r: (load[r], r))
+        load[src[i]] += nbytes
+    moves = tuple(Move(src[i], *p[1:]) for i, p in enumerate(pieces))
     whole = sum(
         _wire_bytes(n, hs[0].shape, _whole(hs[0].shape), itemsize[n], int4, EngineLayout())
         for n, hs in by_name.items()
     )
-    return ReshardPlan(tuple(moves), dict(served), whole, tuple(e.tp for e in engines))
+    return ReshardPlan(moves, dict(served), whole, tuple(e.tp for e in engines))
+
+
+def _worker_pieces(
+    by_name: Mapping[str, list[Holding]],
+    itemsize: Mapping[str, int],
+    layout: EngineLayout,
+    model: ModelShape,
+    worker: int,
+    int4: Int4Config | None,
+    split_bytes: int,
+) -> list[tuple[tuple[int, ...], str, Box, int]]:
+    """(holders, name, box, wire bytes) of every piece one engine rank needs."""
+    out = []
+    for name, held in by_name.items():
+        need = engine_box(name, held[0].shape, layout, model, worker)
+        if need is None:
+            continue
+        size = itemsize[name]
+        for ranks, box in _cover(name, need, held, layout):
+            for part in _spread(box, len(ranks), size, split_bytes, int4 is not None):
+                nbytes = _wire_bytes(name, held[0].shape, part, size, int4, layout)
+                out.append((ranks, name, part, nbytes))
+    return out
 
 
 def _cover(

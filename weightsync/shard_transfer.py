@@ -28,6 +28,7 @@ from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
 from weightsync.quant.config import Int4Config
 from weightsync.quant.shards import Part, encode, packed_parts
 from weightsync.reshard import Move, ReshardPlan
+from weightsync.tensors import dtype_name
 
 
 def receiver_rank(plan: ReshardPlan, trainer_world: int, engine: int, worker: int) -> int:
@@ -143,3 +144,59 @@ def _view(whole: torch.Tensor, outer: Box, inner: Box) -> torch.Tensor:
     for dim, ((o0, _), (i0, i1)) in enumerate(zip(outer, inner, strict=True)):
         whole = whole.narrow(dim, i0 - o0, i1 - i0)
     return whole
+
+
+def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes: int) -> list[dict]:
+    """What one engine must be told per round (the ``/update_weights`` JSON of the sharded
+    transport, ``vllm_plugin.shards``): the pieces to receive, and the tensors each worker can
+    load once the round's pieces are in (its last piece arrived), with their whole shapes."""
+    rounds = plan_rounds(plan.moves, bound_bytes)
+    last: dict[tuple[int, str], int] = {}
+    for k, moves in enumerate(rounds):
+        for m in moves:
+            if m.engine == engine:
+                for name, _, _ in tensors.parts(m.name, m.box):
+                    last[(m.worker, name)] = k
+    out = []
+    for k, moves in enumerate(rounds):
+        pieces = [
+            [
+                m.src,
+                m.worker,
+                name,
+                [list(b) for b in box],
+                list(_whole_shape(tensors, name)),
+                dtype_name(dtype),
+            ]
+            for m in moves
+            if m.engine == engine
+            for name, box, dtype in tensors.parts(m.name, m.box)
+        ]
+        ready = [[w, n] for (w, n), at in last.items() if at == k]
+        # int4: the whole weight's shape, which no slice carries, beside its codes
+        constants = [
+            [
+                w,
+                n.removesuffix("_packed") + "_shape",
+                list(tensors.shapes[n.removesuffix("_packed")]),
+            ]
+            for w, n in ready
+            if n.endswith(".weight_packed")
+        ]
+        out.append({"bucket": k, "pieces": pieces, "ready": ready, "constants": constants})
+    return out
+
+
+def _whole_shape(tensors: Tensors, part: str) -> tuple[int, ...]:
+    """The whole engine tensor's shape of ``part`` (an HF tensor, or one of its int4 parts)."""
+    if part in tensors.shapes:
+        return tensors.shapes[part]
+    base, _, leaf = part.rpartition(".")
+    name = f"{base}.weight"
+    whole = ((0, s) for s in tensors.shapes[name])
+    for p, box, _ in packed_parts(
+        name, tensors.shapes[name], tuple(whole), torch.uint8, tensors.int4
+    ):
+        if p == part:
+            return _extent(box)
+    raise ValueError(f"{part}: not a tensor of this model ({leaf})")

@@ -348,3 +348,9 @@ def test_int4_row_spread_keeps_multiples_of_8_rows():
     assert all(lo % 8 == 0 and hi % 8 == 0 for lo, hi in rows)
     _assert_tiles([m.box for m in plan.moves], ((0, 24), (0, 32)), qa)
     assert sum(m.nbytes for m in plan.moves) == 24 * 32 // 2 + 24 * 2 + 3 * 4  # == whole
+
+
+def test_kv_heads_fewer_than_trainer_tp_are_refused_naming_the_tensor():
+    cfg = hf_config("llama", num_hidden_layers=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"k_proj\.weight: 1 KV heads over tensor parallel 2"):
+        plan_holdings(cfg, ParallelSizes(2, tp=2))

@@ -53,6 +53,9 @@ class BroadcastLink:
     group_name: str
     backend: str
     """gloo (CPU trainer) or nccl (GPU trainer)."""
+    sharded: bool = False
+    """Every trainer rank is in the group (ranks 0 .. rank_offset of the first engine - 1) and
+    sends its own slices (``weightsync.shard_transfer``), not the source rank everything."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -145,7 +145,7 @@ class VllmEngine:
         self.check_link(link)
         if isinstance(link, BroadcastLink):
             info = InitInfo(
-                transport="broadcast",
+                transport="sharded" if link.sharded else "broadcast",
                 master_address=link.master_address,
                 master_port=link.master_port,
                 world_size=link.world_size,
@@ -234,6 +234,13 @@ class VllmEngine:
         body = {"update_info": asdict(update_info(bucket, ticket))}
         future = self._pool.submit(self._call, "POST", "/update_weights", json=body)
         return InFlight(future, f"{self.name} bucket {bucket.index}")
+
+    def update_round(self, info: dict) -> InFlight:
+        """One round of the sharded transport (``shard_transfer.engine_rounds``)."""
+        future = self._pool.submit(
+            self._call, "POST", "/update_weights", json={"update_info": info}
+        )
+        return InFlight(future, f"{self.name} round {info['bucket']}")
 
     # --- control plane (driver) ----------------------------------------------------------
     def pause(self, mode: str = "abort") -> None:

@@ -42,6 +42,7 @@ from weightsync.engines.vllm_plugin.repair import (
     unloaded_layers,
     unrepairable,
 )
+from weightsync.engines.vllm_plugin.shards import ShardSource
 from weightsync.engines.vllm_plugin.staging import Staging
 from weightsync.engines.vllm_plugin.wire import InitInfo, UpdateInfo
 from weightsync.model_config import summary
@@ -80,6 +81,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
         self.timings = []
         self._session = {"received": {}, "unloaded": []}
+        if isinstance(self.source, ShardSource):
+            self.source.close()  # pieces an update cut short never load into another one
         self._session_faults, self._faults = self._faults, {}
         _retie(self._untied)  # a stale_alias fault lasts one session
         self._untied = _untie(self.model) if self._session_faults.get("stale_alias") else []
@@ -103,8 +106,13 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise RuntimeError("weightsync backend: no weight-update session is open")
         if self.source is None:
             raise RuntimeError("weightsync backend: init_weight_transfer_engine was not called")
-        bucket, ticket = update_info.to_bucket()
         t0 = time.perf_counter()
+        if isinstance(self.source, ShardSource):
+            named = self.source.receive(update_info, self._answer("expected_params"))
+            wire = self.source.last_wire_bytes  # what this worker received, not what it loads
+            self._load_named(update_info.bucket, named, wire, time.perf_counter() - t0)
+            return
+        bucket, ticket = update_info.to_bucket()
         buffers = self.source.recv(bucket, ticket)
         try:
             self._load(bucket, buffers, receive_s=time.perf_counter() - t0)
@@ -113,21 +121,24 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
 
     def _load(self, bucket, buffers: dict, receive_s: float) -> None:
         """One bucket's tensors into the model, counted for completeness."""
-        t1 = time.perf_counter()
         named = unpack_bucket(bucket, buffers)
+        self._load_named(bucket.index, named, bucket.nbytes, receive_s)
+        receive.unalias_pending(self.model, list(buffers.values()))
+
+    def _load_named(self, index: int, named: list, nbytes: int, receive_s: float) -> None:
+        t1 = time.perf_counter()
         skip = tuple(self._session_faults.get("skip", ()))
         if skip:
             named = [(n, t) for n, t in named if not n.startswith(skip)]
         named = [(n, _corrupt(n, t, self._session_faults)) for n, t in named]
         self.model.load_weights(named)
         self._session["received"].update((n, t.numel()) for n, t in named)
-        receive.unalias_pending(self.model, list(buffers.values()))
         self.timings.append(
             {
-                "bucket": bucket.index,
+                "bucket": index,
                 "receive_s": receive_s,
                 "load_s": time.perf_counter() - t1,
-                "bytes": bucket.nbytes,
+                "bytes": nbytes,
             }
         )
 
@@ -247,6 +258,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         """One bucket off the wire into the staging area; the model is not touched."""
         if self._staging is None:
             raise RuntimeError("weightsync backend: stage_open first")
+        if isinstance(self.source, ShardSource):
+            raise RuntimeError("weightsync backend: the sharded transport does not stage yet")
         if self.source is None:
             raise RuntimeError("weightsync backend: init_weight_transfer_engine was not called")
         bucket, ticket = update_info.to_bucket()

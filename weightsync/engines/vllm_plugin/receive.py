@@ -19,10 +19,11 @@ from weightsync.tensors import ST_DTYPES, dtype_name, safetensors_header
 def open_source(info: InitInfo, worker: int):
     """A ``weightsync.transport.base.Receiver`` for the transport named in ``info``, for the
     engine's ``worker``-th worker process (TP x PP x DP, like vLLM's NCCL backend counts)."""
-    if info.transport == "broadcast":
+    if info.transport in ("broadcast", "sharded"):
         rank = info.rank_offset + worker
         if rank >= info.world_size:
             raise ValueError(f"worker {worker} would be rank {rank} of {info.world_size}")
+        from weightsync.engines.vllm_plugin.shards import ShardSource
         from weightsync.transport.broadcast import BroadcastReceiver, init_weight_group
 
         group = init_weight_group(
@@ -34,6 +35,8 @@ def open_source(info: InitInfo, worker: int):
             backend="gloo",
             timeout_s=info.timeout_s,
         )
+        if info.transport == "sharded":
+            return ShardSource(group, rank, worker)
         return BroadcastReceiver(group, timeout_s=info.timeout_s)
     from weightsync.transport.shm import RingSpec, ShmReceiver, ShmRing
 

@@ -15,7 +15,7 @@ from weightsync.plan import Bucket, DtypeGroup, Slot
 from weightsync.tensors import dtype_from_name, dtype_name
 from weightsync.transport.base import Ticket
 
-TRANSPORTS = ("broadcast", "shm")
+TRANSPORTS = ("broadcast", "shm", "sharded")
 
 
 @dataclass
@@ -24,7 +24,8 @@ class InitInfo:
 
     transport: str
     timeout_s: float = DEFAULT_TIMEOUT_S
-    # broadcast: the trainer's weight group (weightsync.transport.broadcast.init_weight_group).
+    # broadcast: the trainer's weight group (weightsync.transport.broadcast.init_weight_group);
+    # sharded: the same group with every trainer rank in it (weightsync.shard_transfer).
     master_address: str = ""
     master_port: int = 0
     world_size: int = 0
@@ -44,13 +45,15 @@ class InitInfo:
             raise ValueError(f"transport={self.transport!r}: allowed {TRANSPORTS}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s!r}: must be > 0")
-        if self.transport == "broadcast":
+        if self.transport in ("broadcast", "sharded"):
             if not (self.master_address and self.master_port > 0 and self.group_name):
-                raise ValueError("broadcast needs master_address, master_port and group_name")
+                raise ValueError(
+                    f"{self.transport} needs master_address, master_port and group_name"
+                )
             if not 0 < self.rank_offset < self.world_size:
                 raise ValueError(
                     f"rank_offset={self.rank_offset} world_size={self.world_size}: the "
-                    "trainer is rank 0, engine workers take 1..world_size-1"
+                    "trainer's ranks come first, engine workers after them"
                 )
         elif not self.slot_names or self.slot_bytes <= 0:
             raise ValueError("shm needs slot_names and slot_bytes > 0")
@@ -70,12 +73,16 @@ class UpdateInfo:
     """One bucket: ``groups`` items are ``{"dtype", "numel", "byte_offset", "entries":
     [[name, shape, offset, numel], ...]}`` as in ``weightsync.plan.DtypeGroup``."""
 
-    groups: list[dict]
+    groups: list[dict] = field(default_factory=list)
     bucket: int = 0
     nbytes: int = 0
     slot: int = -1
     payloads: list[str] = field(default_factory=list)
     next_nbytes: int = 0
+    # sharded transport (weightsync.shard_transfer.engine_rounds): this round instead of a bucket
+    pieces: list[list] = field(default_factory=list)
+    ready: list[list] = field(default_factory=list)
+    constants: list[list] = field(default_factory=list)
 
     def to_bucket(self) -> tuple[Bucket, Ticket]:
         groups = []

