@@ -136,6 +136,11 @@ class SyncConfig:
     ``(1 - min_serving) * engines`` (at least one), each wave paused, loaded, verified,
     stamped and resumed whole while the others serve (needs ``engine_stage_bytes``: the
     bytes reach every engine before the first wave pauses). ``SyncStats.waves``."""
+    sharded: bool = False
+    """Many-to-many (vLLM engines, broadcast transport): every trainer rank sends its own
+    slices point to point and every engine rank receives only the slices it serves
+    (``weightsync.reshard``), no tensor gathered anywhere; ``SyncStats.rank_bytes``. False:
+    the source rank gathers and broadcasts the whole model to every engine rank."""
 
     def __post_init__(self) -> None:
         _require(
@@ -195,4 +200,11 @@ class SyncConfig:
             self.min_serving,
             "waves need engine-side staging (engine_stage_bytes > 0): every engine takes "
             "the bytes before the first wave pauses",
+        )
+        _require(
+            not self.sharded or (self.transport == "broadcast" and not self.engine_stage_bytes),
+            "sharded",
+            self.sharded,
+            "the sharded sync runs over the broadcast transport's group, without engine-side "
+            f"staging (transport={self.transport!r}, engine_stage_bytes={self.engine_stage_bytes})",
         )

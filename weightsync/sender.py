@@ -64,6 +64,8 @@ class SendStats:
     """Filled in by the driver: completeness, the engines' read-back and the comparison."""
     unverified: list[str] = field(default_factory=list)
     """Engines nothing could be read back from (the driver fills it in)."""
+    rank_bytes: dict[str, list[int]] = field(default_factory=dict)
+    """``SyncConfig.sharded``: bytes each engine rank received, by engine (empty otherwise)."""
 
 
 def plan_metas(hf_metas: Iterable[Any], int4: Int4Config | None) -> list[TensorMeta]:

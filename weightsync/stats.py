@@ -50,6 +50,9 @@ class SyncStats:
     ``recompute`` dropped in the pause, ``reuse`` kept (in-place pause)."""
     waves: list[Wave] = field(default_factory=list)
     """Which engines switched together, in order, each wave's pause (``min_serving``)."""
+    rank_bytes: dict[str, list[int]] = field(default_factory=dict)
+    """``SyncConfig.sharded``: the bytes each engine rank received (its own slices), by
+    engine; empty when every engine rank received the whole model (the gathered path)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,4 +113,5 @@ def sync_stats(version: int, send: SendStats, pause_s: float, total_s: float) ->
         pause_s=pause_s,
         total_s=total_s,
         verify_s=send.verify_s,
+        rank_bytes=dict(send.rank_bytes),
     )

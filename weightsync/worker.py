@@ -25,7 +25,7 @@ from weightsync.config import LoraSync, SyncConfig
 from weightsync.engines.base import BroadcastLink, DataPlane, ShmLink
 from weightsync.engines.spec import EngineSpec
 from weightsync.lora import check_root
-from weightsync.net import free_port
+from weightsync.net import free_port, is_loopback, node_address
 from weightsync.proof import Probe
 from weightsync.quant import Int4Config
 from weightsync.sender import SendStats, WeightSender
@@ -35,7 +35,7 @@ GROUP_NAME = "weight_update_group"
 
 @dataclass
 class _State:
-    sender: WeightSender
+    sender: WeightSender  # or sharded_sender.ShardedSender (SyncConfig.sharded)
     specs: list[EngineSpec]
     config: SyncConfig
     engines: list[DataPlane] = field(default_factory=list)
@@ -49,13 +49,6 @@ def _state(worker: Any, sync_id: str) -> _State:
     if state is None:
         raise RuntimeError("weightsync is not installed on this worker (WeightSync.connect)")
     return state
-
-
-def _is_loopback(url: str) -> bool:
-    from urllib.parse import urlparse
-
-    host = urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _group_backend() -> str:
@@ -72,20 +65,6 @@ def _ranks(specs: Sequence[EngineSpec], first: int) -> tuple[int, list[int]]:
     return n, offsets
 
 
-def _node_address(loopback: bool) -> str:
-    # Engines on this host reach the store over loopback; only remote ones need the node IP.
-    if loopback:
-        return "127.0.0.1"
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"
-
-
 class TrainerSync:
     """Namespace of the worker-side steps (static, so Ray pickles them by reference)."""
 
@@ -100,7 +79,12 @@ class TrainerSync:
         """State for the WeightSync ``sync_id``: several (fleets with their own transports)
         can drive one trainer job side by side."""
         TrainerSync.uninstall(worker, sync_id)  # a reconnect replaces the state
-        sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
+        if config.sharded:
+            from weightsync.sharded_sender import ShardedSender
+
+            sender = ShardedSender(worker.model_chunks, worker.hf_config, config, int4, specs)
+        else:
+            sender = WeightSender(worker.model_chunks, worker.hf_config, config, int4)
         state = _State(sender=sender, specs=list(specs), config=config)
         if sender.is_source and config.lora is not None:
             # Where adapters will be written is ours alone, or refused now, before any pause
@@ -126,7 +110,12 @@ class TrainerSync:
         """All ranks: the transport between the source rank and every engine rank, built
         from the source rank (it hosts the group's store or owns the ring)."""
         state = _state(worker, sync_id)
-        if state.config.transport == "ipc":
+        if state.config.sharded:
+            from weightsync.sharded_sender import open_sharded
+
+            loopback = all(is_loopback(s.url) for s in state.specs)
+            open_sharded(state, GROUP_NAME, node_address(loopback))
+        elif state.config.transport == "ipc":
             _open_shm(state)
         elif state.sender.is_source:
             _open_broadcast(state)
@@ -269,7 +258,7 @@ def _open_broadcast(state: _State) -> None:
 
     timeout = state.config.step_timeout_s
     backend = _group_backend()
-    address = _node_address(all(_is_loopback(s.url) for s in state.specs))
+    address = node_address(all(is_loopback(s.url) for s in state.specs))
     port = free_port("")  # engines on other hosts connect to it
     name = f"{GROUP_NAME}-{uuid.uuid4().hex[:8]}"
     world, offsets = _ranks(state.specs, first=1)  # the source rank is rank 0

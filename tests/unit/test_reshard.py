@@ -354,3 +354,12 @@ def test_kv_heads_fewer_than_trainer_tp_are_refused_naming_the_tensor():
     cfg = hf_config("llama", num_hidden_layers=2, num_key_value_heads=1)
     with pytest.raises(ValueError, match=r"k_proj\.weight: 1 KV heads over tensor parallel 2"):
         plan_holdings(cfg, ParallelSizes(2, tp=2))
+
+
+def test_sharded_sync_config_is_refused_where_it_cannot_run():
+    from weightsync import SyncConfig
+
+    assert SyncConfig(sharded=True).sharded
+    for bad in (dict(transport="ipc"), dict(engine_stage_bytes=1 << 20)):
+        with pytest.raises(ValueError, match="sharded"):
+            SyncConfig(sharded=True, **bad)

@@ -1,0 +1,202 @@
+"""``SyncConfig.sharded``: every trainer rank sends its own slices, every engine rank receives
+only what it serves (``weightsync.reshard``, ``weightsync.shard_transfer``); the trainer-side
+counterpart of ``sender.WeightSender`` (same steps, same checks, no gather).
+
+Every trainer rank is in the weight group (ranks 0..T-1, engines after them). The source
+rank drives the engines: it queues every round's ``/update_weights`` on each engine (one
+thread per engine keeps them in order) and then sends its own slices like every other rank.
+verify's expected fingerprints are hashed where the slices lie (``weightsync.shard_proof``)
+and gathered on the source rank: no rank ever holds a whole tensor.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from weightsync.config import SyncConfig
+from weightsync.engine_shards import EngineLayout, ModelShape
+from weightsync.engines.base import BroadcastLink, DataPlane
+from weightsync.engines.spec import EngineSpec
+from weightsync.plan import Plan, build_plan
+from weightsync.proof import Probe
+from weightsync.quant import Int4Config
+from weightsync.reshard import ReshardPlan, plan_reshard
+from weightsync.sender import SendStats, check_finite, check_shapes, plan_metas
+from weightsync.shard_transfer import Tensors, engine_rounds, send_slices
+
+
+class ShardedSender:
+    def __init__(
+        self,
+        model_chunks: Sequence[torch.nn.Module],
+        hf_config: Any,
+        config: SyncConfig,
+        int4: Int4Config | None,
+        specs: Sequence[EngineSpec],
+    ) -> None:
+        self.model_chunks, self.hf_config = list(model_chunks), hf_config
+        self.config, self.int4, self.specs = config, int4, list(specs)
+        self.plan: Plan | None = None
+        self.reshard: ReshardPlan | None = None
+        self.probe: Probe | None = None
+        self._holdings: list = []
+        self._tensors: Tensors | None = None
+        self._aliases: dict[str, list[str]] = {}
+
+    @property
+    def is_source(self) -> bool:
+        from megatron_bridge import EXPORT_SOURCE_RANK
+
+        return dist.get_rank() == EXPORT_SOURCE_RANK
+
+    def prepare(
+        self,
+        engines: Sequence[DataPlane] = (),
+        probe: Probe | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> Plan:
+        """The reshard plan and every check ``WeightSender.prepare`` runs, before any pause.
+        Returns the bucket plan of the whole model: the names, shapes and dtypes every
+        engine must accept and load (completeness), not how the bytes travel."""
+        from megatron_bridge import hf_weight_metadata
+        from megatron_bridge.holdings import live_holdings
+
+        self.probe, self._aliases = probe, {}
+        for alias, source in (aliases or {}).items():
+            self._aliases.setdefault(source, []).append(alias)
+        hf_metas = hf_weight_metadata(self.model_chunks, self.hf_config)
+        plan = build_plan(plan_metas(hf_metas, self.int4), self.config.bucket_bytes)
+        holdings = live_holdings(self.model_chunks, self.hf_config)
+        itemsize = {m.name: m.dtype.itemsize for m in hf_metas}
+        layouts = [EngineLayout(s.tp_size) for s in self.specs]
+        model = ModelShape.of(self.hf_config)
+        self.reshard = plan_reshard(holdings, itemsize, layouts, model, self.int4)
+        shapes = {m.name: tuple(m.shape) for m in hf_metas}
+        self._tensors = Tensors(shapes, {m.name: m.dtype for m in hf_metas}, self.int4)
+        check_shapes(self.model_chunks, self.hf_config)
+        check_finite(self.model_chunks)
+        for engine in engines:
+            engine.validate(plan)
+        self.plan, self._holdings = plan, holdings
+        return plan
+
+    def stage(self, budget_bytes: int | None = None) -> int:
+        return 0  # nothing to export ahead: each rank reads its own shards in the send
+
+    def stage_all(self) -> int:
+        raise ValueError("update_async is not supported with SyncConfig.sharded yet: use update")
+
+    def drop_staged(self) -> None:
+        pass
+
+    def send(self, engines: Sequence[DataPlane], group: Any, stage_bound: int = 0) -> SendStats:
+        """All ranks: this rank's slices to the engine ranks; the source rank also drives the
+        engines' rounds and returns the fingerprints of the whole update."""
+        from megatron_bridge.holdings import shard_reader
+
+        assert self.reshard is not None and self._tensors is not None, "prepare() first"
+        if stage_bound:
+            raise ValueError("engine-side staging is not supported with SyncConfig.sharded yet")
+        stats = SendStats(nbytes=sum(self.reshard.sent.values()))
+        read = shard_reader(self.model_chunks, self.hf_config, self._holdings)
+        t0 = time.perf_counter()
+        parts = self._proof_parts(read) if self.probe is not None else {}
+        everyone = [None] * dist.get_world_size() if self.is_source else None
+        dist.gather_object(parts, everyone, dst=0)
+        stats.probe_s = time.perf_counter() - t0
+        bound, world = self.config.bucket_bytes, dist.get_world_size()
+        rounds = []
+        if self.is_source:
+            for e, engine in enumerate(engines):
+                infos = engine_rounds(self.reshard, self._tensors, e, bound)
+                rounds += [engine.update_round(info) for info in infos]
+            stats.num_buckets = len(rounds)
+        t1 = time.perf_counter()
+        send_slices(self.reshard, dist.get_rank(), read, self._tensors, group, world, bound)
+        for inflight in rounds:
+            inflight.wait(self.config.step_timeout_s)
+        stats.transfer_s = time.perf_counter() - t1
+        stats.rank_bytes = {
+            s.label: [self.reshard.served[(e, w)] for w in range(s.tp_size)]
+            for e, s in enumerate(self.specs)
+        }
+        if self.is_source and self.probe is not None:
+            stats.digests = self._digests(everyone)
+        return stats
+
+    def _proof_parts(self, read) -> dict[str, list[dict]]:
+        """verify's parts of the slices this rank is the first holder of."""
+        from weightsync.shard_proof import slice_part
+
+        rank, out = dist.get_rank(), {}
+        for h in self._holdings:
+            if h.ranks[0] == rank:
+                part = slice_part(
+                    h.name, read(h.name, h.box), h.box, h.shape, self.probe, self.int4
+                )
+                out.setdefault(h.name, []).append(part)
+        return out
+
+    def _digests(self, everyone: list) -> dict[str, str]:
+        from weightsync.shard_proof import expected
+
+        digests = expected(everyone)
+        for source, aliases in self._aliases.items():
+            for alias in aliases:
+                digests[alias] = digests[source]
+        return digests
+
+
+def open_sharded(state: Any, group_name: str, address: str) -> None:
+    """All ranks: the weight group of every trainer rank and every engine rank. The source
+    rank picks the rendezvous (at ``address`` when every engine is local, else its node's
+    address) and has the engines join; every rank joins beside them."""
+    import socket
+
+    from weightsync.net import free_port, node_address
+    from weightsync.transport.broadcast import init_weight_group
+
+    timeout = state.config.step_timeout_s
+    world, rank = dist.get_world_size(), dist.get_rank()
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    where = [None]
+    joins = []
+    if state.sender.is_source:
+        for engine in state.engines:
+            if not hasattr(engine, "update_round"):
+                raise ValueError(
+                    f"engine {engine.name!r}: SyncConfig.sharded needs vLLM engines (SGLang's "
+                    "API takes whole tensors)"
+                )
+        if len(set(hosts)) > 1:  # trainer ranks on other hosts reach the store too
+            address = node_address(loopback=False)
+        where = [(address, free_port(""), f"{group_name}-{uuid.uuid4().hex[:8]}")]
+    dist.broadcast_object_list(where, src=0)
+    address, port, name = where[0]
+    total = world + sum(s.tp_size for s in state.specs)
+    if state.sender.is_source:
+        offset = world
+        for engine, spec in zip(state.engines, state.specs, strict=True):
+            link = BroadcastLink(
+                master_address=address,
+                master_port=port,
+                world_size=total,
+                rank_offset=offset,
+                group_name=name,
+                backend="gloo",
+                sharded=True,
+            )
+            engine.check_link(link)
+            joins.append(engine.join(link))
+            offset += spec.tp_size
+    state.group = init_weight_group(address, port, total, rank, name, timeout_s=timeout)
+    for join in joins:
+        join.wait(timeout)
+    state.transport = state.group
