@@ -68,12 +68,15 @@ class ParallelSizes:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: int | None = None
+    """None: tp (megatron's default)."""
     padded_vocab: int | None = None
     """Rows of megatron's (padded) embedding and output layer; None: ``build_model``'s
     default padding (a multiple of 128 x tp)."""
 
     def __post_init__(self) -> None:
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
         if self.world % (self.tp * self.pp) or self.world % (self.etp * self.ep * self.pp):
             raise ValueError(
                 f"world {self.world} is not divisible by tp={self.tp} x pp={self.pp} "
@@ -253,6 +256,7 @@ def live_holdings(model_chunks: Sequence[nn.Module], hf_config: Any) -> list[Hol
     cfg, units = plan(model_chunks, hf_config)
     check_split_rules(local_tensors(model_chunks))
     layout = current_layout()
+    _check_rank_order(layout)
     sizes = ParallelSizes(
         world=dist.get_world_size(),
         tp=layout.tp,
@@ -287,3 +291,18 @@ def shard_reader(
         raise ValueError(f"{name}: rank {rank} holds no slice containing {box}")
 
     return read
+
+
+def _check_rank_order(layout: Any) -> None:
+    """This rank's global rank is where megatron's default order puts it (the holders of
+    every slice are computed from that order): refuse any other mapping."""
+    sizes = ParallelSizes(dist.get_world_size(), layout.tp, layout.pp, layout.ep, layout.etp)
+    rank = dist.get_rank()
+    dense = set(sizes.dense_ranks(layout.tp_rank, layout.pp_rank))
+    expert = set(sizes.expert_ranks(layout.etp_rank, layout.ep_rank, layout.pp_rank))
+    if rank not in dense or rank not in expert:
+        raise ValueError(
+            f"rank {rank} (tp {layout.tp_rank}, pp {layout.pp_rank}, ep {layout.ep_rank}, etp "
+            f"{layout.etp_rank}) is not where megatron's default rank order tp-cp-ep-dp-pp puts "
+            "it: the sharded plan needs that order"
+        )

@@ -17,13 +17,14 @@ contiguous buffer (gloo mis-handles strided tensors).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron_bridge.meta import Box
+from megatron_bridge.meta import Box, box_numel
 from weightsync.engine_shards import EngineLayout, ModelShape, engine_box
 from weightsync.quant.config import Int4Config
 from weightsync.quant.shards import Part, encode, packed_parts
@@ -38,19 +39,37 @@ def receiver_rank(plan: ReshardPlan, trainer_world: int, engine: int, worker: in
 
 
 def plan_rounds(moves: Sequence[Move], bound_bytes: int) -> list[list[Move]]:
-    """``moves`` (plan order) cut into rounds: a round closes when one more move would put more
-    than ``bound_bytes`` on one of its endpoints."""
-    rounds: list[list[Move]] = [[]]
-    load: dict[object, int] = {}
+    """``moves`` cut into rounds that feed every engine rank at once: each round takes one move
+    from every destination's queue (its moves in plan order) in turn, a queue dropping out
+    when one more move would put more than ``bound_bytes`` on its sender or on it; a move
+    larger than the bound goes alone from its endpoints. Per (sender, receiver) pair the plan
+    order is kept, which is the order gloo pairs their messages in."""
+    queues: dict[tuple[int, int], deque[Move]] = {}
     for m in moves:
-        ends = (("src", m.src), ("dst", m.engine, m.worker))
-        if rounds[-1] and any(load.get(x, 0) + m.nbytes > bound_bytes for x in ends):
-            rounds.append([])
-            load = {}
-        rounds[-1].append(m)
-        for x in ends:
-            load[x] = load.get(x, 0) + m.nbytes
-    return [r for r in rounds if r]
+        queues.setdefault((m.engine, m.worker), deque()).append(m)
+    rounds: list[list[Move]] = []
+    while queues:
+        load: dict[tuple, int] = {}
+        taken: list[Move] = []
+        open_ = list(queues)
+        while open_:  # one move per destination in turn, so all of them share the senders
+            for dst in list(open_):
+                queue = queues[dst]
+                m = queue[0] if queue else None
+                ends = (("src", m.src), ("dst", *dst)) if m else ()
+                if m is None or not all(_fits(load.get(x, 0), m.nbytes, bound_bytes) for x in ends):
+                    open_.remove(dst)  # full or empty: the rest waits for the next round
+                    continue
+                taken.append(queue.popleft())
+                for x in ends:
+                    load[x] = load.get(x, 0) + m.nbytes
+        queues = {d: q for d, q in queues.items() if q}
+        rounds.append(taken)
+    return rounds
+
+
+def _fits(held: int, nbytes: int, bound: int) -> bool:
+    return held == 0 or held + nbytes <= bound  # an endpoint's first move always goes
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,15 @@ def send_slices(
             if m.src != rank:
                 continue
             dst = receiver_rank(plan, trainer_world, m.engine, m.worker)
-            for t in encode(m.name, read(m.name, m.box), tensors.int4):
+            parts = tensors.parts(m.name, m.box)
+            for t, (name, box, dtype) in zip(
+                encode(m.name, read(m.name, m.box), tensors.int4), parts, strict=True
+            ):
+                if t.dtype != dtype or tuple(t.shape) != _extent(box):  # gloo counts bytes only
+                    raise ValueError(
+                        f"{name}: sending {t.dtype} {tuple(t.shape)}, planned {dtype} "
+                        f"{_extent(box)}"
+                    )
                 t = t.contiguous()
                 keep.append(t)
                 work.append(dist.isend(t, group=group, group_dst=dst))
@@ -152,13 +179,18 @@ def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes:
     load once the round's pieces are in (its last piece arrived), with their whole shapes."""
     rounds = plan_rounds(plan.moves, bound_bytes)
     last: dict[tuple[int, str], int] = {}
+    served: dict[tuple[int, str], int] = {}  # elements each worker receives of each tensor
     for k, moves in enumerate(rounds):
         for m in moves:
             if m.engine == engine:
-                for name, _, _ in tensors.parts(m.name, m.box):
+                for name, box, _ in tensors.parts(m.name, m.box):
                     last[(m.worker, name)] = k
+                    served[(m.worker, name)] = served.get((m.worker, name), 0) + box_numel(box)
     out = []
     for k, moves in enumerate(rounds):
+        mine = [m for m in moves if m.engine == engine]
+        if not mine:
+            continue  # nothing for this engine: no call
         pieces = [
             [
                 m.src,
@@ -168,11 +200,10 @@ def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes:
                 list(_whole_shape(tensors, name)),
                 dtype_name(dtype),
             ]
-            for m in moves
-            if m.engine == engine
+            for m in mine
             for name, box, dtype in tensors.parts(m.name, m.box)
         ]
-        ready = [[w, n] for (w, n), at in last.items() if at == k]
+        ready = [[w, n, served[(w, n)]] for (w, n), at in last.items() if at == k]
         # int4: the whole weight's shape, which no slice carries, beside its codes
         constants = [
             [
@@ -180,7 +211,7 @@ def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes:
                 n.removesuffix("_packed") + "_shape",
                 list(tensors.shapes[n.removesuffix("_packed")]),
             ]
-            for w, n in ready
+            for w, n, _ in ready
             if n.endswith(".weight_packed")
         ]
         out.append({"bucket": k, "pieces": pieces, "ready": ready, "constants": constants})

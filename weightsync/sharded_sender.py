@@ -77,6 +77,7 @@ class ShardedSender:
         layouts = [EngineLayout(s.tp_size) for s in self.specs]
         model = ModelShape.of(self.hf_config)
         self.reshard = plan_reshard(holdings, itemsize, layouts, model, self.int4)
+        _check_same_plan(self.reshard)
         shapes = {m.name: tuple(m.shape) for m in hf_metas}
         self._tensors = Tensors(shapes, {m.name: m.dtype for m in hf_metas}, self.int4)
         check_shapes(self.model_chunks, self.hf_config)
@@ -153,6 +154,19 @@ class ShardedSender:
         return digests
 
 
+def _check_same_plan(plan: ReshardPlan) -> None:
+    """Every trainer rank planned the same moves (each sends its own part of them): refused
+    on every rank otherwise, before anything is paused."""
+    import hashlib
+
+    mine = hashlib.sha256(repr(plan.moves).encode()).hexdigest()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = [r for r, d in enumerate(everyone) if d != everyone[0]]
+    if differ:
+        raise ValueError(f"trainer ranks {differ} planned other sharded moves than rank 0")
+
+
 def open_sharded(state: Any, group_name: str, address: str) -> None:
     """All ranks: the weight group of every trainer rank and every engine rank. The source
     rank picks the rendezvous (at ``address`` when every engine is local, else its node's
@@ -192,6 +206,7 @@ def open_sharded(state: Any, group_name: str, address: str) -> None:
                 group_name=name,
                 backend="gloo",
                 sharded=True,
+                senders=world,
             )
             engine.check_link(link)
             joins.append(engine.join(link))

@@ -363,3 +363,22 @@ def test_sharded_sync_config_is_refused_where_it_cannot_run():
     for bad in (dict(transport="ipc"), dict(engine_stage_bytes=1 << 20)):
         with pytest.raises(ValueError, match="sharded"):
             SyncConfig(sharded=True, **bad)
+
+
+def test_rounds_feed_every_engine_rank_at_once_and_keep_each_pairs_order():
+    from weightsync.shard_transfer import plan_rounds
+
+    held = plan_holdings(hf_config("llama", num_hidden_layers=2), ParallelSizes(2, tp=2))
+    engines = [EngineLayout(2), EngineLayout(2)]
+    plan = plan_reshard(held, {h.name: 2 for h in held}, engines, MODEL)
+    rounds = plan_rounds(plan.moves, 1 << 14)
+    assert sorted(map(repr, (m for r in rounds for m in r))) == sorted(map(repr, plan.moves))
+    assert len(rounds) > 1 and len({(m.engine, m.worker) for m in rounds[0]}) == 4
+    for r in rounds:  # no endpoint past the bound, unless one move alone
+        for end in {m.src for m in r}:
+            mine = [m.nbytes for m in r if m.src == end]
+            assert sum(mine) <= 1 << 14 or len(mine) == 1
+    flat = [m for r in rounds for m in r]
+    for pair in {(m.src, m.engine, m.worker) for m in plan.moves}:
+        order = [m for m in plan.moves if (m.src, m.engine, m.worker) == pair]
+        assert [m for m in flat if (m.src, m.engine, m.worker) == pair] == order

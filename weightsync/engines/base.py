@@ -54,8 +54,10 @@ class BroadcastLink:
     backend: str
     """gloo (CPU trainer) or nccl (GPU trainer)."""
     sharded: bool = False
-    """Every trainer rank is in the group (ranks 0 .. rank_offset of the first engine - 1) and
-    sends its own slices (``weightsync.shard_transfer``), not the source rank everything."""
+    """Every trainer rank is in the group (ranks 0 .. ``senders`` - 1) and sends its own
+    slices (``weightsync.shard_transfer``), not the source rank everything."""
+    senders: int = 1
+    """The trainer's ranks in the group (sharded: all of them; else the source rank)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -151,6 +151,7 @@ class VllmEngine:
                 world_size=link.world_size,
                 rank_offset=link.rank_offset,
                 group_name=link.group_name,
+                senders=link.senders,
             )
         else:
             info = InitInfo(

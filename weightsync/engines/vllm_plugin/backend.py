@@ -73,6 +73,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         self.shutdown()
         pc = self.parallel_config
+        if init_info.transport == "sharded":
+            _check_sharded_layout(pc)
         worker = pc.data_parallel_index * pc.world_size + pc.rank
         self.source = receive.open_source(init_info, worker)
 
@@ -160,6 +162,8 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if not self._open:
             return False
         self._open = False
+        if isinstance(self.source, ShardSource):
+            self.source.close()
         receive.discard_partial_layers(self.model)
         with set_current_vllm_config(self.vllm_config):
             self._finalize(finalize_layerwise_reload)
@@ -437,3 +441,15 @@ def _retie(undo: list) -> None:
 def _reprocess(module) -> None:
     if hasattr(module, "quant_method"):
         module.quant_method.process_weights_after_loading(module)
+
+
+def _check_sharded_layout(pc) -> None:
+    """The sharded plan cuts each tensor by tensor parallelism alone
+    (``weightsync.engine_shards``): an engine laid out otherwise is refused before it joins."""
+    bad = [f"pipeline_parallel_size={pc.pipeline_parallel_size}"] * (pc.pipeline_parallel_size != 1)
+    bad += [f"data_parallel_size={pc.data_parallel_size}"] * (pc.data_parallel_size != 1)
+    bad += ["enable_expert_parallel"] * bool(pc.enable_expert_parallel)
+    if bad:
+        raise ValueError(
+            f"the sharded transport plans by tensor parallelism alone; engine has {bad}"
+        )

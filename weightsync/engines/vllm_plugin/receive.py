@@ -36,7 +36,7 @@ def open_source(info: InitInfo, worker: int):
             timeout_s=info.timeout_s,
         )
         if info.transport == "sharded":
-            return ShardSource(group, rank, worker)
+            return ShardSource(group, rank, worker, info.senders)
         return BroadcastReceiver(group, timeout_s=info.timeout_s)
     from weightsync.transport.shm import RingSpec, ShmReceiver, ShmRing
 

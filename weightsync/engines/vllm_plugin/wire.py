@@ -32,6 +32,8 @@ class InitInfo:
     rank_offset: int = 1
     """This engine's first rank in the group; worker w of the engine joins as offset + w."""
     group_name: str = ""
+    senders: int = 1
+    """sharded: the trainer's ranks (group ranks 0 .. senders - 1), the only ones that send."""
     # shm: the trainer's persistent ring (weightsync.transport.shm.RingSpec); worker w of the
     # engine is consumer consumer_index + w; the last consumer to attach unlinks the names.
     slot_names: list[str] = field(default_factory=list)
@@ -54,6 +56,11 @@ class InitInfo:
                 raise ValueError(
                     f"rank_offset={self.rank_offset} world_size={self.world_size}: the "
                     "trainer's ranks come first, engine workers after them"
+                )
+            if self.transport == "sharded" and not 0 < self.senders <= self.rank_offset:
+                raise ValueError(
+                    f"senders={self.senders}: the trainer's ranks come before rank_offset="
+                    f"{self.rank_offset}"
                 )
         elif not self.slot_names or self.slot_bytes <= 0:
             raise ValueError("shm needs slot_names and slot_bytes > 0")
