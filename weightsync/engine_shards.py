@@ -14,8 +14,10 @@ A name no rule knows is refused, naming it: guessing a layout would load the wro
 
 The rules are read off vLLM 0.32's layer classes (QKVParallelLinear, MergedColumnParallel-
 Linear, RowParallelLinear, VocabParallelEmbedding, FusedMoE). They live here, not in the engine,
-so that a plan for a 1T config needs no engine; a running engine's own loaders must agree with
-them before a sharded transfer may use them.
+so that a plan for a 1T config needs no engine. A running engine is held to them by what it
+computes: its loaders cut the whole-shaped tensors it is handed, and verify reads the result
+back through its kernels (tests/engines/test_vllm_sharded.py, with vocabulary cuts that differ
+between megatron and vLLM). An engine laid out by more than TP is refused when it joins.
 """
 
 from __future__ import annotations

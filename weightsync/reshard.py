@@ -3,9 +3,9 @@
 Pure (no processes). The trainer half comes from ``megatron_bridge.holdings`` (who holds which
 slice), the engine half from ``weightsync.engine_shards`` (who serves which slice). Every
 engine rank's slice of every tensor is cut into the pieces that trainer slices cover, and each
-piece is read from one of the data-parallel replicas holding it, taken in turn so that the
-replicas share the sending. No full tensor is assembled anywhere, and an engine rank receives
-exactly what it serves.
+piece is read from the least loaded of the data-parallel replicas holding it, so that the
+replicas share the sending. No rank gathers a full tensor, and an engine rank receives exactly
+what it serves (vLLM's loaders then take it at whole shape: ``vllm_plugin.shards``).
 
 A piece of an int4 tensor (``Int4Config``) travels as its packed codes, scales and zero points
 (``weightsync.quant.shards``): the trainer rank quantizes its own slice, exact only on group

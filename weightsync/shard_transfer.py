@@ -1,5 +1,6 @@
 """The reshard plan's bytes on the wire: every trainer rank sends its own slices, every engine
-rank receives exactly the slices it serves, point to point and all at once.
+rank receives exactly the slices it serves, point to point, every engine rank fed in each
+round.
 
 One process group holds the trainer ranks (group ranks 0..T-1, the trainer's global ranks) and
 the engine ranks after them (``receiver_rank``). The moves are cut into rounds
@@ -13,6 +14,10 @@ offsets inside it. int4 pieces are quantized by their sender and travel as codes
 zero points), each landing in the receiver's slice of that engine tensor. A piece that spans
 the slice's trailing dims (a cut by rows) is received in place; others go through one
 contiguous buffer (gloo mis-handles strided tensors).
+
+Every message has tag 0: gloo pairs a (sender, receiver) pair's messages in posting order.
+After a failed update the group is rebuilt (``WeightSync`` reconnects), so no stale message
+can pair with a later update's.
 """
 
 from __future__ import annotations
