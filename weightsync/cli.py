@@ -89,6 +89,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--transport", choices=("broadcast", "ipc"), default="broadcast")
     p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="every trainer rank sends its own slices and each engine rank receives only what "
+        "it serves (vLLM, broadcast; not with --async); the report shows sync.rank_bytes",
+    )
+    p.add_argument(
         "--pause-mode",
         choices=("abort", "retract", "in_place"),
         default=None,

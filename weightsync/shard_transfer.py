@@ -180,8 +180,12 @@ def _view(whole: torch.Tensor, outer: Box, inner: Box) -> torch.Tensor:
 
 def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes: int) -> list[dict]:
     """What one engine must be told per round (the ``/update_weights`` JSON of the sharded
-    transport, ``vllm_plugin.shards``): the pieces to receive, and the tensors each worker can
-    load once the round's pieces are in (its last piece arrived), with their whole shapes."""
+    transport, ``vllm_plugin.shards``): the pieces to receive ([sender, worker, tensor, box,
+    whole shape, dtype]); the tensors each worker can load once the round's pieces are in
+    ([worker, tensor, elements it receives, whole shape, dtype]; a tensor it serves none of is
+    loaded as zeros in the first round); the int4 weight shapes beside their codes. Rounds
+    with nothing for this engine are left out. The caller sends round k to every engine
+    before round k + 1 to any (one ordered queue per engine does)."""
     rounds = plan_rounds(plan.moves, bound_bytes)
     last: dict[tuple[int, str], int] = {}
     served: dict[tuple[int, str], int] = {}  # elements each worker receives of each tensor
@@ -208,19 +212,42 @@ def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes:
             for m in mine
             for name, box, dtype in tensors.parts(m.name, m.box)
         ]
-        ready = [[w, n, served[(w, n)]] for (w, n), at in last.items() if at == k]
-        # int4: the whole weight's shape, which no slice carries, beside its codes
-        constants = [
-            [
-                w,
-                n.removesuffix("_packed") + "_shape",
-                list(tensors.shapes[n.removesuffix("_packed")]),
-            ]
-            for w, n, _ in ready
-            if n.endswith(".weight_packed")
+        ready = [(w, n, served[(w, n)]) for (w, n), at in last.items() if at == k]
+        out.append({"bucket": k, "pieces": pieces, "ready": ready})
+    if out:
+        # Tensors a worker serves no element of (vocabulary rows past its block) are loaded
+        # all the same, as zeros its loaders cut nothing from: vLLM reloads whole layers.
+        workers = range(plan.engine_tps[engine])
+        every = [
+            p for name, shape in tensors.shapes.items() for p in tensors.parts(name, _all(shape))
         ]
-        out.append({"bucket": k, "pieces": pieces, "ready": ready, "constants": constants})
+        out[0]["ready"] += [(w, n, 0) for w in workers for n, _, _ in every if (w, n) not in served]
+    for entry in out:
+        entry["ready"], entry["constants"] = _ready(tensors, entry["ready"])
     return out
+
+
+def _all(shape: tuple[int, ...]) -> Box:
+    return tuple((0, n) for n in shape)
+
+
+def _ready(tensors: Tensors, ready: list[tuple[int, str, int]]) -> tuple[list, list]:
+    """``ready`` as sent ([worker, tensor, elements received, whole shape, dtype]), and the
+    int4 weight shapes that go with packed codes (no slice carries the whole weight's)."""
+    dtypes = {
+        n: dt
+        for name, shape in tensors.shapes.items()
+        for n, _, dt in tensors.parts(name, _all(shape))
+    }
+    entries = [
+        [w, n, k, list(_whole_shape(tensors, n)), dtype_name(dtypes[n])] for w, n, k in ready
+    ]
+    constants = [
+        [w, n.removesuffix("_packed") + "_shape", list(tensors.shapes[n.removesuffix("_packed")])]
+        for w, n, _ in ready
+        if n.endswith(".weight_packed")
+    ]
+    return entries, constants
 
 
 def _whole_shape(tensors: Tensors, part: str) -> tuple[int, ...]:

