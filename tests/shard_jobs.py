@@ -77,11 +77,13 @@ def trainer(
     }
 
 
-def receiver(rank: int, ports: tuple[int, int], family: str, sizes_kw: dict, engines, int4) -> dict:
+def receiver(
+    rank: int, ports: tuple[int, int], family, sizes_kw: dict, engines, int4, dtype=torch.float32
+) -> dict:
     from weightsync.shard_transfer import receive_slices
     from weightsync.transport.broadcast import init_weight_group
 
-    cfg, plan, tensors = plan_of(family, sizes_kw, engines, int4)
+    cfg, plan, tensors = plan_of(family, sizes_kw, engines, int4, dtype)
     at, engine = rank - sizes_kw["world"], 0
     while at >= engines[engine].tp:
         at, engine = at - engines[engine].tp, engine + 1

@@ -101,8 +101,9 @@ def _read(
         )
     elif isinstance(module, VocabParallelEmbedding):
         # vLLM pads the vocabulary before cutting it: a rank may hold none of the real rows.
-        if module.shard_indices.num_org_elements > 0:
-            yield from _vocab(f"{prefix}.weight", module, probe, isinstance(module, ParallelLMHead))
+        # It still reports its (empty) part, or the alias fallback in ``live_parts`` would
+        # read its padding rows as the whole weight.
+        yield from _vocab(f"{prefix}.weight", module, probe, isinstance(module, ParallelLMHead))
     # Its own parameters: a LoRA wrapper forwards attribute reads to its base layer, which
     # is read under the same name already.
     elif "w13_weight" in module._parameters and "w2_weight" in module._parameters:
