@@ -118,6 +118,26 @@ def check_shapes(model_chunks: Sequence[torch.nn.Module], hf_config: Any) -> Non
         raise ValueError(f"trainer shards do not match the model config: {bad[:3]}")
 
 
+def check_model(
+    model_chunks: Sequence[torch.nn.Module], hf_config: Any, plan: Plan, engines: Sequence[Any]
+) -> None:
+    """All ranks, before any pause: the local shards fit the config, hold only finite values,
+    and every engine accepts the plan's names, shapes and dtypes."""
+    check_shapes(model_chunks, hf_config)
+    check_finite(model_chunks)
+    for engine in engines:
+        engine.validate(plan)
+
+
+def by_source(aliases: dict[str, str] | None) -> dict[str, list[str]]:
+    """``{alias: checkpoint name}`` (names the engines also compute with, a tied head) turned
+    around: the aliases of each checkpoint name, fingerprinted as it is."""
+    out: dict[str, list[str]] = {}
+    for alias, source in (aliases or {}).items():
+        out.setdefault(source, []).append(alias)
+    return out
+
+
 class WeightSender:
     def __init__(
         self,
@@ -161,18 +181,13 @@ class WeightSender:
         self.probe = probe
         self._hashing.close()  # an update that failed before its send collected them
         self._hashing = Hashing(probe, deferred=probe is not None and probe.level == "sample")
-        self._aliases = {}
-        for alias, source in (aliases or {}).items():
-            self._aliases.setdefault(source, []).append(alias)
+        self._aliases = by_source(aliases)
         self.drop_staged()  # an update that failed between stage and send
         metas = plan_metas(hf_weight_metadata(self.model_chunks, self.hf_config), self.int4)
         plan = build_plan(metas, self.config.bucket_bytes)
         if dist.is_initialized() and dist.get_world_size() > 1:
             check_plan_identical(plan)
-        check_shapes(self.model_chunks, self.hf_config)
-        check_finite(self.model_chunks)
-        for engine in engines:
-            engine.validate(plan)
+        check_model(self.model_chunks, self.hf_config, plan, engines)
         self.plan, self._metas = plan, metas
         return plan
 

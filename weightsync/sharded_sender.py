@@ -27,7 +27,7 @@ from weightsync.plan import Plan, build_plan
 from weightsync.proof import Probe
 from weightsync.quant import Int4Config
 from weightsync.reshard import ReshardPlan, plan_reshard
-from weightsync.sender import SendStats, check_finite, check_shapes, plan_metas
+from weightsync.sender import SendStats, by_source, check_model, plan_metas
 from weightsync.shard_transfer import Tensors, engine_rounds, send_slices
 
 
@@ -67,9 +67,7 @@ class ShardedSender:
         from megatron_bridge import hf_weight_metadata
         from megatron_bridge.holdings import live_holdings
 
-        self.probe, self._aliases = probe, {}
-        for alias, source in (aliases or {}).items():
-            self._aliases.setdefault(source, []).append(alias)
+        self.probe, self._aliases = probe, by_source(aliases)
         hf_metas = hf_weight_metadata(self.model_chunks, self.hf_config)
         plan = build_plan(plan_metas(hf_metas, self.int4), self.config.bucket_bytes)
         holdings = live_holdings(self.model_chunks, self.hf_config)
@@ -80,10 +78,7 @@ class ShardedSender:
         _check_same_plan(self.reshard)
         shapes = {m.name: tuple(m.shape) for m in hf_metas}
         self._tensors = Tensors(shapes, {m.name: m.dtype for m in hf_metas}, self.int4)
-        check_shapes(self.model_chunks, self.hf_config)
-        check_finite(self.model_chunks)
-        for engine in engines:
-            engine.validate(plan)
+        check_model(self.model_chunks, self.hf_config, plan, engines)
         self.plan, self._holdings = plan, holdings
         return plan
 

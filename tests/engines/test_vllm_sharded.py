@@ -62,39 +62,13 @@ def test_sharded_update_serves_the_trainers_weights(served, sizes) -> None:
     server, model_dir = served
     sizes = dict(world=2, pp=1, ep=1) | sizes
     engines = [EngineLayout(2)]
-    _, plan, tensors = plan_of(FAMILY, sizes, engines, None, torch.bfloat16)
     before = [generate(server.url, p, api_key=KEY)[1] for p in PROMPTS]
     engine = VllmEngine(VllmEngineConfig(url=server.url, api_key=KEY, timeout_s=TIMEOUT_S))
-    ports = (free_port(), free_port())
-    link = BroadcastLink(
-        master_address="127.0.0.1",
-        master_port=ports[1],
-        world_size=4,
-        rank_offset=2,
-        group_name="shards",
-        backend="gloo",
-        sharded=True,
-        senders=2,
-    )
-    args = (FAMILY, sizes, engines, None, torch.bfloat16)
-    with ThreadPoolExecutor(1) as pool:
-        joining = engine.join(link)
-        trainers = pool.submit(run_roles, [trainer, trainer], args, ports, TIMEOUT_S)
-        joining.wait(TIMEOUT_S)
-        engine.pause("abort")
-        engine.begin_update()
-        for info in engine_rounds(plan, tensors, 0, BOUND):
-            engine.update_round(info).wait(TIMEOUT_S)
-        engine.end_update("sharded")
-        engine.set_version("sharded")
-        engine.resume()
-        results = trainers.result(TIMEOUT_S)
+    plan, results = push_sharded(engine, sizes, engines)
     engine.shutdown_transport()
 
     full = results[0]["full"]
-    wire = [0, 0]
-    for rank, timings in enumerate(_per_rank_timings(engine)):
-        wire[rank] = sum(t.get("bytes", 0) for t in timings if t["bucket"] >= 0)
+    wire = wire_bytes(engine)
     assert wire == [plan.served[(0, 0)], plan.served[(0, 1)]]
     assert max(wire) < 0.75 * plan.model_bytes  # each rank half the model (+ replicated norms)
     received = [set(s["received"]) for s in engine.session_report()]
@@ -106,8 +80,40 @@ def test_sharded_update_serves_the_trainers_weights(served, sizes) -> None:
         assert max(abs(a - b) for a, b in zip(got, old, strict=True)) > 10 * TOLERANCE
 
 
-def _per_rank_timings(engine: VllmEngine) -> list[list[dict]]:
-    return [r["timings"] for r in engine._rpc_all("timings")]
+def push_sharded(engine: VllmEngine, sizes: dict, engines: list, int4=None) -> tuple:
+    """One sharded update the way ``WeightSync`` drives it, from megatron trainer ranks in
+    their own processes (``tests.shard_jobs.trainer``): the plan, and the trainers' results."""
+    _, plan, tensors = plan_of(FAMILY, sizes, engines, int4, torch.bfloat16)
+    ports = (free_port(), free_port())
+    link = BroadcastLink(
+        master_address="127.0.0.1",
+        master_port=ports[1],
+        world_size=sizes["world"] + sum(e.tp for e in engines),
+        rank_offset=sizes["world"],
+        group_name="shards",  # as tests.shard_jobs.trainer joins it
+        backend="gloo",
+        sharded=True,
+        senders=sizes["world"],
+    )
+    args = (FAMILY, sizes, engines, int4, torch.bfloat16)
+    with ThreadPoolExecutor(1) as pool:
+        joining = engine.join(link)
+        trainers = pool.submit(run_roles, [trainer] * sizes["world"], args, ports, TIMEOUT_S)
+        joining.wait(TIMEOUT_S)
+        engine.pause("abort")
+        engine.begin_update()
+        for info in engine_rounds(plan, tensors, 0, BOUND):
+            engine.update_round(info).wait(TIMEOUT_S)
+        engine.end_update("sharded")
+        engine.set_version("sharded")
+        engine.resume()
+        return plan, trainers.result(TIMEOUT_S)
+
+
+def wire_bytes(engine: VllmEngine) -> list[int]:
+    """What each engine rank received in its last update (its own slices)."""
+    timings = [r["timings"] for r in engine._rpc_all("timings")]
+    return [sum(t.get("bytes", 0) for t in ts if t["bucket"] >= 0) for ts in timings]
 
 
 def test_the_sharded_wire_is_checked_before_it_joins() -> None:

