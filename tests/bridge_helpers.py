@@ -64,9 +64,16 @@ def run_ranks(
         ctx.Process(target=_worker, args=(r, world, port, backend, fn, args, results), daemon=True)
         for r in range(world)
     ]
+    return collect(procs, results, timeout)
+
+
+def collect(procs: list, results: Any, timeout: float) -> list[Any]:
+    """Start ``procs`` (rank r is ``procs[r]``), and their results by rank from ``results``
+    (``(rank, "ok"|"error", torch.save bytes | traceback)``); the first error raised, with its
+    rank's traceback; every process joined or killed whatever happens."""
     for p in procs:
         p.start()
-    out: dict[int, Any] = {}
+    world, out = len(procs), {}
     try:
         for _ in range(world):
             try:

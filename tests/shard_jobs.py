@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import traceback
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.bridge_helpers import hf_config
+from tests.bridge_helpers import collect, hf_config
 from tests.holdings_jobs import distinct_values
 from weightsync.engine_shards import EngineLayout, ModelShape
 from weightsync.net import free_port
@@ -129,26 +127,8 @@ def run_roles(roles: list, args: tuple, ports: tuple[int, int], timeout: float =
     """``roles[r](r, ports, *args)`` in one spawned process per rank; results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    total = len(roles)
     procs = [
         ctx.Process(target=_run, args=(role, r, ports, args, results), daemon=True)
         for r, role in enumerate(roles)
     ]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    try:
-        for _ in range(total):
-            try:
-                rank, status, value = results.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(total)) - set(out))} hung") from None
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(total)]
+    return collect(procs, results, timeout)
