@@ -175,6 +175,10 @@ class WeightSync(AdapterPublisher):
         The handle's ``result()`` gives the ``SyncStats`` or raises ``UpdateFailed``. One
         update at a time: the next call waits for this one or fails (``SyncConfig.in_flight``),
         and raises this one's failure if nobody took it from the handle."""
+        if self.config.sharded:
+            raise ValueError(
+                "update_async is not supported with SyncConfig.sharded yet: use update"
+            )
         self._in_flight.settle(self.config.in_flight, self._drain_s, "update_async")
         _source_rank()  # megatron_bridge's first import (~1.6 s) here, not in the first pause
         held = contextlib.ExitStack()
@@ -623,4 +627,9 @@ def _check_wiring(specs: Sequence[EngineSpec], config: SyncConfig) -> None:
         raise ValueError(
             f"SyncConfig.transport='ipc' is wired for vLLM engines; not for {bad}: "
             "use transport='broadcast' for SGLang"
+        )
+    if config.sharded and bad:
+        raise ValueError(
+            f"SyncConfig.sharded is wired for vLLM engines; not for {bad}: SGLang's API takes "
+            "whole tensors (use sharded=False)"
         )

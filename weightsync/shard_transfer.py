@@ -222,8 +222,11 @@ def engine_rounds(plan: ReshardPlan, tensors: Tensors, engine: int, bound_bytes:
             p for name, shape in tensors.shapes.items() for p in tensors.parts(name, _all(shape))
         ]
         out[0]["ready"] += [(w, n, 0) for w in workers for n, _, _ in every if (w, n) not in served]
+    dtypes = {
+        n: dt for name, s in tensors.shapes.items() for n, _, dt in tensors.parts(name, _all(s))
+    }
     for entry in out:
-        entry["ready"], entry["constants"] = _ready(tensors, entry["ready"])
+        entry["ready"], entry["constants"] = _ready(tensors, dtypes, entry["ready"])
     return out
 
 
@@ -231,14 +234,11 @@ def _all(shape: tuple[int, ...]) -> Box:
     return tuple((0, n) for n in shape)
 
 
-def _ready(tensors: Tensors, ready: list[tuple[int, str, int]]) -> tuple[list, list]:
+def _ready(
+    tensors: Tensors, dtypes: Mapping[str, torch.dtype], ready: list[tuple[int, str, int]]
+) -> tuple[list, list]:
     """``ready`` as sent ([worker, tensor, elements received, whole shape, dtype]), and the
     int4 weight shapes that go with packed codes (no slice carries the whole weight's)."""
-    dtypes = {
-        n: dt
-        for name, shape in tensors.shapes.items()
-        for n, _, dt in tensors.parts(name, _all(shape))
-    }
     entries = [
         [w, n, k, list(_whole_shape(tensors, n)), dtype_name(dtypes[n])] for w, n, k in ready
     ]

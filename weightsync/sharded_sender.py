@@ -40,6 +40,11 @@ class ShardedSender:
         int4: Int4Config | None,
         specs: Sequence[EngineSpec],
     ) -> None:
+        if torch.cuda.is_available():  # the same on every rank: all of them refuse together
+            raise ValueError(
+                "SyncConfig.sharded runs over gloo from CPU trainers (vLLM's plugin joins with "
+                "gloo); not yet from CUDA trainers"
+            )
         self.model_chunks, self.hf_config = list(model_chunks), hf_config
         self.config, self.int4, self.specs = config, int4, list(specs)
         self.plan: Plan | None = None
@@ -102,29 +107,52 @@ class ShardedSender:
         stats = SendStats(nbytes=sum(self.reshard.sent.values()))
         read = shard_reader(self.model_chunks, self.hf_config, self._holdings)
         t0 = time.perf_counter()
-        parts = self._proof_parts(read) if self.probe is not None else {}
-        everyone = [None] * dist.get_world_size() if self.is_source else None
-        dist.gather_object(parts, everyone, dst=0)
+        everyone = self._gather_parts(read)
         stats.probe_s = time.perf_counter() - t0
         bound, world = self.config.bucket_bytes, dist.get_world_size()
-        rounds = []
-        if self.is_source:
-            for e, engine in enumerate(engines):
-                infos = engine_rounds(self.reshard, self._tensors, e, bound)
-                rounds += [engine.update_round(info) for info in infos]
-            stats.num_buckets = len(rounds)
+        # Every engine's rounds built before any is queued: a plan error queues nothing.
+        infos = [engine_rounds(self.reshard, self._tensors, e, bound) for e in range(len(engines))]
+        rounds = [
+            (engine, engine.update_round(info))
+            for engine, mine in zip(engines, infos, strict=True)
+            for info in mine
+        ]
+        stats.num_buckets = len(rounds)
         t1 = time.perf_counter()
-        send_slices(self.reshard, dist.get_rank(), read, self._tensors, group, world, bound)
-        for inflight in rounds:
-            inflight.wait(self.config.step_timeout_s)
+        if rounds:  # the source rank: its own slices beside the engines' rounds
+            _send_watching(
+                rounds,
+                self.config.step_timeout_s,
+                lambda: send_slices(
+                    self.reshard, dist.get_rank(), read, self._tensors, group, world, bound
+                ),
+            )
+        else:
+            send_slices(self.reshard, dist.get_rank(), read, self._tensors, group, world, bound)
         stats.transfer_s = time.perf_counter() - t1
         stats.rank_bytes = {
             s.label: [self.reshard.served[(e, w)] for w in range(s.tp_size)]
             for e, s in enumerate(self.specs)
         }
         if self.is_source and self.probe is not None:
-            stats.digests = self._digests(everyone)
+            from weightsync.shard_proof import expected
+
+            stats.digests = expected(everyone)
         return stats
+
+    def _gather_parts(self, read) -> list:
+        """Every rank's proof parts; a rank that failed to hash sends its error instead, and
+        then every rank raises it (none is left waiting in a collective)."""
+        try:
+            parts = self._proof_parts(read) if self.probe is not None else {}
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            parts = {"error": f"rank {dist.get_rank()}: {type(e).__name__}: {e}"}
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, parts)
+        errors = [p["error"] for p in everyone if "error" in p]
+        if errors:
+            raise ValueError(f"verify's fingerprints of the trainer's slices: {errors[:3]}")
+        return everyone
 
     def _proof_parts(self, read) -> dict[str, list[dict]]:
         """verify's parts of the slices this rank is the first holder of."""
@@ -147,6 +175,48 @@ class ShardedSender:
             for alias in aliases:
                 digests[alias] = digests[source]
         return digests
+
+
+def _send_watching(rounds: list, timeout_s: float, send) -> None:
+    """The source rank's ``send`` beside the engines' queued rounds: an engine that refuses a
+    round fails the update at once, named, not at the transfer's deadline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from weightsync.engines.base import EngineFailed
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="wsync-shards")
+    sending = pool.submit(send)
+    pool.shutdown(wait=False)  # a send stuck on a failed engine ends with its group
+    deadline = time.monotonic() + timeout_s
+    pending = list(rounds)
+    while pending or not sending.done():
+        for engine, inflight in [r for r in pending if r[1].done()]:
+            pending.remove((engine, inflight))
+            try:
+                inflight.wait(0)
+            except Exception as e:  # the engine's own reason, named
+                raise EngineFailed((engine.name,), f"engine {engine.name!r}: {e}") from e
+        if sending.done():
+            sending.result()  # this rank's own send failed
+            if not pending:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sharded transfer not done within {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
+def _join_beside(host, joins: list, timeout: float) -> None:
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(len(joins) + 1, thread_name_prefix="wsync-join")
+    futures = [pool.submit(host), *(pool.submit(j.wait, timeout) for j in joins)]
+    pool.shutdown(wait=False)
+    done, pending = wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+    for f in done:
+        if f.exception() is not None:
+            raise f.exception()
+    if pending:
+        raise TimeoutError(f"sharded weight group set-up not done within {timeout:.0f} s")
 
 
 def _check_same_plan(plan: ReshardPlan) -> None:
@@ -176,7 +246,6 @@ def open_sharded(state: Any, group_name: str, address: str) -> None:
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     where = [None]
-    joins = []
     if state.sender.is_source:
         for engine in state.engines:
             if not hasattr(engine, "update_round"):
@@ -190,23 +259,32 @@ def open_sharded(state: Any, group_name: str, address: str) -> None:
     dist.broadcast_object_list(where, src=0)
     address, port, name = where[0]
     total = world + sum(s.tp_size for s in state.specs)
+    links = []
     if state.sender.is_source:
         offset = world
-        for engine, spec in zip(state.engines, state.specs, strict=True):
-            link = BroadcastLink(
-                master_address=address,
-                master_port=port,
-                world_size=total,
-                rank_offset=offset,
-                group_name=name,
-                backend="gloo",
-                sharded=True,
-                senders=world,
+        for spec in state.specs:
+            links.append(
+                BroadcastLink(
+                    master_address=address,
+                    master_port=port,
+                    world_size=total,
+                    rank_offset=offset,
+                    group_name=name,
+                    backend="gloo",
+                    sharded=True,
+                    senders=world,
+                )
             )
-            engine.check_link(link)
-            joins.append(engine.join(link))
             offset += spec.tp_size
-    state.group = init_weight_group(address, port, total, rank, name, timeout_s=timeout)
-    for join in joins:
-        join.wait(timeout)
+        for engine, link in zip(state.engines, links, strict=True):
+            engine.check_link(link)  # every engine accepts its link before any joins
+    joins = [engine.join(link) for engine, link in zip(state.engines, links, strict=True)]
+
+    def host() -> None:
+        state.group = init_weight_group(address, port, total, rank, name, timeout_s=timeout)
+
+    if not joins:
+        host()
+    else:  # side by side: an engine that refuses to join fails the set-up at once, named
+        _join_beside(host, joins, timeout)
     state.transport = state.group

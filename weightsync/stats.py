@@ -51,8 +51,9 @@ class SyncStats:
     waves: list[Wave] = field(default_factory=list)
     """Which engines switched together, in order, each wave's pause (``min_serving``)."""
     rank_bytes: dict[str, list[int]] = field(default_factory=dict)
-    """``SyncConfig.sharded``: the bytes each engine rank received (its own slices), by
-    engine; empty when every engine rank received the whole model (the gathered path)."""
+    """``SyncConfig.sharded``: the bytes each engine rank was sent (its own slices, as the
+    plan cuts them; every rank loads a tensor only once exactly those arrived), by engine;
+    empty when every engine rank received the whole model (the gathered path)."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -64,3 +64,20 @@ def test_a_wrong_element_in_one_slice_changes_that_weight_alone() -> None:
     bad[name][0, -1] += 1
     got, want = expected(_parts(holdings, bad, probe)), checkpoint_fingerprints(full, probe)
     assert [n for n in want if got[n] != want[n]] == [name]
+
+
+def test_a_tied_heads_alias_is_hashed_on_its_own_columns() -> None:
+    """The engine reads a tied head under its own name, so sampled columns differ from the
+    embedding's: the alias's parts are hashed under the alias (ShardedSender._proof_parts)."""
+    holdings = plan_holdings(hf_config("qwen3", num_hidden_layers=2), ParallelSizes(2, tp=2))
+    full = _whole(holdings)
+    probe = Probe(seed=9, level="sample")
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    parts = [
+        slice_part(head, full[embed][tuple(slice(a, b) for a, b in h.box)], h.box, h.shape, probe)
+        for h in holdings
+        if h.name == embed
+    ]
+    want = checkpoint_fingerprints({head: full[embed]}, probe)[head]
+    assert expected([{head: parts}])[head] == want
+    assert want != checkpoint_fingerprints({embed: full[embed]}, probe)[embed]  # other columns

@@ -71,10 +71,10 @@ class WeightsyncTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         lora_readback.track_adapters()  # before any adapter is loaded: they load at runtime
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
-        self.shutdown()
         pc = self.parallel_config
         if init_info.transport == "sharded":
-            _check_sharded_layout(pc)
+            _check_sharded_layout(pc)  # before the working transport is dropped
+        self.shutdown()
         worker = pc.data_parallel_index * pc.world_size + pc.rank
         self.source = receive.open_source(init_info, worker)
 

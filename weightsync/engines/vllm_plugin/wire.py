@@ -91,6 +91,13 @@ class UpdateInfo:
     ready: list[list] = field(default_factory=list)
     constants: list[list] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not (self.groups or self.pieces or self.ready):
+            raise ValueError(
+                f"update_info {self.bucket}: neither a bucket (groups) nor a sharded round "
+                "(pieces, ready)"
+            )
+
     def to_bucket(self) -> tuple[Bucket, Ticket]:
         groups = []
         for g in self.groups:
