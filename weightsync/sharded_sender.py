@@ -155,26 +155,20 @@ class ShardedSender:
         return everyone
 
     def _proof_parts(self, read) -> dict[str, list[dict]]:
-        """verify's parts of the slices this rank is the first holder of."""
+        """verify's parts of the slices this rank is the first holder of. An alias (a tied
+        head) is read back by the engine under its own name, on its own sampled columns: its
+        parts are hashed under that name too."""
         from weightsync.shard_proof import slice_part
 
         rank, out = dist.get_rank(), {}
         for h in self._holdings:
-            if h.ranks[0] == rank:
-                part = slice_part(
-                    h.name, read(h.name, h.box), h.box, h.shape, self.probe, self.int4
-                )
-                out.setdefault(h.name, []).append(part)
+            if h.ranks[0] != rank:
+                continue
+            piece = read(h.name, h.box)
+            for name in (h.name, *self._aliases.get(h.name, ())):
+                part = slice_part(name, piece, h.box, h.shape, self.probe, self.int4)
+                out.setdefault(name, []).append(part)
         return out
-
-    def _digests(self, everyone: list) -> dict[str, str]:
-        from weightsync.shard_proof import expected
-
-        digests = expected(everyone)
-        for source, aliases in self._aliases.items():
-            for alias in aliases:
-                digests[alias] = digests[source]
-        return digests
 
 
 def _send_watching(rounds: list, timeout_s: float, send) -> None:
